@@ -1,15 +1,16 @@
 """The CNM model as pyoverlay keeps it in the store.
 
-An Overlay is the cluster-wide L2 segment (one VNI, one subnet). Each host's
+An Overlay is the cluster-wide L2 segment: one VNI, one subnet. Each host's
 engine has its own NetworkID for it (the driver is local-scope), so a Network
 is one host's view of an Overlay. An Endpoint is one container interface on a
-Network; its Peer record is what every other host needs to reach it.
+Network; its Peer record is what every other host needs to reach it. A Pool
+and its Addresses are the IPAM side, shared by every host using the subnet.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 import json
+from dataclasses import asdict, dataclass, field
 
 
 class Record:
@@ -28,3 +29,67 @@ class Peer(Record):
     ip: str
     mac: str
     vtep: str  # underlay address of the host that holds the endpoint
+
+
+@dataclass
+class Overlay(Record):
+    vni: int
+    subnet: str
+    mtu: int
+    networks: dict[str, str] = field(default_factory=dict)  # host -> NetworkID
+
+
+@dataclass
+class Network(Record):
+    network_id: str
+    vni: int
+    host: str
+    mtu: int
+    subnet: str
+    internal: bool = False
+
+
+@dataclass
+class Endpoint(Record):
+    endpoint_id: str
+    network_id: str
+    vni: int
+    host: str
+    address: str  # CIDR, as the engine gave it
+    mac: str
+    vtep: str
+
+    @property
+    def ip(self) -> str:
+        return self.address.split("/")[0]
+
+    def peer(self) -> Peer:
+        return Peer(ip=self.ip, mac=self.mac, vtep=self.vtep)
+
+
+@dataclass
+class Pool(Record):
+    subnet: str
+    hosts: list[str] = field(default_factory=list)  # hosts whose engine holds it
+    gateway: str = ""  # shared by every host, so the overlay has one gateway
+
+
+@dataclass
+class Address(Record):
+    kind: str  # "gateway" or "container"
+    host: str  # the host that asked for it
+
+
+@dataclass
+class Host(Record):
+    host: str
+    vtep: str
+    started: float
+    version: str = ""
+
+
+@dataclass
+class SubnetClaim(Record):
+    """Which overlay uses a subnet: hosts that give no VNI join that one."""
+
+    vni: int

@@ -1,0 +1,248 @@
+"""Cluster-wide IPAM: pools keyed by subnet, addresses claimed atomically.
+
+Every host's engine asks for the same pool when the same overlay is created
+on it, so a pool is shared and held per host. An address is a key created
+only if absent, so two hosts racing for one address never both get it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Callable, Iterable, Optional
+
+from .errors import DriverError
+from .model import Address, Pool
+from .state import State, address_key, address_prefix, pool_key
+
+log = logging.getLogger(__name__)
+
+ADDRESS_SPACE = "pyoverlay"
+GATEWAY_REQUEST = "com.docker.network.gateway"
+REQUEST_ADDRESS_TYPE = "RequestAddressType"
+
+
+def parse_subnet(text: str, what: str = "subnet") -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        raise DriverError(
+            f"{what} {text!r} is not a valid IPv4 network in CIDR form such as 10.20.0.0/24"
+        ) from None
+    if net.version != 4:
+        raise DriverError("pyoverlay does not support IPv6 yet; create the network without --ipv6")
+    if net.prefixlen > 30:
+        raise DriverError(f"{what} {text} is too small: use a /30 or larger")
+    return net
+
+
+def parse_ip(text: str) -> ipaddress.IPv4Address:
+    try:
+        ip = ipaddress.ip_interface(text).ip  # the engine sends both "a.b.c.d" and "a.b.c.d/n"
+    except ValueError:
+        raise DriverError(f"{text!r} is not a valid IPv4 address") from None
+    if ip.version != 4:
+        raise DriverError("pyoverlay does not support IPv6 yet; leave out --ip6 and --ipv6")
+    return ip
+
+
+class Ipam:
+    def __init__(
+        self,
+        state: State,
+        host: str,
+        default_pool: str = "10.213.0.0/16",
+        default_prefixlen: int = 24,
+        host_routes: Callable[[], Iterable[str]] = lambda: (),
+    ):
+        self.state = state
+        self.host = host
+        self.default_pool = ipaddress.ip_network(default_pool)
+        self.default_prefixlen = default_prefixlen
+        self.host_routes = host_routes
+
+    @staticmethod
+    def capabilities() -> dict:
+        return {"RequiresMACAddress": False, "RequiresRequestReplay": False}
+
+    @staticmethod
+    def default_address_spaces() -> dict:
+        return {"LocalDefaultAddressSpace": ADDRESS_SPACE, "GlobalDefaultAddressSpace": ADDRESS_SPACE}
+
+    # Pools
+
+    def request_pool(self, address_space: str, pool: str, sub_pool: str, v6: bool) -> str:
+        """Hold a pool for this host's engine; returns the subnet (also the PoolID)."""
+        if v6:
+            raise DriverError("pyoverlay does not support IPv6 yet; create the network without --ipv6")
+        if address_space != ADDRESS_SPACE:
+            raise DriverError(
+                f"unknown address space {address_space!r}; pyoverlay's is {ADDRESS_SPACE!r}"
+            )
+        if sub_pool:
+            raise DriverError("--ip-range is not supported by pyoverlay; leave it out")
+        if pool:
+            subnet = parse_subnet(pool)
+            self._check_overlap(subnet)
+            self._hold(subnet)
+            return str(subnet)
+        return str(self._hold_free_subnet())
+
+    def release_pool(self, pool_id: str) -> None:
+        subnet = self._known_subnet(pool_id)
+        if subnet is None:
+            return
+
+        def drop_host(current: Optional[Pool]) -> Optional[Pool]:
+            if current is None:
+                return None
+            current.hosts = [h for h in current.hosts if h != self.host]
+            return current if current.hosts else None
+
+        if self.state.update(pool_key(subnet), Pool, drop_host) is None:
+            # Last holder gone: its addresses (the gateway, any leftovers) go too.
+            kvs, _ = self.state.store.list(address_prefix(subnet))
+            self.state.delete(kv.key for kv in kvs)
+
+    def _hold(self, subnet: ipaddress.IPv4Network) -> None:
+        def add_host(current: Optional[Pool]) -> Pool:
+            current = current or Pool(subnet=str(subnet))
+            if self.host in current.hosts:
+                raise DriverError(
+                    f"subnet {subnet} is already used by another pyoverlay network on this "
+                    "host; use another --subnet or remove that network"
+                )
+            current.hosts.append(self.host)
+            return current
+
+        self.state.update(pool_key(str(subnet)), Pool, add_host)
+
+    def _pools(self) -> list[Pool]:
+        return self.state.list("pools/", Pool)
+
+    def _check_overlap(self, subnet: ipaddress.IPv4Network) -> None:
+        for other in self._pools():
+            net = ipaddress.ip_network(other.subnet)
+            if net != subnet and net.overlaps(subnet):
+                raise DriverError(
+                    f"subnet {subnet} overlaps {net}, already used by a pyoverlay network; "
+                    "choose a --subnet that does not overlap it"
+                )
+
+    def _hold_free_subnet(self) -> ipaddress.IPv4Network:
+        taken = [ipaddress.ip_network(p.subnet) for p in self._pools()]
+        taken += [ipaddress.ip_network(r, strict=False) for r in self.host_routes()]
+        for candidate in self.default_pool.subnets(new_prefix=self.default_prefixlen):
+            if any(candidate.overlaps(t) for t in taken):
+                continue
+            if self.state.create({pool_key(str(candidate)): Pool(str(candidate), [self.host])}):
+                return candidate
+        raise DriverError(
+            f"no free /{self.default_prefixlen} left in pyoverlay's default range "
+            f"{self.default_pool}; pass --subnet explicitly"
+        )
+
+    def _known_subnet(self, pool_id: str) -> Optional[str]:
+        try:
+            return str(ipaddress.ip_network(pool_id, strict=True))
+        except ValueError:
+            return None
+
+    def _pool(self, pool_id: str) -> tuple[Pool, ipaddress.IPv4Network]:
+        subnet = self._known_subnet(pool_id)
+        pool = self.state.get(pool_key(subnet), Pool) if subnet else None
+        if pool is None or self.host not in pool.hosts:
+            raise DriverError(
+                f"pool {pool_id!r} is not held by pyoverlay on this host; "
+                "remove the network and create it again"
+            )
+        return pool, ipaddress.ip_network(subnet)
+
+    # Addresses
+
+    def request_address(self, pool_id: str, address: str, options: Optional[dict]) -> str:
+        pool, subnet = self._pool(pool_id)
+        if (options or {}).get(REQUEST_ADDRESS_TYPE) == GATEWAY_REQUEST:
+            ip = self._claim_gateway(pool, subnet, address)
+        elif address:
+            ip = self._claim(subnet, self._in_subnet(subnet, address))
+        else:
+            ip = self._claim_free(subnet)
+        return f"{ip}/{subnet.prefixlen}"
+
+    def release_address(self, pool_id: str, address: str) -> None:
+        subnet = self._known_subnet(pool_id)
+        if subnet is None:
+            return
+        try:
+            ip = parse_ip(address)
+        except DriverError:
+            return
+        key = address_key(subnet, str(ip))
+
+        def release(current: Optional[Address]) -> Optional[Address]:
+            # The gateway belongs to the pool, not to one host; another host's
+            # address is never this engine's to free.
+            if current is not None and (current.kind == "gateway" or current.host != self.host):
+                return current
+            return None
+
+        self.state.update(key, Address, release)
+
+    def _in_subnet(self, subnet: ipaddress.IPv4Network, address: str) -> ipaddress.IPv4Address:
+        ip = parse_ip(address)
+        if ip not in subnet or ip in (subnet.network_address, subnet.broadcast_address):
+            raise DriverError(f"address {ip} is not a usable address of {subnet}")
+        return ip
+
+    def _claim_gateway(self, pool: Pool, subnet, address: str) -> ipaddress.IPv4Address:
+        wanted = self._in_subnet(subnet, address) if address else None
+
+        def set_gateway(current: Optional[Pool]) -> Pool:
+            if current is None or self.host not in current.hosts:
+                raise DriverError(f"pool {subnet} was released meanwhile; create the network again")
+            if current.gateway and wanted and str(wanted) != current.gateway:
+                raise DriverError(
+                    f"the pyoverlay network on {subnet} already has gateway {current.gateway} "
+                    f"on other hosts; use --gateway {current.gateway} or leave --gateway out"
+                )
+            current.gateway = current.gateway or str(wanted or next(subnet.hosts()))
+            return current
+
+        pool = self.state.update(pool_key(str(subnet)), Pool, set_gateway)
+        gateway = ipaddress.ip_address(pool.gateway)
+        key = address_key(str(subnet), pool.gateway)
+        existing = self.state.get(key, Address)
+        if existing is None:
+            self.state.create({key: Address(kind="gateway", host=self.host)})
+            existing = self.state.get(key, Address)
+        if existing.kind != "gateway":
+            raise DriverError(
+                f"gateway {gateway} is already used by a container on host {existing.host}; "
+                "pass a free --gateway"
+            )
+        return gateway
+
+    def _claim(self, subnet, ip: ipaddress.IPv4Address) -> ipaddress.IPv4Address:
+        key = address_key(str(subnet), str(ip))
+        if self.state.create({key: Address(kind="container", host=self.host)}):
+            return ip
+        holder = self.state.get(key, Address)
+        what = "the network's gateway" if holder and holder.kind == "gateway" else "already in use"
+        where = f" (host {holder.host})" if holder and holder.kind != "gateway" else ""
+        raise DriverError(f"address {ip} is {what}{where}; choose another --ip or leave it out")
+
+    def _claim_free(self, subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+        prefix = address_prefix(str(subnet))
+        for _ in range(8):
+            kvs, _ = self.state.store.list(prefix)
+            used = {kv.key[len(prefix):] for kv in kvs}
+            for ip in subnet.hosts():
+                if str(ip) in used:
+                    continue
+                if self.state.create({prefix + str(ip): Address(kind="container", host=self.host)}):
+                    return ip
+                used.add(str(ip))  # another host won it: move on
+        raise DriverError(
+            f"no free address left in {subnet}; remove unused containers or use a larger --subnet"
+        )

@@ -1,0 +1,318 @@
+"""The network driver's operations: one method per libnetwork call.
+
+Flow is one way: a call changes the store first (so every host learns of it),
+then the kernel through the dataplane; if the kernel refuses, the store change
+is undone, so a failed call leaves nothing half-made.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from collections import defaultdict
+from typing import Optional, Protocol
+
+from .errors import DriverError
+from .ipam import ADDRESS_SPACE, parse_ip, parse_subnet
+from .model import Endpoint, Network, Overlay, SubnetClaim
+from .state import (
+    State,
+    endpoint_key,
+    network_key,
+    overlay_key,
+    peer_key,
+    subnet_index_key,
+)
+
+log = logging.getLogger(__name__)
+
+OPT_GENERIC = "com.docker.network.generic"
+OPT_IPV6 = "com.docker.network.enable_ipv6"
+OPT_INTERNAL = "com.docker.network.internal"
+OPT_MTU = "com.docker.network.driver.mtu"
+OPT_VNI = "vni"
+ACCEPTED_OPTIONS = (OPT_VNI, OPT_MTU)
+
+VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
+MIN_MTU = 576  # the smallest datagram every IPv4 host must accept
+VNI_MIN, VNI_MAX = 1, 2**24 - 1
+VNI_AUTO_START = 4096  # as Docker's overlay, away from hand-picked low VNIs
+
+
+class PeerTable(Protocol):
+    """What the driver tells the peer sync: which overlays this host carries."""
+
+    def network_added(self, vni: int) -> None: ...
+
+    def network_removed(self, vni: int) -> None: ...
+
+
+def endpoint_mac(ip: ipaddress.IPv4Address) -> str:
+    """Locally administered MAC derived from the IP: a reused address keeps its
+    MAC, so no host can hold a stale neighbour entry for it."""
+    return "02:50:" + ":".join(f"{b:02x}" for b in ip.packed)
+
+
+def _int_option(options: dict, name: str, low: int, high: int, meaning: str) -> Optional[int]:
+    if name not in options:
+        return None
+    value = options[name]
+    try:
+        number = int(str(value), 10)
+    except ValueError:
+        number = None
+    if number is None or not low <= number <= high:
+        raise DriverError(f"-o {name}={value} is not valid: {meaning} must be a whole number from {low} to {high}")
+    return number
+
+
+class NetworkDriver:
+    def __init__(self, state: State, dataplane, peers: PeerTable, host: str, vtep: str, name: str = "pyoverlay"):
+        self.state = state
+        self.dataplane = dataplane
+        self.peers = peers
+        self.host = host
+        self.vtep = vtep
+        self.name = name
+        # Calls on one overlay are serialised on this host; hosts race only in the store.
+        self._locks: defaultdict[int, threading.Lock] = defaultdict(threading.Lock)
+
+    @staticmethod
+    def capabilities() -> dict:
+        # Local scope: without swarm the engine refuses global-scope networks;
+        # connectivity across hosts is ours to provide.
+        return {"Scope": "local", "ConnectivityScope": "global"}
+
+    # Networks
+
+    def create_network(self, network_id: str, options: dict, ipv4_data: list, ipv6_data: list) -> None:
+        if options.get(OPT_IPV6) in (True, "true") or ipv6_data:
+            raise DriverError("pyoverlay does not support IPv6 yet; create the network without --ipv6")
+        generic = options.get(OPT_GENERIC) or {}
+        unknown = sorted(set(generic) - set(ACCEPTED_OPTIONS))
+        if unknown:
+            raise DriverError(
+                f"unknown option {', '.join('-o ' + u for u in unknown)}; pyoverlay accepts "
+                f"-o {OPT_VNI}=<{VNI_MIN}-{VNI_MAX}> and -o {OPT_MTU}=<bytes>"
+            )
+        subnet = self._subnet(ipv4_data)
+        max_mtu = self.dataplane.underlay_mtu() - VXLAN_OVERHEAD
+        vni = _int_option(generic, OPT_VNI, VNI_MIN, VNI_MAX, "the VXLAN network identifier")
+        mtu = _int_option(generic, OPT_MTU, MIN_MTU, max_mtu, f"the MTU (the underlay carries at most {max_mtu} inside VXLAN)")
+
+        if self.state.network(network_id):
+            return  # the engine repeated itself
+        vni = self._join_overlay(network_id, subnet, vni, mtu, max_mtu)
+        with self._locks[vni]:
+            overlay = self.state.get(overlay_key(vni), Overlay)
+            network = Network(
+                network_id=network_id, vni=vni, host=self.host, mtu=overlay.mtu,
+                subnet=subnet, internal=options.get(OPT_INTERNAL) in (True, "true"),
+            )
+            try:
+                self.state.create({network_key(network_id): network})
+                self.dataplane.create_network(vni, network.mtu)
+            except Exception:
+                self._leave_overlay(vni, network_id)
+                self.state.delete([network_key(network_id)])
+                raise
+            self.peers.network_added(vni)
+        log.info("network %s: overlay vni %d subnet %s mtu %d", network_id[:12], vni, subnet, network.mtu)
+
+    def _subnet(self, ipv4_data: list) -> str:
+        if len(ipv4_data) != 1:
+            raise DriverError("a pyoverlay network needs exactly one IPv4 subnet: pass one --subnet")
+        data = ipv4_data[0]
+        if data.get("AddressSpace") != ADDRESS_SPACE:
+            raise DriverError(
+                "this network's addresses come from another IPAM driver, which hands out the "
+                "same addresses on every host; create it with: docker network create "
+                f"-d {self.name} --ipam-driver {self.name} --subnet <cidr> <name>"
+            )
+        return str(parse_subnet(data.get("Pool", "")))
+
+    def _join_overlay(self, network_id: str, subnet: str, vni: Optional[int], mtu: Optional[int], max_mtu: int) -> int:
+        """Find or make the overlay for this subnet/VNI and record this host on it."""
+        for _ in range(20):
+            claim = self.state.get(subnet_index_key(subnet), SubnetClaim)
+            if vni is not None and claim is not None and claim.vni != vni:
+                raise DriverError(
+                    f"subnet {subnet} is already used by the pyoverlay network with VNI "
+                    f"{claim.vni}; use -o {OPT_VNI}={claim.vni} or another --subnet"
+                )
+            target = vni if vni is not None else (claim.vni if claim else self._free_vni())
+            overlay = self.state.get(overlay_key(target), Overlay)
+            if overlay is None:
+                overlay = Overlay(vni=target, subnet=subnet, mtu=mtu or max_mtu, networks={self.host: network_id})
+                records = {overlay_key(target): overlay}
+                if claim is None:
+                    records[subnet_index_key(subnet)] = SubnetClaim(vni=target)
+                if self.state.create(records):
+                    return target
+                continue  # another host made it first: join theirs
+
+            def join(current: Optional[Overlay]) -> Overlay:
+                if current is None:
+                    raise _Retry()
+                if current.subnet != subnet:
+                    raise DriverError(
+                        f"VNI {target} is already used by the pyoverlay network on "
+                        f"{current.subnet}; choose another -o {OPT_VNI} or use --subnet {current.subnet}"
+                    )
+                if mtu is not None and mtu != current.mtu:
+                    raise DriverError(
+                        f"the pyoverlay network with VNI {target} uses MTU {current.mtu} on other "
+                        f"hosts; use -o {OPT_MTU}={current.mtu} or leave the option out"
+                    )
+                if current.mtu > max_mtu:
+                    raise DriverError(
+                        f"the pyoverlay network with VNI {target} uses MTU {current.mtu}, but this "
+                        f"host's underlay carries at most {max_mtu} inside VXLAN; recreate the "
+                        f"network everywhere with -o {OPT_MTU}={max_mtu}"
+                    )
+                other = current.networks.get(self.host)
+                if other and other != network_id:
+                    raise DriverError(
+                        f"this host already has a pyoverlay network with VNI {target} "
+                        f"(network id {other[:12]}); use that network or remove it first"
+                    )
+                current.networks[self.host] = network_id
+                return current
+
+            try:
+                self.state.update(overlay_key(target), Overlay, join)
+                return target
+            except _Retry:
+                continue
+        raise DriverError("the store is too busy to create the network; retry the command")
+
+    def _free_vni(self) -> int:
+        used = {o.vni for o in self.state.list("overlays/", Overlay)}
+        return next(v for v in range(VNI_AUTO_START, VNI_MAX + 1) if v not in used)
+
+    def _leave_overlay(self, vni: int, network_id: str) -> None:
+        def leave(current: Optional[Overlay]) -> Optional[Overlay]:
+            if current is None:
+                return None
+            if current.networks.get(self.host) == network_id:
+                del current.networks[self.host]
+            return current if current.networks else None
+
+        overlay = self.state.get(overlay_key(vni), Overlay)
+        if self.state.update(overlay_key(vni), Overlay, leave) is None and overlay is not None:
+            self.state.delete([subnet_index_key(overlay.subnet)])
+
+    def delete_network(self, network_id: str) -> None:
+        network = self.state.network(network_id)
+        if network is None or network.host != self.host:
+            return  # engine clean-up of a network we no longer know
+        with self._locks[network.vni]:
+            # Endpoints the engine forgot (it crashed mid-way) must not outlive the network.
+            for endpoint in self.state.list("endpoints/", Endpoint):
+                if endpoint.network_id == network_id:
+                    self._remove_endpoint(endpoint)
+            self.peers.network_removed(network.vni)
+            self.dataplane.delete_network(network.vni)
+            self._leave_overlay(network.vni, network_id)
+            self.state.delete([network_key(network_id)])
+        log.info("network %s removed (vni %d)", network_id[:12], network.vni)
+
+    # Endpoints
+
+    def _network(self, network_id: str) -> Network:
+        network = self.state.network(network_id)
+        if network is None:
+            raise DriverError(
+                f"network {network_id[:12]} is not known to pyoverlay on this host; "
+                "remove it with docker network rm and create it again"
+            )
+        return network
+
+    def _endpoint(self, endpoint_id: str) -> Endpoint:
+        endpoint = self.state.endpoint(endpoint_id)
+        if endpoint is None:
+            raise DriverError(f"endpoint {endpoint_id[:12]} is not known to pyoverlay on this host")
+        return endpoint
+
+    def create_endpoint(self, network_id: str, endpoint_id: str, interface: dict) -> dict:
+        network = self._network(network_id)
+        if interface.get("AddressIPv6"):
+            raise DriverError("pyoverlay does not support IPv6 yet; leave out --ip6")
+        if not interface.get("Address"):
+            raise DriverError(
+                f"the endpoint has no IPv4 address; create the network with --ipam-driver {self.name}"
+            )
+        ip = parse_ip(interface["Address"])
+        if ip not in ipaddress.ip_network(network.subnet):
+            raise DriverError(f"address {ip} is outside the network's subnet {network.subnet}")
+        mac = interface.get("MacAddress") or endpoint_mac(ip)
+        endpoint = Endpoint(
+            endpoint_id=endpoint_id, network_id=network_id, vni=network.vni, host=self.host,
+            address=f"{ip}/{ipaddress.ip_network(network.subnet).prefixlen}", mac=mac, vtep=self.vtep,
+        )
+        # The peer record goes out now, before the container starts, so every
+        # host can reach it the moment it runs.
+        if not self.state.create({endpoint_key(endpoint_id): endpoint, peer_key(network.vni, endpoint_id): endpoint.peer()}):
+            if self.state.endpoint(endpoint_id) != endpoint:
+                raise DriverError(f"endpoint {endpoint_id[:12]} already exists with other settings")
+        return {} if interface.get("MacAddress") else {"Interface": {"MacAddress": mac}}
+
+    def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
+        endpoint = self.state.endpoint(endpoint_id)
+        if endpoint is not None and endpoint.host == self.host:
+            self._remove_endpoint(endpoint)
+
+    def _remove_endpoint(self, endpoint: Endpoint) -> None:
+        self.dataplane.delete_endpoint(endpoint.vni, endpoint.endpoint_id)
+        self.state.delete([endpoint_key(endpoint.endpoint_id), peer_key(endpoint.vni, endpoint.endpoint_id)])
+
+    def endpoint_oper_info(self, network_id: str, endpoint_id: str) -> dict:
+        endpoint = self._endpoint(endpoint_id)
+        network = self._network(network_id)
+        return {
+            "host": endpoint.host,
+            "vtep": endpoint.vtep,
+            "vni": endpoint.vni,
+            "mtu": network.mtu,
+            "address": endpoint.address,
+            "mac": endpoint.mac,
+            "interface": self.dataplane.endpoint_ifname(endpoint_id),
+            "overlay_namespace": self.dataplane.netns_name(endpoint.vni),
+        }
+
+    def join(self, network_id: str, endpoint_id: str, sandbox_key: str) -> dict:
+        network = self._network(network_id)
+        endpoint = self._endpoint(endpoint_id)
+        ifname = self.dataplane.create_endpoint(network.vni, endpoint_id, endpoint.mac, network.mtu)
+        # No Gateway: the engine then gives the container docker_gwbridge for
+        # traffic leaving the overlay and for published ports (as Docker's overlay).
+        return {"InterfaceName": {"SrcName": ifname, "DstPrefix": "eth"}}
+
+    def leave(self, network_id: str, endpoint_id: str) -> None:
+        endpoint = self.state.endpoint(endpoint_id)
+        if endpoint is not None and endpoint.host == self.host:
+            self.dataplane.delete_endpoint(endpoint.vni, endpoint_id)
+
+    # Start-up
+
+    def restore(self) -> None:
+        """Make the kernel match the store after a (re)start: networks this host
+        holds exist, nothing else of ours does."""
+        networks = [n for n in self.state.list("networks/", Network) if n.host == self.host]
+        endpoints = [e for e in self.state.list("endpoints/", Endpoint) if e.host == self.host]
+        wanted = {n.vni: n for n in networks}
+        for vni in self.dataplane.networks() - set(wanted):
+            self.dataplane.delete_network(vni)
+        for vni, network in wanted.items():
+            with self._locks[vni]:
+                self.dataplane.create_network(vni, network.mtu)
+                known = {e.endpoint_id[:10] for e in endpoints if e.vni == vni}
+                for stale in self.dataplane.endpoints(vni) - known:
+                    self.dataplane.delete_endpoint(vni, stale)
+                self.peers.network_added(vni)
+        log.info("restored %d networks, %d endpoints", len(networks), len(endpoints))
+
+
+class _Retry(Exception):
+    pass

@@ -1,0 +1,98 @@
+"""Peer sync: store watch -> peer table -> dataplane.
+
+Every host follows the peers/ prefix. The table holds every endpoint of every
+overlay; only overlays this host carries are programmed, and only with the
+endpoints of other hosts (local ones sit on the bridge already). A snapshot
+(at start, after a compaction) reconciles the kernel to the table, removing
+whatever the store no longer holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from typing import Optional
+
+from .model import Peer
+from .state import PEERS, parse_peer_key
+from .store.base import Event, KeyValue, Store
+from .store.follow import follow
+
+log = logging.getLogger(__name__)
+
+
+class PeerSync:
+    def __init__(self, store: Store, dataplane, vtep: str):
+        self.store = store
+        self.dataplane = dataplane
+        self.vtep = vtep
+        self._table: defaultdict[int, dict[str, Peer]] = defaultdict(dict)
+        self._local: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.synced = threading.Event()  # set after the first snapshot is applied
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="peer-sync", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        follow(self.store, PEERS, self._stop, self._on_snapshot, self._on_events, self._on_error)
+
+    def _on_error(self, exc: Exception) -> None:
+        log.warning("peer watch: %s (resuming)", exc)
+
+    def _remote(self, vni: int) -> list[Peer]:
+        return [p for p in self._table.get(vni, {}).values() if p.vtep != self.vtep]
+
+    # Driver side: which overlays this host carries.
+
+    def network_added(self, vni: int) -> None:
+        with self._lock:
+            self._local.add(vni)
+            # Before the first snapshot the table is empty: reconciling to it
+            # would wipe the entries a restarted plugin finds in the kernel.
+            if self.synced.is_set():
+                self.dataplane.set_peers(vni, self._remote(vni))
+
+    def network_removed(self, vni: int) -> None:
+        with self._lock:
+            self._local.discard(vni)
+
+    # Store side.
+
+    def _on_snapshot(self, kvs: list[KeyValue], revision: int) -> None:
+        table: defaultdict[int, dict[str, Peer]] = defaultdict(dict)
+        for kv in kvs:
+            vni, endpoint_id = parse_peer_key(kv.key)
+            table[vni][endpoint_id] = Peer.from_json(kv.value)
+        with self._lock:
+            self._table = table
+            for vni in self._local:
+                added, removed = self.dataplane.set_peers(vni, self._remote(vni))
+                if added or removed:
+                    log.info("vni %d: reconciled peers (+%d -%d)", vni, added, removed)
+        self.synced.set()
+
+    def _on_events(self, events: list[Event]) -> None:
+        with self._lock:
+            for event in events:
+                vni, endpoint_id = parse_peer_key(event.key)
+                peers = self._table[vni]
+                if event.kind == "put":
+                    peer = Peer.from_json(event.value)
+                    old = peers.get(endpoint_id)
+                    peers[endpoint_id] = peer
+                    if vni in self._local and peer.vtep != self.vtep and peer != old:
+                        self.dataplane.add_peer(vni, peer)
+                else:
+                    peer = peers.pop(endpoint_id, None)
+                    if vni in self._local and peer is not None and peer.vtep != self.vtep:
+                        self.dataplane.remove_peer(vni, peer)

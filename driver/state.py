@@ -1,0 +1,134 @@
+"""Typed access to the store. The key layout lives here and nowhere else.
+
+    overlays/<vni>                   Overlay
+    subnets/<subnet>                 VNI of the overlay using that subnet
+    networks/<network_id>            Network (one host's view of an overlay)
+    endpoints/<endpoint_id>          Endpoint
+    peers/<vni>/<endpoint_id>        Peer (watched by every host)
+    pools/<subnet>                   Pool
+    addresses/<subnet>/<ip>          Address
+    hosts/<host>                     Host (under a lease: gone when the host is)
+
+Subnets appear in keys with "/" replaced by "_" so that a prefix never
+matches a longer one by accident.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, TypeVar
+
+from .errors import DriverError
+from .model import Endpoint, Network, Record
+from .store.base import Store
+
+R = TypeVar("R", bound=Record)
+
+#: How often a read-modify-write is retried when another writer got there first.
+CAS_ATTEMPTS = 50
+
+
+def subnet_key(subnet: str) -> str:
+    return subnet.replace("/", "_")
+
+
+def overlay_key(vni: int) -> str:
+    return f"overlays/{vni}"
+
+
+def subnet_index_key(subnet: str) -> str:
+    return f"subnets/{subnet_key(subnet)}"
+
+
+def network_key(network_id: str) -> str:
+    return f"networks/{network_id}"
+
+
+def endpoint_key(endpoint_id: str) -> str:
+    return f"endpoints/{endpoint_id}"
+
+
+PEERS = "peers/"
+
+
+def peer_key(vni: int, endpoint_id: str) -> str:
+    return f"{PEERS}{vni}/{endpoint_id}"
+
+
+def parse_peer_key(key: str) -> tuple[int, str]:
+    vni, endpoint_id = key[len(PEERS):].split("/", 1)
+    return int(vni), endpoint_id
+
+
+def pool_key(subnet: str) -> str:
+    return f"pools/{subnet_key(subnet)}"
+
+
+def address_prefix(subnet: str) -> str:
+    return f"addresses/{subnet_key(subnet)}/"
+
+
+def address_key(subnet: str, ip: str) -> str:
+    return address_prefix(subnet) + ip
+
+
+def host_key(host: str) -> str:
+    return f"hosts/{host}"
+
+
+class State:
+    def __init__(self, store: Store):
+        self.store = store
+
+    def read(self, key: str, cls: type[R]) -> tuple[Optional[R], int]:
+        """The record and its mod_revision (0 when absent)."""
+        kv = self.store.get(key)
+        if kv is None:
+            return None, 0
+        return cls.from_json(kv.value), kv.mod_revision
+
+    def get(self, key: str, cls: type[R]) -> Optional[R]:
+        return self.read(key, cls)[0]
+
+    def list(self, prefix: str, cls: type[R]) -> list[R]:
+        kvs, _ = self.store.list(prefix)
+        return [cls.from_json(kv.value) for kv in kvs]
+
+    def update(
+        self,
+        key: str,
+        cls: type[R],
+        change: Callable[[Optional[R]], Optional[R]],
+    ) -> Optional[R]:
+        """Read-modify-write with compare-and-set, retried on conflict.
+
+        change gets the current record (None if absent) and returns the new
+        one, or None to delete it; it may raise DriverError to refuse."""
+        for _ in range(CAS_ATTEMPTS):
+            current, rev = self.read(key, cls)
+            new = change(current)
+            if new is None:
+                if current is None or self.store.txn({key: rev}, delete=[key]):
+                    return None
+            elif self.store.txn({key: rev}, put={key: new.to_json()}):
+                return new
+        raise DriverError(f"too much contention on {key} in the store; retry the command")
+
+    def create(self, records: dict[str, Record], lease: int = 0) -> bool:
+        """Write all records at once if none of the keys exists yet."""
+        return self.store.txn(
+            {key: 0 for key in records},
+            put={key: rec.to_json() for key, rec in records.items()},
+            lease=lease,
+        )
+
+    def delete(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        self.store.txn({}, delete=keys)
+
+    # Shortcuts used on every request.
+    def network(self, network_id: str) -> Optional[Network]:
+        return self.get(network_key(network_id), Network)
+
+    def endpoint(self, endpoint_id: str) -> Optional[Endpoint]:
+        return self.get(endpoint_key(endpoint_id), Endpoint)
+

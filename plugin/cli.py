@@ -1,0 +1,71 @@
+"""`pyoverlay` command line. Every flag of `serve` also reads PYOVERLAY_<FLAG>."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+DEFAULT_SOCKET = "/run/docker/plugins/pyoverlay.sock"
+DEFAULT_STORE = "sqlite:///var/lib/pyoverlay/state.db"
+
+
+def _env(name: str, default=None):
+    return os.environ.get("PYOVERLAY_" + name, default)
+
+
+def _add_store_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default=_env("STORE", DEFAULT_STORE),
+                        help="sqlite:///path (single host, default %(default)s) or etcd://h1:2379,h2:2379")
+    parser.add_argument("--etcd-prefix", default=_env("ETCD_PREFIX", "/pyoverlay/"))
+    parser.add_argument("--etcd-cacert", default=_env("ETCD_CACERT"))
+    parser.add_argument("--etcd-cert", default=_env("ETCD_CERT"))
+    parser.add_argument("--etcd-key", default=_env("ETCD_KEY"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyoverlay", description="Multi-host VXLAN overlay network plugin for Docker")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the plugin in the foreground")
+    serve.add_argument("--socket", default=_env("SOCKET", DEFAULT_SOCKET),
+                       help="unix socket; its basename is the driver name (default %(default)s)")
+    _add_store_flags(serve)
+    serve.add_argument("--advertise-addr", default=_env("ADVERTISE_ADDR"),
+                       help="this host's underlay address (VTEP); default: the address of the default route's interface")
+    serve.add_argument("--vxlan-port", type=int, default=int(_env("VXLAN_PORT", "4789")))
+    serve.add_argument("--default-pool", default=_env("DEFAULT_POOL", "10.213.0.0/16"),
+                       help="range from which a /24 is taken for a network created without --subnet")
+    serve.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
+                       choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, getattr(args, "log_level", "info").upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "serve":
+        return _serve(args)
+    return 2
+
+
+def _serve(args) -> int:
+    from driver.dataplane import default_route_address
+    from .server import Config, serve
+
+    advertise = args.advertise_addr or default_route_address()
+    serve(Config(
+        socket=args.socket, store=args.store, advertise_addr=advertise, vxlan_port=args.vxlan_port,
+        default_pool=args.default_pool, etcd_prefix=args.etcd_prefix, etcd_cacert=args.etcd_cacert,
+        etcd_cert=args.etcd_cert, etcd_key=args.etcd_key, log_level=args.log_level,
+    ))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The plugin process: gunicorn on the unix socket, and the driver wired up
+inside the worker (netlink handles and store connections must never cross a
+fork).
+
+The socket is bound by the gunicorn master before anything can block, so the
+engine never waits on a slow store (field notes 2 and 4); restoring the
+kernel from the store runs in the background and retries until it succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+from gunicorn.app.base import BaseApplication
+
+from driver.dataplane import Dataplane
+from driver.ipam import Ipam
+from driver.membership import Membership
+from driver.network import NetworkDriver
+from driver.peersync import PeerSync
+from driver.state import State
+from driver.store import open_store
+
+from .app import create_app
+
+log = logging.getLogger("pyoverlay")
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class Config:
+    socket: str
+    store: str
+    advertise_addr: str
+    vxlan_port: int = 4789
+    default_pool: str = "10.213.0.0/16"
+    etcd_prefix: str = "/pyoverlay/"
+    etcd_cacert: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    log_level: str = "info"
+
+    @property
+    def name(self) -> str:
+        """The driver name, as the engine knows it: the socket's basename."""
+        base = os.path.basename(self.socket)
+        return base[: -len(".sock")] if base.endswith(".sock") else base
+
+
+class Runtime:
+    """Everything one worker process runs: the composition root."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.store = open_store(
+            config.store, prefix=config.etcd_prefix,
+            cacert=config.etcd_cacert, cert=config.etcd_cert, key=config.etcd_key,
+        )
+        host = config.advertise_addr
+        self.dataplane = Dataplane(local_addr=config.advertise_addr, vxlan_port=config.vxlan_port)
+        self.peers = PeerSync(self.store, self.dataplane, vtep=config.advertise_addr)
+        state = State(self.store)
+        self.network = NetworkDriver(state, self.dataplane, self.peers, host=host, vtep=host, name=config.name)
+        self.ipam = Ipam(state, host, default_pool=config.default_pool, host_routes=self.dataplane.routes)
+        self.membership = Membership(self.store, host, config.advertise_addr, VERSION)
+        self.restored = threading.Event()
+
+    def start(self) -> None:
+        self.peers.start()
+        self.membership.start()
+        threading.Thread(target=self._restore, name="restore", daemon=True).start()
+
+    def _restore(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                self.network.restore()
+                self.restored.set()
+                return
+            except Exception as exc:  # store down or kernel busy: keep serving, retry
+                log.warning("restore from store failed (%s); retrying in %.1fs", exc, delay)
+                threading.Event().wait(delay)
+                delay = min(delay * 2, 5.0)
+
+    def stop(self) -> None:
+        self.peers.stop()
+        self.membership.stop()
+        self.dataplane.close()
+        self.store.close()
+
+
+class PluginServer(BaseApplication):
+    def __init__(self, config: Config):
+        self.config = config
+        super().__init__()
+
+    def load_config(self) -> None:
+        settings = {
+            "bind": f"unix:{self.config.socket}",
+            # One process: state shared between requests lives in the store and
+            # the kernel, and one peer watch per host is enough.
+            "workers": 1,
+            "worker_class": "gthread",
+            "threads": 8,
+            "umask": 0o177,  # socket 0600: only root may drive the network
+            "timeout": 120,
+            "graceful_timeout": 5,
+            "loglevel": self.config.log_level,
+            "post_worker_init": self._post_worker_init,
+            "worker_exit": self._worker_exit,
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def _post_worker_init(self, worker) -> None:
+        self.runtime.start()
+
+    def _worker_exit(self, server, worker) -> None:
+        runtime = getattr(self, "runtime", None)
+        if runtime is not None:
+            runtime.stop()
+
+    def load(self):
+        self.runtime = Runtime(self.config)
+        return create_app(self.runtime.network, self.runtime.ipam)
+
+
+def serve(config: Config) -> None:
+    os.makedirs(os.path.dirname(config.socket) or ".", exist_ok=True)
+    PluginServer(config).run()
