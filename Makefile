@@ -1,25 +1,11 @@
-# Entry points for users and CI. Everything runs as root (netlink, namespaces, dockerd).
-APT_PACKAGES = python3-venv iproute2 iptables docker.io containerd runc busybox-static \
-               etcd-server iperf3 iputils-ping debootstrap
-VENV ?= .venv
-PY = $(VENV)/bin/python
+# Convenience targets; the scripts in scripts/ do the work. Run as root.
+.PHONY: deps run test
 
-.PHONY: deps apt venv run test
+deps:
+	./scripts/setup
 
-deps: apt venv
+run:
+	./scripts/run-plugin
 
-apt:
-	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
-	fi
-
-venv:
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
-
-# Single host, embedded store: serves /run/docker/plugins/pyoverlay.sock.
-run: deps
-	$(VENV)/bin/pyoverlay serve
-
-test: deps
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+test:
+	./scripts/run-tests $(PYTEST_ARGS)
