@@ -1,0 +1,81 @@
+"""Where pyoverlay keeps its state: open_store(url) picks the backend.
+
+    memory://                       in-process, for tests
+    sqlite:///var/lib/pyoverlay/state.db   one host (the default)
+    etcd://h1:2379,h2:2379          shared by every host (https with cacert, or etcds://)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .base import Compacted, Event, KeyValue, Store, StoreError
+
+__all__ = ["open_store", "Store", "KeyValue", "Event", "StoreError", "Compacted"]
+
+ACCEPTED = (
+    "memory://, sqlite:///absolute/path/state.db, "
+    "etcd://host:2379[,host2:2379...] or etcds://host:2379[,...] (TLS)"
+)
+
+
+def _etcd_endpoints(hosts: str, scheme: str) -> list[str]:
+    endpoints = []
+    for host in hosts.split(","):
+        host = host.strip()
+        if not host:
+            continue
+        if host.startswith("["):  # [v6]:port
+            addr, _, port = host[1:].partition("]")
+            port = port.lstrip(":")
+            host = f"[{addr}]"
+        elif host.count(":") == 1:
+            host, port = host.split(":")
+        elif ":" in host:
+            raise ValueError(f"write an IPv6 etcd endpoint in brackets: [{host}]:2379")
+        else:
+            port = ""
+        if port and not port.isdigit():
+            raise ValueError(f"bad port in etcd endpoint {host}:{port}")
+        endpoints.append(f"{scheme}://{host}:{port or 2379}")
+    if not endpoints:
+        raise ValueError(f"etcd store URL names no host; accepted forms: {ACCEPTED}")
+    return endpoints
+
+
+def open_store(
+    url: str,
+    *,
+    prefix: str = "/pyoverlay/",
+    cacert: Optional[str] = None,
+    cert: Optional[str] = None,
+    key: Optional[str] = None,
+) -> Store:
+    """The store at url. prefix is the key prefix in a shared etcd (the other
+    backends hold only pyoverlay's keys and ignore it)."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise ValueError(f"store URL {url!r} has no scheme; accepted forms: {ACCEPTED}")
+    if scheme == "memory":
+        from .memory import MemoryStore
+
+        return MemoryStore()
+    if scheme == "sqlite":
+        path = rest.split("?", 1)[0]
+        if not path.startswith("/"):
+            raise ValueError(f"sqlite store needs an absolute path (sqlite:///dir/state.db), got {url!r}")
+        from .sqlite import SqliteStore
+
+        return SqliteStore(os.path.normpath(path))
+    if scheme in ("etcd", "etcds"):
+        from .etcd import EtcdStore
+
+        tls = scheme == "etcds" or bool(cacert or cert)
+        hosts = rest.split("/", 1)[0]
+        return EtcdStore(
+            _etcd_endpoints(hosts, "https" if tls else "http"),
+            prefix=prefix, cacert=cacert, cert=cert, key=key,
+        )
+    raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r}; accepted forms: {ACCEPTED}")

@@ -1,0 +1,254 @@
+"""A real etcd for tests: own ports, own temporary data dir, stopped by PID.
+
+    with EtcdServer() as etcd:              # or etcd = EtcdServer(); etcd.start()
+        store = open_store(etcd.url)
+        etcd.restart()                      # same ports, same data
+        etcd.pause(); etcd.resume()         # SIGSTOP/SIGCONT: a stalled etcd
+        etcd.compact(revision)
+
+netns="name" runs etcd inside that network namespace (`ip netns exec` is fine
+for etcd; it needs no /sys). host must then be an address of that namespace.
+tls=EtcdTLS(...) serves https (and checks client certificates if client_ca).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Optional
+
+ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+
+
+@dataclass
+class EtcdTLS:
+    cert: str  # server certificate (with the host's IP in its subjectAltName)
+    key: str
+    ca: str  # CA that signed cert; clients pass it as cacert
+    client_ca: Optional[str] = None  # when set, clients must present a cert it signed
+    client_cert: Optional[str] = None  # what this harness presents then
+    client_key: Optional[str] = None
+
+
+def _request(url, method, body, timeout, ca, cert, key) -> str:
+    ctx = None
+    if url.startswith("https"):
+        ctx = ssl.create_default_context(cafile=ca)
+        if cert:
+            ctx.load_cert_chain(cert, key)
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    with urllib.request.urlopen(req, timeout=timeout, context=ctx) as r:
+        return r.read().decode()
+
+
+def _free_ports(host: str, n: int) -> list[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            s.bind((host, 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+class EtcdServer:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        *,
+        netns: Optional[str] = None,
+        tls: Optional[EtcdTLS] = None,
+        name: str = "n1",
+        data_dir: Optional[str] = None,
+        extra_args: tuple[str, ...] = (),
+        start_timeout: float = 15.0,
+    ):
+        self.host = host
+        self.netns = netns
+        self.tls = tls
+        self.name = name
+        self.extra_args = tuple(extra_args)
+        self.start_timeout = start_timeout
+        self._own_dir = data_dir is None
+        self.workdir = tempfile.mkdtemp(prefix="etcd-test-") if data_dir is None else data_dir
+        self.data_dir = os.path.join(self.workdir, "data")
+        self.log_path = os.path.join(self.workdir, "etcd.log")
+        self.proc: Optional[subprocess.Popen] = None
+        self.client_port: Optional[int] = None
+        self.peer_port: Optional[int] = None
+
+    # Addresses.
+
+    @property
+    def _h(self) -> str:
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    @property
+    def endpoint(self) -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self._h}:{self.client_port}"
+
+    @property
+    def url(self) -> str:
+        """For open_store(); TLS servers need cacert= (and cert=/key= with client_ca)."""
+        scheme = "etcds" if self.tls else "etcd"
+        return f"{scheme}://{self._h}:{self.client_port}"
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc else None
+
+    # Lifecycle.
+
+    def _command(self) -> list[str]:
+        peer = f"http://{self._h}:{self.peer_port}"
+        cmd = [
+            ETCD,
+            "--name", self.name,
+            "--data-dir", self.data_dir,
+            "--listen-client-urls", self.endpoint,
+            "--advertise-client-urls", self.endpoint,
+            "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{self.name}={peer}",
+            "--initial-cluster-state", "new",
+            # A one-member test cluster: elect at once, and allow 1 s leases.
+            "--heartbeat-interval", "50",
+            "--election-timeout", "250",
+        ]
+        if self.tls:
+            cmd += ["--cert-file", self.tls.cert, "--key-file", self.tls.key]
+            if self.tls.client_ca:
+                cmd += ["--client-cert-auth", "--trusted-ca-file", self.tls.client_ca]
+        cmd += list(self.extra_args)
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns] + cmd  # it execs etcd: same PID
+        return cmd
+
+    def start(self) -> "EtcdServer":
+        if self.proc and self.proc.poll() is None:
+            raise RuntimeError(f"etcd already running (pid {self.proc.pid})")
+        keep_ports = self.client_port is not None
+        # Ports picked here may be taken by the time etcd binds; try again then
+        # (never with a restart, whose clients expect the same address).
+        for attempt in range(1 if keep_ports else 3):
+            if not keep_ports:
+                self.client_port, self.peer_port = _free_ports(self.host if not self.netns else "127.0.0.1", 2)
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
+            if self._wait_healthy():
+                return self
+            self._terminate(signal.SIGKILL)
+        raise RuntimeError(f"etcd did not become healthy at {self.endpoint}; log tail:\n{self.log_tail()}")
+
+    def _wait_healthy(self) -> bool:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False  # exited (a port clash, a bad flag): the log says why
+            try:
+                if self.request("GET", "/health", timeout=1.0).get("health") == "true":
+                    return True
+            except (OSError, ValueError, subprocess.SubprocessError):
+                pass
+            time.sleep(0.05)  # poll interval of a wait with a deadline
+        return False
+
+    def _terminate(self, sig: int, timeout: float = 10.0) -> None:
+        if not self.proc:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)  # a paused etcd cannot act on SIGTERM
+                os.kill(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.proc = None
+
+    def stop(self) -> None:
+        """Graceful stop (SIGTERM); data and ports are kept for start()/restart()."""
+        self._terminate(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash."""
+        self._terminate(signal.SIGKILL)
+
+    def restart(self, *, kill: bool = False) -> None:
+        """Stop (or kill) and start again on the same ports with the same data."""
+        self.kill() if kill else self.stop()
+        self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open, nothing answers."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def close(self) -> None:
+        """Stop and remove the data dir (if this object made it)."""
+        self.kill()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "EtcdServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"".join(f.readlines()[-n:]).decode(errors="replace")
+        except OSError:
+            return ""
+
+    # Talking to it directly (not through the code under test).
+
+    def request(self, method: str, path: str, body: Optional[dict] = None, timeout: float = 5.0) -> dict:
+        """One HTTP call to the gateway, made from inside the netns if there is one."""
+        cert = key = None
+        if self.tls and self.tls.client_ca:
+            cert, key = self.tls.client_cert, self.tls.client_key
+        args = [self.endpoint + path, method, body, timeout, self.tls and self.tls.ca, cert, key]
+        if not self.netns:
+            return json.loads(_request(*args) or "{}")
+        cmd = ["ip", "netns", "exec", self.netns, sys.executable, "-c",
+               f"import sys, json; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+               "import etcdserver; sys.stdout.write(etcdserver._request(*json.loads(sys.argv[1])))",
+               json.dumps(args)]
+        out = subprocess.run(cmd, capture_output=True, timeout=timeout + 5)
+        if out.returncode != 0:
+            raise OSError(f"etcd request {method} {path} failed: {out.stderr.decode()[-300:]}")
+        return json.loads(out.stdout or b"{}")
+
+    def compact(self, revision: int) -> None:
+        """Compact history below revision (watches from before it get Compacted)."""
+        self.request("POST", "/v3/kv/compaction", {"revision": str(revision), "physical": True})
+
+    def revision(self) -> int:
+        data = self.request("POST", "/v3/kv/range", {"key": "AA==", "limit": 1})
+        return int(data["header"]["revision"])
