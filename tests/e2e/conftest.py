@@ -1,0 +1,118 @@
+"""Fixtures for end-to-end tests: an underlay for the session, hosts per test.
+
+Every test under tests/e2e is marked `e2e`. On a failure the report carries
+each host's plugin log and the tail of its dockerd log.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.hosts import NamespaceHost, SessionLock, Underlay, build_image_tar, sweep_leftovers
+
+HERE = Path(__file__).parent
+FACTORY = pytest.StashKey["HostFactory"]()
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if HERE in Path(item.path).parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def e2e_workdir(request):
+    """Lock, sweep a crashed run's leftovers, then a work directory for the session."""
+    lock = SessionLock()
+    lock.acquire()
+    try:
+        removed = sweep_leftovers()
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if removed and reporter is not None:
+            reporter.write_line(f"e2e: removed leftovers of an earlier run: {', '.join(removed)}")
+        workdir = Path(tempfile.mkdtemp(prefix="pyo-e2e-"))
+        try:
+            yield workdir
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    finally:
+        lock.release()
+
+
+@pytest.fixture(scope="session")
+def image_tar(e2e_workdir):
+    return build_image_tar(e2e_workdir)
+
+
+@pytest.fixture(scope="session")
+def underlay(e2e_workdir):
+    net = Underlay(e2e_workdir / "underlay")
+    try:
+        net.setup()
+        yield net
+    finally:
+        net.close()
+
+
+class HostFactory:
+    """make_hosts(n, mtu=None): n more hosts, engines up, plugin not started."""
+
+    def __init__(self, underlay: Underlay, workdir: Path, image_tar: Path):
+        self.underlay = underlay
+        self.workdir = workdir
+        self.image_tar = image_tar
+        self.hosts: list[NamespaceHost] = []
+
+    def __call__(self, n: int, mtu: int | None = None) -> list[NamespaceHost]:
+        made = []
+        for _ in range(n):
+            host = NamespaceHost(len(self.hosts) + 1, self.underlay, self.workdir, self.image_tar, mtu=mtu)
+            self.hosts.append(host)  # registered first: a half-started host is torn down too
+            host.start()
+            made.append(host)
+        return made
+
+    def close(self) -> None:
+        errors = []
+        for host in reversed(self.hosts):
+            try:
+                host.close()
+            except Exception as exc:  # tear the others down anyway
+                errors.append(f"{host.name}: {exc!r}")
+        if errors:
+            raise RuntimeError("host teardown failed: " + "; ".join(errors))
+
+
+@pytest.fixture
+def make_hosts(request, underlay, e2e_workdir, image_tar):
+    factory = HostFactory(underlay, e2e_workdir, image_tar)
+    request.node.stash[FACTORY] = factory  # for the failure report
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    factory = item.stash.get(FACTORY, None)
+    if report.failed and report.when in ("setup", "call") and factory is not None:
+        for host in factory.hosts:
+            report.sections.append((f"{host.name} plugin log", host.plugin_log()))
+            report.sections.append((f"{host.name} dockerd log (tail)", host.engine_log()))
+
+
+@pytest.fixture(scope="session")
+def underlay_http(underlay):
+    """A web server on the underlay (10.99.0.254:8000) serving one random
+    token: what "outbound from a container works" is checked against."""
+    token = uuid.uuid4().hex
+    url = underlay.serve_http(8000, {"token": token + "\n"})
+    return f"{url}/token", token
