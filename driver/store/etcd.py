@@ -212,9 +212,12 @@ class EtcdStore(Store):
         self._lock = threading.Lock()
         self._ssl: Optional[ssl.SSLContext] = None
         if any(e.startswith("https://") for e in self.endpoints):
-            self._ssl = ssl.create_default_context(cafile=cacert)
-            if cert:
-                self._ssl.load_cert_chain(cert, key)
+            try:
+                self._ssl = ssl.create_default_context(cafile=cacert)
+                if cert:
+                    self._ssl.load_cert_chain(cert, key)
+            except (OSError, ssl.SSLError) as e:
+                raise StoreError(f"{self.url}: cannot load TLS files (cacert={cacert}, cert={cert}, key={key}): {e}") from e
 
     # Transport.
 
@@ -276,7 +279,8 @@ class EtcdStore(Store):
                 code, msg = err.get("grpc_code"), err.get("message")
             else:
                 code, msg = data.get("code"), data.get("message") or err
-            msg = msg or f"HTTP {r.status_code} {r.text[:200]}"
+            if not msg:  # not an etcd gateway error: say what did answer
+                msg = f"unexpected answer HTTP {r.status_code} {r.text[:200]!r} (is this etcd's client URL?)"
             if code == _UNAVAILABLE and retry:
                 errors.append(f"{ep}: {msg}")
                 continue

@@ -14,6 +14,7 @@ import uuid
 import pytest
 
 from driver.store.etcd import EtcdStore
+from driver.store.follow import follow
 from driver.store.memory import MemoryStore
 from driver.store.sqlite import SqliteStore
 from tests.etcdserver import EtcdServer
@@ -75,6 +76,90 @@ class Watcher:
         self._thread.join(timeout)
         assert not self._thread.is_alive(), "watch did not return after stop was set"
         return time.monotonic() - began
+
+
+class Follower:
+    """Runs follow() in a thread and keeps the state its callbacks describe."""
+
+    def __init__(self, store, prefix: str, on_events=None):
+        self.snapshots, self.batches, self.errors = [], [], []
+        self.state: dict[str, str] = {}
+        self.stop = threading.Event()
+        self.returned = threading.Event()
+        self.crashed = None
+        self._extra_on_events = on_events
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, args=(store, prefix), daemon=True)
+        self._thread.start()
+
+    def _run(self, store, prefix):
+        try:
+            follow(store, prefix, self.stop, self._on_snapshot, self._on_events, self._on_error)
+        except BaseException as e:  # follow must never get here
+            self.crashed = e
+        self.returned.set()
+
+    def _on_snapshot(self, kvs, revision):
+        with self._cond:
+            self.snapshots.append((kvs, revision))
+            self.state = {kv.key: kv.value for kv in kvs}
+            self._cond.notify_all()
+
+    def _on_events(self, batch):
+        if self._extra_on_events:
+            self._extra_on_events(batch)
+        with self._cond:
+            self.batches.append(batch)
+            for e in batch:
+                if e.kind == "put":
+                    self.state[e.key] = e.value
+                else:
+                    self.state.pop(e.key, None)
+            self._cond.notify_all()
+
+    def _on_error(self, exc):
+        with self._cond:
+            self.errors.append(exc)
+            self._cond.notify_all()
+
+    @property
+    def events(self):
+        return [e for b in self.batches for e in b]
+
+    def wait(self, predicate, timeout: float = 10.0, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    pytest.fail(f"timed out after {timeout} s waiting for {what}; state={self.state} "
+                                f"snapshots={len(self.snapshots)} errors={self.errors[-3:]}")
+                self._cond.wait(left)
+
+    def wait_state(self, expected: dict, timeout: float = 10.0):
+        self.wait(lambda: self.state == expected, timeout, f"state {expected}")
+
+    def close(self, timeout: float = 3.0) -> float:
+        began = time.monotonic()
+        self.stop.set()
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "follow did not return after stop was set"
+        assert self.crashed is None, f"follow raised {self.crashed!r}"
+        return time.monotonic() - began
+
+
+@pytest.fixture
+def followers():
+    started = []
+
+    def start(store, prefix, **kw):
+        f = Follower(store, prefix, **kw)
+        started.append(f)
+        return f
+
+    yield start
+    for f in started:
+        f.close()
 
 
 @pytest.fixture(scope="session")
