@@ -1,0 +1,622 @@
+"""driver.dataplane against the real kernel.
+
+Three "hosts" are network namespaces on one underlay: a bridge in a namespace
+of its own, host N at 10.98.0.N/24 (host c's underlay MTU is 1400). Each host
+has its own Dataplane and its own netns_dir, so nothing collides with the
+machine or with other tests. "Containers" are namespaces into which a test
+moves the container end, as libnetwork would. Everything lives under one
+temporary directory and is removed at the end, pass or fail.
+
+Observations go through ip/bridge/ss/ping (nsenter), never through the module
+under test; setup uses pyroute2 directly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import itertools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+
+from driver.dataplane import Dataplane, DataplaneError, default_route_address
+from driver.model import Peer
+
+UNDERLAY = "10.98.0.{}"
+OVERLAY = "10.98.100.{}"  # container addresses; only ever inside test namespaces
+MNT_DETACH = 2
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_ids = itertools.count(1)
+
+
+def endpoint_id() -> str:
+    n = next(_ids)
+    return f"{os.getpid():06x}{n:04x}" + "e" * 54
+
+
+def mac(n: int) -> str:
+    return "02:98:00:00:{:02x}:{:02x}".format(n >> 8, n & 0xFF)
+
+
+# -- observing ------------------------------------------------------------------
+
+
+def run(ns: str, *cmd: str, check: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["nsenter", f"--net={ns}", *cmd], capture_output=True, text=True, timeout=20, check=check
+    )
+
+
+def ip_json(ns: str, *args: str) -> list:
+    # check=True: a namespace or device that is not there must not read as "empty"
+    out = run(ns, "ip", "-j", *args, check=True).stdout
+    return json.loads(out) if out.strip() else []
+
+
+def links(ns: str) -> dict[str, dict]:
+    return {link["ifname"]: link for link in ip_json(ns, "-d", "link", "show")}
+
+
+def ping(ns: str, ip: str) -> bool:
+    return run(ns, "ping", "-c1", "-W2", "-q", ip).returncode == 0
+
+
+def unreachable(ns: str, ip: str) -> bool:
+    # ARP is answered locally or not at all, so one second is plenty
+    return run(ns, "ping", "-c1", "-W1", "-q", ip).returncode == 1
+
+
+def vxlan_entries(ov: str) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """vxlan0's permanent neighbours (ip -> mac) and remote FDB entries (mac -> dsts)."""
+    neigh = {n["dst"]: n["lladdr"] for n in ip_json(ov, "neigh", "show", "dev", "vxlan0", "nud", "permanent")}
+    fdb: dict[str, set[str]] = {}
+    out = run(ov, "bridge", "-j", "fdb", "show", "dev", "vxlan0", check=True).stdout
+    for entry in json.loads(out) if out.strip() else []:
+        if "dst" in entry:
+            fdb.setdefault(entry["mac"], set()).add(entry["dst"])
+    return neigh, fdb
+
+
+def expected_entries(peers) -> tuple[dict[str, str], dict[str, set[str]]]:
+    return {p.ip: p.mac for p in peers}, {p.mac: {p.vtep} for p in peers}
+
+
+def udp_4789(ns: str) -> bool:
+    return ":4789 " in run(ns, "ss", "-Hluna", check=True).stdout + " "
+
+
+# -- the lab --------------------------------------------------------------------
+
+
+@dataclass
+class Host:
+    name: str
+    ns: str
+    addr: str
+    netns_dir: str
+    dp: Dataplane
+
+    def overlay(self, vni: int) -> str:
+        return os.path.join(self.netns_dir, f"pyo-{vni}")
+
+
+@dataclass
+class Lab:
+    root: str
+    hosts: dict[str, Host] = field(default_factory=dict)
+
+    @property
+    def nsdir(self) -> str:
+        return os.path.join(self.root, "ns")
+
+    def new_ns(self, name: str) -> str:
+        path = os.path.join(self.nsdir, name)
+        pr_netns.create(path)
+        return path
+
+    def dataplane(self, host: Host) -> Dataplane:
+        """Another Dataplane on the same host: stands in for another gunicorn worker."""
+        return Dataplane(host.addr, host_netns=host.ns, netns_dir=host.netns_dir)
+
+
+def _umount_all(path: str) -> None:
+    # pyroute2 bind-mounts a netns dir onto itself (as iproute2 does); peel
+    # every layer so rmtree cannot reach into a live mount.
+    while _libc.umount2(path.encode(), MNT_DETACH) == 0:
+        pass
+
+
+def _destroy(root: str) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            _umount_all(path)
+            os.unlink(path)
+    for dirpath, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
+        _umount_all(dirpath)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = Lab(tempfile.mkdtemp(prefix="pyo-dataplane-"))
+    try:
+        underlay = lab.new_ns("underlay")
+        with IPRoute(netns=underlay, flags=0, groups=0) as ul:
+            ul.link("add", ifname="ul", kind="bridge")
+            ul.link("set", index=ul.link_lookup(ifname="ul")[0], state="up")
+            for n, name in enumerate("abc", 1):
+                ns = lab.new_ns(f"host-{name}")
+                mtu = 1400 if name == "c" else 1500
+                ul.link(
+                    "add",
+                    ifname=f"ul-{name}",
+                    kind="veth",
+                    master=ul.link_lookup(ifname="ul")[0],
+                    state="up",
+                    peer={"ifname": "eth0", "net_ns_fd": ns, "mtu": mtu},
+                )
+                with IPRoute(netns=ns, flags=0, groups=0) as h:
+                    eth0 = h.link_lookup(ifname="eth0")[0]
+                    h.addr("add", index=eth0, address=UNDERLAY.format(n), prefixlen=24)
+                    h.link("set", index=eth0, state="up")
+                    h.link("set", index=h.link_lookup(ifname="lo")[0], state="up")
+                netns_dir = os.path.join(lab.root, f"overlay-{name}")
+                dp = Dataplane(UNDERLAY.format(n), host_netns=ns, netns_dir=netns_dir)
+                lab.hosts[name] = Host(name, ns, UNDERLAY.format(n), netns_dir, dp)
+        yield lab
+    finally:
+        for host in lab.hosts.values():
+            host.dp.close()
+        _destroy(lab.root)
+
+
+@pytest.fixture
+def a(lab):
+    return lab.hosts["a"]
+
+
+@pytest.fixture
+def b(lab):
+    return lab.hosts["b"]
+
+
+@pytest.fixture
+def c(lab):
+    return lab.hosts["c"]
+
+
+@pytest.fixture
+def network(lab):
+    """network(host, vni, mtu): create it now, delete it after the test."""
+    made = []
+
+    def make(host: Host, vni: int, mtu: int = 1450) -> str:
+        made.append((host, vni))
+        host.dp.create_network(vni, mtu)
+        return host.overlay(vni)
+
+    yield make
+    for host, vni in made:
+        host.dp.delete_network(vni)
+
+
+@pytest.fixture
+def container(lab):
+    """container(host, vni, ip, mac) -> (netns path, endpoint id): an endpoint moved into a namespace."""
+    made = []
+
+    def make(host: Host, vni: int, ip: str, mac_addr: str, mtu: int = 1450) -> tuple[str, str]:
+        eid = endpoint_id()
+        src = host.dp.create_endpoint(vni, eid, mac_addr, mtu)
+        ns = lab.new_ns(f"ctr-{eid[:10]}")
+        made.append(ns)
+        with IPRoute(netns=host.ns, flags=0, groups=0) as h:
+            h.link("set", index=h.link_lookup(ifname=src)[0], net_ns_fd=ns, ifname="eth0")
+        with IPRoute(netns=ns, flags=0, groups=0) as ctr:
+            eth0 = ctr.link_lookup(ifname="eth0")[0]
+            ctr.addr("add", index=eth0, address=ip, prefixlen=24)
+            ctr.link("set", index=eth0, state="up")
+        return ns, eid
+
+    yield make
+    for ns in made:
+        pr_netns.remove(ns)
+
+
+# -- networks -------------------------------------------------------------------
+
+
+def test_create_network_is_complete_and_idempotent(a, network):
+    ov = network(a, 4101, 1400)
+    a.dp.create_network(4101, 1400)
+
+    assert a.dp.networks() == {4101}
+    have = links(ov)
+    assert set(have) == {"lo", "br0", "vxlan0"}
+    vx = have["vxlan0"]
+    info = vx["linkinfo"]["info_data"]
+    assert (info["id"], info["port"], info["local"]) == (4101, 4789, a.addr)
+    assert info["learning"] is False and info["proxy"] is True
+    assert vx["mtu"] == 1400 and vx["master"] == "br0" and "UP" in vx["flags"]
+    assert have["br0"]["mtu"] == 1400 and "UP" in have["br0"]["flags"]
+    # The vxlan's UDP socket is on the underlay (host ns), not in the overlay ns.
+    assert udp_4789(a.ns) and not udp_4789(ov)
+    assert not [n for n, link in links(a.ns).items() if link.get("linkinfo", {}).get("info_kind") == "vxlan"]
+
+
+def test_create_network_racing_with_itself_makes_one_good_network(lab, a, network):
+    others = [lab.dataplane(a) for _ in range(2)]  # other "processes": flock, not a thread lock
+    callers = [a.dp, a.dp, *others]
+    start = threading.Barrier(len(callers))
+    errors = []
+
+    def create(dp):
+        start.wait()
+        try:
+            dp.create_network(4102, 1450)
+        except Exception as e:  # collected: an assertion in a thread would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=create, args=(dp,)) for dp in callers]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        network(a, 4102)  # registers the clean-up; create again is a no-op
+        for dp in others:
+            dp.close()
+    assert errors == []
+    assert a.dp.networks() == {4102}
+    assert set(links(a.overlay(4102))) == {"lo", "br0", "vxlan0"}
+
+
+def test_failed_create_network_leaves_nothing(a):
+    # Another vxlan on the host already holds VNI 4103 on port 4789.
+    with IPRoute(netns=a.ns, flags=0, groups=0) as h:
+        h.link("add", ifname="foreign", kind="vxlan", vxlan_id=4103, vxlan_port=4789, vxlan_local=a.addr)
+        try:
+            with pytest.raises(DataplaneError, match="VNI 4103"):
+                a.dp.create_network(4103, 1450)
+            assert a.dp.networks() == set()
+            assert not os.path.lexists(a.overlay(4103))
+            assert h.link_lookup(ifname="foreign")  # not ours: left alone
+        finally:
+            h.link("del", index=h.link_lookup(ifname="foreign")[0])
+    a.dp.create_network(4103, 1450)  # and the VNI works once it is free
+    a.dp.delete_network(4103)
+    assert a.dp.networks() == set()
+
+
+def test_missing_host_namespace_is_an_error_and_creates_nothing(lab, tmp_path):
+    typo = os.path.join(lab.nsdir, "host-typo")
+    dp = Dataplane(UNDERLAY.format(1), host_netns=typo, netns_dir=str(tmp_path / "ov"))
+    try:
+        with pytest.raises(DataplaneError, match="host-typo"):
+            dp.underlay_mtu()
+        with pytest.raises(DataplaneError, match="host-typo"):
+            dp.create_network(4104, 1450)
+    finally:
+        dp.close()
+    assert not os.path.lexists(typo)
+    assert dp.networks() == set()
+
+
+def test_delete_network_leaves_nothing_behind(lab, b, container):
+    ov = b.overlay(4105)
+    b.dp.create_network(4105, 1450)
+    ctr, _ = container(b, 4105, OVERLAY.format(50), mac(50))
+    b.dp.create_endpoint(4105, endpoint_id(), mac(51), 1450)  # still in the host ns
+    b.dp.add_peer(4105, Peer(OVERLAY.format(60), mac(60), UNDERLAY.format(1)))
+    other = lab.dataplane(b)  # another process holding a handle on the namespace
+    try:
+        assert len(other.endpoints(4105)) == 2
+
+        b.dp.delete_network(4105)
+        b.dp.delete_network(4105)  # idempotent
+
+        assert b.dp.networks() == set() and not os.path.lexists(ov)
+        assert not [n for n in links(b.ns) if n.startswith("pyo")]
+        assert set(links(ctr)) == {"lo"}
+        # vxlan0 is gone even though `other` still pins the old namespace:
+        # its UDP socket is closed and the VNI is free again.
+        assert not udp_4789(b.ns)
+        b.dp.create_network(4105, 1450)
+        eid = endpoint_id()
+        b.dp.create_endpoint(4105, eid, mac(52), 1450)
+        assert other.endpoints(4105) == {eid[:10]}  # sees the new namespace, not the old one
+        b.dp.delete_network(4105)
+    finally:
+        other.close()
+
+
+# -- host facts -----------------------------------------------------------------
+
+
+def test_underlay_mtu_is_read_from_the_kernel(lab, a, c):
+    assert c.dp.underlay_mtu() == 1400
+    assert a.dp.underlay_mtu() == 1500
+    stranger = Dataplane(UNDERLAY.format(77), host_netns=a.ns, netns_dir=a.netns_dir)
+    try:
+        with pytest.raises(DataplaneError, match=r"10\.98\.0\.77"):
+            stranger.underlay_mtu()
+    finally:
+        stranger.close()
+
+
+def test_default_route_address(lab, a, b):
+    with pytest.raises(DataplaneError, match="no IPv4 default route"):
+        default_route_address(a.ns)
+    with IPRoute(netns=b.ns, flags=0, groups=0) as h:
+        h.route("add", dst="0.0.0.0/0", gateway=UNDERLAY.format(254))
+        try:
+            assert default_route_address(b.ns) == b.addr
+        finally:
+            h.route("del", dst="0.0.0.0/0", gateway=UNDERLAY.format(254))
+
+
+# -- endpoints ------------------------------------------------------------------
+
+
+def test_endpoint_lifecycle(a, network, container):
+    ov = network(a, 4201, 1400)
+    eid = endpoint_id()
+
+    name = a.dp.create_endpoint(4201, eid, mac(1).upper(), 1400)
+
+    assert name == "pyo" + eid[:10] and len(name) <= 15
+    host_end = links(a.ns)[name]
+    assert (host_end["address"], host_end["mtu"]) == (mac(1), 1400)
+    bridge_end = links(ov)["pyb" + eid[:10]]
+    assert bridge_end["mtu"] == 1400 and bridge_end["master"] == "br0" and "UP" in bridge_end["flags"]
+    assert a.dp.endpoints(4201) == {eid[:10]}
+
+    assert a.dp.create_endpoint(4201, eid, mac(1), 1400) == name  # idempotent: the same pair, untouched
+    assert links(a.ns)[name]["ifindex"] == host_end["ifindex"]
+    assert links(ov)["pyb" + eid[:10]]["ifindex"] == bridge_end["ifindex"]
+    assert a.dp.endpoints(4201) == {eid[:10]}
+
+    a.dp.delete_endpoint(4201, eid)
+    a.dp.delete_endpoint(4201, eid)  # idempotent
+    assert a.dp.endpoints(4201) == set()
+    assert name not in links(a.ns) and set(links(ov)) == {"lo", "br0", "vxlan0"}
+
+    # The container end inside a container goes with its bridge end.
+    ctr, eid = container(a, 4201, OVERLAY.format(9), mac(9), 1400)
+    assert links(ctr)["eth0"]["mtu"] == 1400
+    a.dp.delete_endpoint(4201, eid)
+    assert set(links(ctr)) == {"lo"} and set(links(ov)) == {"lo", "br0", "vxlan0"}
+
+    # Someone else's device holds the container end's name: refused, untouched.
+    eid = endpoint_id()
+    with IPRoute(netns=a.ns, flags=0, groups=0) as h:
+        h.link("add", ifname="pyo" + eid[:10], kind="veth", peer="pyo-other")
+        try:
+            with pytest.raises(DataplaneError, match="already exists"):
+                a.dp.create_endpoint(4201, eid, mac(10), 1400)
+            assert h.link_lookup(ifname="pyo" + eid[:10])
+            assert set(links(ov)) == {"lo", "br0", "vxlan0"}
+        finally:
+            h.link("del", ifname="pyo-other")
+
+    a.dp.delete_endpoint(4999, eid)  # no such network: nothing to do
+    with pytest.raises(DataplaneError, match="create the network first"):
+        a.dp.create_endpoint(4999, eid, mac(9), 1400)
+
+
+def test_concurrent_endpoints_on_one_network(lab, a, network):
+    ov = network(a, 4202)
+    other = lab.dataplane(a)
+    jobs = [(a.dp, [endpoint_id() for _ in range(8)]) for _ in range(2)]
+    jobs.append((other, [endpoint_id() for _ in range(8)]))
+    start = threading.Barrier(len(jobs))
+    errors = []
+
+    def create(dp, eids):
+        start.wait()
+        try:
+            for n, eid in enumerate(eids):
+                dp.create_endpoint(4202, eid, mac(0x100 + n), 1450)
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=create, args=job) for job in jobs]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        other.close()
+    assert errors == []
+    want = {eid[:10] for _, eids in jobs for eid in eids}
+    assert a.dp.endpoints(4202) == want
+    have = links(ov)
+    assert all(have["pyb" + short]["master"] == "br0" for short in want)
+    for _, eids in jobs:
+        for eid in eids:
+            a.dp.delete_endpoint(4202, eid)
+    assert a.dp.endpoints(4202) == set()
+    assert not [n for n in links(a.ns) if n.startswith("pyo")]
+
+
+# -- peers ----------------------------------------------------------------------
+
+
+def test_cross_host_traffic_and_ip_reuse(a, b, c, network, container):
+    vni, mtu = 4301, 1350  # host c's underlay is 1400
+    for host in (a, b, c):
+        network(host, vni, mtu)
+    ctr_a, _ = container(a, vni, OVERLAY.format(2), mac(2), mtu)
+    ctr_b, eid_b = container(b, vni, OVERLAY.format(3), mac(3), mtu)
+    pa = Peer(OVERLAY.format(2), mac(2), a.addr)
+    pb = Peer(OVERLAY.format(3), mac(3), b.addr)
+
+    assert unreachable(ctr_a, pb.ip)  # nothing is flooded: no peer, no traffic
+
+    assert a.dp.set_peers(vni, [pb]) == (1, 0)
+    b.dp.add_peer(vni, pa)
+    assert ping(ctr_a, pb.ip)
+    assert ping(ctr_b, pa.ip)
+
+    # B's container goes; C's new one gets the same IP with another MAC.
+    b.dp.delete_endpoint(vni, eid_b)
+    pc = Peer(pb.ip, mac(4), c.addr)
+    ctr_c, _ = container(c, vni, pc.ip, pc.mac, mtu)
+    a.dp.add_peer(vni, pc)
+    c.dp.add_peer(vni, pa)
+    assert vxlan_entries(a.overlay(vni)) == expected_entries([pc])  # no stale IP or MAC entry
+    assert a.dp.peers(vni) == {pc}
+    # A container that never cached the old MAC reaches the new one at once.
+    # (ctr_a still caches pb's MAC until its own ARP entry expires: the
+    # container's ARP cache is outside the dataplane's reach.)
+    ctr_a2, _ = container(a, vni, OVERLAY.format(5), mac(5), mtu)
+    c.dp.add_peer(vni, Peer(OVERLAY.format(5), mac(5), a.addr))
+    assert ping(ctr_a2, pc.ip)
+    assert ping(ctr_c, OVERLAY.format(5))
+
+    a.dp.remove_peer(vni, pc)
+    assert vxlan_entries(a.overlay(vni)) == ({}, {})
+    assert unreachable(ctr_a2, pc.ip)
+
+
+def test_peer_replace_semantics(a, network):
+    vni = 4302
+    ov = network(a, vni)
+    p1 = Peer(OVERLAY.format(20), mac(20), UNDERLAY.format(2))
+    a.dp.add_peer(vni, p1)
+    a.dp.add_peer(vni, p1)
+    assert vxlan_entries(ov) == expected_entries([p1])
+
+    p2 = Peer(p1.ip, mac(21), UNDERLAY.format(3))  # IP reused with a new MAC
+    a.dp.add_peer(vni, p2)
+    assert vxlan_entries(ov) == expected_entries([p2])
+    a.dp.remove_peer(vni, p1)  # a late delete of the old record changes nothing
+    assert vxlan_entries(ov) == expected_entries([p2])
+
+    p3 = Peer(OVERLAY.format(22), p2.mac, UNDERLAY.format(4))  # MAC reused under a new IP
+    a.dp.add_peer(vni, p3)
+    assert vxlan_entries(ov) == expected_entries([p3])
+
+    p4 = Peer(p3.ip, p3.mac, UNDERLAY.format(5))  # the container moved host
+    a.dp.add_peer(vni, p4)
+    a.dp.remove_peer(vni, p3)
+    assert vxlan_entries(ov) == expected_entries([p4])
+    assert a.dp.peers(vni) == {p4}
+
+    a.dp.remove_peer(vni, Peer(p4.ip, p4.mac.upper(), p4.vtep))
+    a.dp.remove_peer(vni, p4)
+    assert vxlan_entries(ov) == ({}, {})
+
+
+def test_set_peers_reconciles_exactly(a, network):
+    vni = 4303
+    ov = network(a, vni)
+    p1, p2, p3 = (Peer(OVERLAY.format(n), mac(n), UNDERLAY.format(2)) for n in (31, 32, 33))
+    for p in (p1, p2, p3):
+        a.dp.add_peer(vni, p)
+    # Debris a crash or an old version could leave: a flooding entry, a
+    # neighbour without FDB entry, an FDB entry without neighbour.
+    with IPRoute(netns=ov, flags=0, groups=0) as o:
+        vx = o.link_lookup(ifname="vxlan0")[0]
+        o.fdb("append", ifindex=vx, lladdr="00:00:00:00:00:00", dst=UNDERLAY.format(9))
+        o.neigh("replace", dst=OVERLAY.format(34), lladdr=mac(34), ifindex=vx, state=128)
+        o.fdb("append", ifindex=vx, lladdr=mac(35), dst=UNDERLAY.format(9))
+
+    want = {
+        p1,
+        Peer(p2.ip, p2.mac, UNDERLAY.format(3)),
+        Peer(OVERLAY.format(36), mac(36), UNDERLAY.format(3)),
+        Peer("fd98::36", mac(0x36), UNDERLAY.format(3)),
+    }
+    assert a.dp.set_peers(vni, want) == (3, 2)
+    assert vxlan_entries(ov) == expected_entries(want)
+    assert a.dp.peers(vni) == want
+    assert a.dp.set_peers(vni, want) == (0, 0)
+
+    # This host's own endpoints are reached through br0, never through vxlan0.
+    local = Peer(OVERLAY.format(38), mac(38), a.addr)
+    assert a.dp.set_peers(vni, want | {local}) == (0, 0)
+    a.dp.add_peer(vni, local)
+    assert vxlan_entries(ov) == expected_entries(want)
+
+    clash = want | {Peer(p1.ip, mac(37), UNDERLAY.format(3))}
+    with pytest.raises(DataplaneError, match="same IP"):
+        a.dp.set_peers(vni, clash)
+    assert vxlan_entries(ov) == expected_entries(want)
+
+    assert a.dp.set_peers(vni, []) == (0, 4)
+    assert vxlan_entries(ov) == ({}, {})
+
+
+def test_set_peers_1000(a, network, capsys):
+    vni = 4304
+    ov = network(a, vni)
+    peers = {
+        Peer(f"10.98.{128 + n // 250}.{n % 250 + 1}", mac(0x1000 + n), UNDERLAY.format(n % 200 + 2))
+        for n in range(1000)
+    }
+    t0 = time.perf_counter()
+    assert a.dp.set_peers(vni, peers) == (1000, 0)
+    t1 = time.perf_counter()
+    assert a.dp.set_peers(vni, peers) == (0, 0)
+    t2 = time.perf_counter()
+    ordered = sorted(peers, key=lambda p: p.ip)
+    moved = {Peer(p.ip, p.mac, UNDERLAY.format(250)) for p in ordered[:10]}
+    changed = (peers - set(ordered[:20])) | moved
+    assert a.dp.set_peers(vni, changed) == (10, 20)
+    t3 = time.perf_counter()
+    assert vxlan_entries(ov) == expected_entries(changed)
+    with capsys.disabled():
+        print(
+            f"\nset_peers 1000 peers: from empty {1000 * (t1 - t0):.0f} ms, "
+            f"no-op {1000 * (t2 - t1):.0f} ms, 10 moved + 10 removed {1000 * (t3 - t2):.0f} ms"
+        )
+
+
+def test_timings(lab, c, capsys):
+    """Not asserted: printed for the record (the Join path is create_endpoint)."""
+    dp = lab.dataplane(c)  # a fresh instance: the first call pays for opening netlink
+    vni = 4305
+    try:
+        t0 = time.perf_counter()
+        dp.create_network(vni, 1350)
+        t1 = time.perf_counter()
+        eids = [endpoint_id() for _ in range(20)]
+        create, delete = [], []
+        for n, eid in enumerate(eids):
+            t = time.perf_counter()
+            dp.create_endpoint(vni, eid, mac(0x200 + n), 1350)
+            create.append(time.perf_counter() - t)
+        for eid in eids:
+            t = time.perf_counter()
+            dp.delete_endpoint(vni, eid)
+            delete.append(time.perf_counter() - t)
+        t2 = time.perf_counter()
+        dp.delete_network(vni)
+        t3 = time.perf_counter()
+    finally:
+        dp.delete_network(vni)
+        dp.close()
+    assert dp.networks() == set()
+    with capsys.disabled():
+        ms = lambda s: f"{1000 * s:.1f} ms"  # noqa: E731
+        print(
+            f"\ncreate_network {ms(t1 - t0)} (first call, opens netlink), delete_network {ms(t3 - t2)}; "
+            f"create_endpoint median {ms(statistics.median(create))} "
+            f"(first {ms(create[0])}, max {ms(max(create))}); "
+            f"delete_endpoint median {ms(statistics.median(delete))}"
+        )
