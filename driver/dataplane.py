@@ -521,6 +521,29 @@ class Dataplane:
                 return False
             raise
 
+    def routes(self) -> list[str]:
+        """IPv4 destinations routed in the host namespace (main table), so IPAM
+        never hands out a subnet the host already reaches some other way."""
+        return self._call(self._routes)
+
+    def _routes(self) -> list[str]:
+        host = self._host_handle()
+        with _step("reading the host's routes"):
+            return [
+                f"{r.get_attr('RTA_DST')}/{r['dst_len']}"
+                for r in host.ipr.route("dump", family=socket.AF_INET)
+                if r["dst_len"] > 0 and r.get_attr("RTA_TABLE", r["table"]) == RT_TABLE_MAIN
+            ]
+
+    def netns_name(self, vni: int) -> str:
+        """Where the overlay's namespace is (for operators: ip netns exec)."""
+        return self._path(vni)
+
+    @staticmethod
+    def endpoint_ifname(endpoint_id: str) -> str:
+        """The container end's name before libnetwork renames it."""
+        return HOST_END + endpoint_id[:ID_CHARS]
+
     def networks(self) -> set[int]:
         """VNIs whose overlay namespace exists (a mounted one, not a leftover file)."""
         try:

@@ -1,0 +1,220 @@
+"""Every libnetwork call over the real Flask app, a real dataplane in a
+throw-away host namespace and an in-memory store: answers, errors, and that a
+refused request changes neither the store nor the kernel."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import links, new_id
+
+SUBNET = "10.20.0.0/24"
+
+
+def make_network(plugin, subnet=SUBNET, options=None, gateway=None):
+    status, pool = plugin.call("IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": subnet, "Options": {}, "V6": False})
+    assert status == 200, pool
+    gw_req = {"PoolID": pool["PoolID"], "Address": gateway or "", "Options": {"RequestAddressType": "com.docker.network.gateway"}}
+    status, gw = plugin.call("IpamDriver.RequestAddress", gw_req)
+    assert status == 200, gw
+    network_id = new_id()
+    status, answer = plugin.call("NetworkDriver.CreateNetwork", {
+        "NetworkID": network_id,
+        "Options": {"com.docker.network.enable_ipv6": False, "com.docker.network.generic": options or {}},
+        "IPv4Data": [{"AddressSpace": "pyoverlay", "Pool": pool["Pool"], "Gateway": gw["Address"], "AuxAddresses": None}],
+        "IPv6Data": [],
+    })
+    assert status == 200, answer
+    return network_id, pool["PoolID"], gw["Address"]
+
+
+def make_endpoint(plugin, network_id, pool_id, address=""):
+    status, addr = plugin.call("IpamDriver.RequestAddress", {"PoolID": pool_id, "Address": address, "Options": None})
+    assert status == 200, addr
+    endpoint_id = new_id()
+    status, answer = plugin.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": network_id, "EndpointID": endpoint_id,
+        "Interface": {"Address": addr["Address"], "AddressIPv6": "", "MacAddress": ""}, "Options": {},
+    })
+    assert status == 200, answer
+    return endpoint_id, addr["Address"], answer["Interface"]["MacAddress"]
+
+
+def test_activate_and_capabilities(plugin):
+    assert plugin.call("Plugin.Activate") == (200, {"Implements": ["NetworkDriver", "IpamDriver"]})
+    assert plugin.call("NetworkDriver.GetCapabilities") == (200, {"Scope": "local", "ConnectivityScope": "global"})
+    status, caps = plugin.call("IpamDriver.GetCapabilities")
+    assert status == 200 and caps["RequiresMACAddress"] is False
+    assert plugin.call("IpamDriver.GetDefaultAddressSpaces") == (
+        200, {"LocalDefaultAddressSpace": "pyoverlay", "GlobalDefaultAddressSpace": "pyoverlay"})
+
+
+def test_unknown_method_is_404(plugin):
+    status, body = plugin.call("NetworkDriver.NoSuchThing", {})
+    assert status == 404 and "NoSuchThing" in body["Err"]
+
+
+def test_endpoint_life_cycle_leaves_nothing_behind(plugin, host_ns):
+    before_kernel = host_ns.kernel_snapshot()
+    network_id, pool_id, gateway = make_network(plugin, options={"com.docker.network.driver.mtu": "1400"})
+    assert gateway == "10.20.0.1/24"
+    assert len(host_ns.overlay_namespaces()) == 1
+
+    endpoint_id, address, mac = make_endpoint(plugin, network_id, pool_id)
+    assert address == "10.20.0.2/24"
+    assert mac == "02:50:0a:14:00:02"
+
+    status, joined = plugin.call("NetworkDriver.Join", {"NetworkID": network_id, "EndpointID": endpoint_id, "SandboxKey": "/var/run/docker/netns/x", "Options": {}})
+    assert status == 200, joined
+    src = joined["InterfaceName"]["SrcName"]
+    assert joined["InterfaceName"]["DstPrefix"] == "eth"
+    assert "Gateway" not in joined  # the engine adds docker_gwbridge for the way out
+    assert src in links(host_ns.name)
+    from tests.conftest import ip
+    detail = ip("-n", host_ns.name, "-j", "link", "show", src).stdout
+    link = json.loads(detail)[0]
+    assert link["mtu"] == 1400 and link["address"] == mac
+
+    status, info = plugin.call("NetworkDriver.EndpointOperInfo", {"NetworkID": network_id, "EndpointID": endpoint_id})
+    assert status == 200
+    assert info["Value"]["vni"] >= 4096 and info["Value"]["mtu"] == 1400 and info["Value"]["host"] == host_ns.addr
+
+    for method, body in [
+        ("NetworkDriver.Leave", {"NetworkID": network_id, "EndpointID": endpoint_id}),
+        ("NetworkDriver.DeleteEndpoint", {"NetworkID": network_id, "EndpointID": endpoint_id}),
+        ("IpamDriver.ReleaseAddress", {"PoolID": pool_id, "Address": address.split("/")[0]}),
+        ("IpamDriver.ReleaseAddress", {"PoolID": pool_id, "Address": gateway.split("/")[0]}),
+        ("NetworkDriver.DeleteNetwork", {"NetworkID": network_id}),
+        ("IpamDriver.ReleasePool", {"PoolID": pool_id}),
+    ]:
+        assert plugin.call(method, body) == (200, {}), method
+    assert host_ns.kernel_snapshot() == before_kernel
+    assert plugin.store_snapshot() == {}
+
+
+def test_unknown_ids_succeed(plugin):
+    """The engine cleans up after a crash with IDs the plugin may not know."""
+    nid, eid = new_id(), new_id()
+    for method, body in [
+        ("NetworkDriver.Leave", {"NetworkID": nid, "EndpointID": eid}),
+        ("NetworkDriver.DeleteEndpoint", {"NetworkID": nid, "EndpointID": eid}),
+        ("NetworkDriver.DeleteNetwork", {"NetworkID": nid}),
+        ("IpamDriver.ReleaseAddress", {"PoolID": "10.99.99.0/24", "Address": "10.99.99.7"}),
+        ("IpamDriver.ReleasePool", {"PoolID": "10.99.99.0/24"}),
+        ("NetworkDriver.RevokeExternalConnectivity", {"NetworkID": nid, "EndpointID": eid}),
+    ]:
+        assert plugin.call(method, body) == (200, {}), method
+
+
+def _create_network_body(**over):
+    body = {
+        "NetworkID": new_id(),
+        "Options": {"com.docker.network.enable_ipv6": False, "com.docker.network.generic": {}},
+        "IPv4Data": [{"AddressSpace": "pyoverlay", "Pool": SUBNET, "Gateway": "10.20.0.1/24"}],
+        "IPv6Data": [],
+    }
+    body.update(over)
+    return body
+
+
+def _generic(**options):
+    return {"com.docker.network.enable_ipv6": False, "com.docker.network.generic": options}
+
+
+BAD_DRIVER_CALLS = [
+    ("malformed JSON", "NetworkDriver.CreateNetwork", b"{not json", "not valid JSON"),
+    ("not an object", "NetworkDriver.CreateNetwork", b"[1, 2]", "JSON object"),
+    ("missing NetworkID", "NetworkDriver.CreateNetwork", {"Options": {}}, "NetworkID"),
+    ("wrong type", "NetworkDriver.CreateNetwork", {"NetworkID": 7}, "NetworkID"),
+    ("bad id", "NetworkDriver.DeleteNetwork", {"NetworkID": "../../etc"}, "NetworkID"),
+    ("bad CIDR", "NetworkDriver.CreateNetwork",
+     _create_network_body(IPv4Data=[{"AddressSpace": "pyoverlay", "Pool": "10.20.0.0/33"}]), "CIDR"),
+    ("unknown option", "NetworkDriver.CreateNetwork", _create_network_body(Options=_generic(color="red")), "-o color"),
+    ("VNI out of range", "NetworkDriver.CreateNetwork", _create_network_body(Options=_generic(vni="16777216")), "1 to 16777215"),
+    ("VNI not a number", "NetworkDriver.CreateNetwork", _create_network_body(Options=_generic(vni="ten")), "whole number"),
+    ("MTU too large", "NetworkDriver.CreateNetwork",
+     _create_network_body(Options=_generic(**{"com.docker.network.driver.mtu": "9000"})), "1450"),
+    ("MTU too small", "NetworkDriver.CreateNetwork",
+     _create_network_body(Options=_generic(**{"com.docker.network.driver.mtu": "100"})), "576"),
+    ("IPv6", "NetworkDriver.CreateNetwork",
+     _create_network_body(Options={"com.docker.network.enable_ipv6": True}), "IPv6"),
+    ("default IPAM", "NetworkDriver.CreateNetwork",
+     _create_network_body(IPv4Data=[{"AddressSpace": "LocalDefault", "Pool": SUBNET}]), "--ipam-driver pyoverlay"),
+    ("two subnets", "NetworkDriver.CreateNetwork",
+     _create_network_body(IPv4Data=[{"AddressSpace": "pyoverlay", "Pool": SUBNET}, {"AddressSpace": "pyoverlay", "Pool": "10.21.0.0/24"}]), "exactly one"),
+    ("endpoint on unknown network", "NetworkDriver.CreateEndpoint",
+     {"NetworkID": new_id(), "EndpointID": new_id(), "Interface": {"Address": "10.20.0.5/24"}}, "not known"),
+    ("join unknown endpoint", "NetworkDriver.Join", {"NetworkID": new_id(), "EndpointID": new_id(), "SandboxKey": "/x"}, "not known"),
+]
+
+BAD_IPAM_CALLS = [
+    ("malformed JSON", "IpamDriver.RequestPool", b"{", "not valid JSON"),
+    ("missing AddressSpace", "IpamDriver.RequestPool", {"Pool": SUBNET}, "AddressSpace"),
+    ("bad CIDR", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "10.20.0.1/24"}, "CIDR"),
+    ("not a CIDR", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "banana"}, "CIDR"),
+    ("IPv6", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "", "V6": True}, "IPv6"),
+    ("ip-range", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": SUBNET, "SubPool": "10.20.0.0/25"}, "--ip-range"),
+    ("foreign space", "IpamDriver.RequestPool", {"AddressSpace": "LocalDefault", "Pool": SUBNET}, "address space"),
+    ("wrong type", "IpamDriver.RequestAddress", {"PoolID": 5}, "PoolID"),
+    ("unknown pool", "IpamDriver.RequestAddress", {"PoolID": "10.55.0.0/24", "Address": ""}, "not held"),
+]
+
+
+@pytest.mark.parametrize("what,method,body,says", BAD_DRIVER_CALLS + BAD_IPAM_CALLS, ids=[c[0] + " " + c[1] for c in BAD_DRIVER_CALLS + BAD_IPAM_CALLS])
+def test_bad_input_is_refused_and_changes_nothing(plugin, host_ns, what, method, body, says):
+    # Something already in place, so "changes nothing" has something to lose.
+    make_network(plugin, subnet="10.30.0.0/24")
+    store_before, kernel_before = plugin.store_snapshot(), host_ns.kernel_snapshot()
+    if isinstance(body, bytes):
+        status, answer = plugin.call(method, raw=body)
+    else:
+        status, answer = plugin.call(method, body)
+    key = "Error" if method.startswith("IpamDriver.") else "Err"
+    assert status >= 400
+    assert set(answer) == {key}, answer
+    assert says in answer[key], answer[key]
+    assert plugin.store_snapshot() == store_before
+    assert host_ns.kernel_snapshot() == kernel_before
+
+
+def test_address_requests(plugin):
+    network_id, pool_id, _ = make_network(plugin)
+    _, first, _ = make_endpoint(plugin, network_id, pool_id)
+    _, chosen, _ = make_endpoint(plugin, network_id, pool_id, address="10.20.0.77")
+    assert (first, chosen) == ("10.20.0.2/24", "10.20.0.77/24")
+    status, answer = plugin.call("IpamDriver.RequestAddress", {"PoolID": pool_id, "Address": "10.20.0.77"})
+    assert status == 400 and "already in use" in answer["Error"] and "--ip" in answer["Error"]
+    status, answer = plugin.call("IpamDriver.RequestAddress", {"PoolID": pool_id, "Address": "10.20.0.1"})
+    assert status == 400 and "gateway" in answer["Error"]
+    status, answer = plugin.call("IpamDriver.RequestAddress", {"PoolID": pool_id, "Address": "10.21.0.5"})
+    assert status == 400 and "not a usable address" in answer["Error"]
+
+
+def test_vni_conflicts(plugin):
+    make_network(plugin, options={"vni": "5000"})
+    store_before = plugin.store_snapshot()
+    status, pool = plugin.call("IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "10.40.0.0/24"})
+    assert status == 200
+    body = _create_network_body(
+        Options=_generic(vni="5000"),
+        IPv4Data=[{"AddressSpace": "pyoverlay", "Pool": "10.40.0.0/24", "Gateway": "10.40.0.1/24"}],
+    )
+    status, answer = plugin.call("NetworkDriver.CreateNetwork", body)
+    assert status == 400 and "VNI 5000 is already used" in answer["Err"]
+    plugin.call("IpamDriver.ReleasePool", {"PoolID": pool["PoolID"]})
+    assert plugin.store_snapshot() == store_before
+
+
+def test_kernel_failure_leaves_store_unchanged(plugin, host_ns):
+    """A VXLAN device that already holds VNI 6000 on port 4789 makes the kernel
+    refuse the overlay: the call fails and no record or interface remains."""
+    from tests.conftest import ip
+    ip("-n", host_ns.name, "link", "add", "squatter", "type", "vxlan", "id", "6000", "dstport", "4789", "local", host_ns.addr)
+    status, pool = plugin.call("IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": SUBNET})
+    store_before, kernel_before = plugin.store_snapshot(), host_ns.kernel_snapshot()
+    status, answer = plugin.call("NetworkDriver.CreateNetwork", _create_network_body(Options=_generic(vni="6000")))
+    assert status >= 400 and "Err" in answer
+    assert plugin.store_snapshot() == store_before
+    assert host_ns.kernel_snapshot() == kernel_before
