@@ -74,7 +74,7 @@ class EtcdServer:
         netns: Optional[str] = None,
         tls: Optional[EtcdTLS] = None,
         name: str = "n1",
-        data_dir: Optional[str] = None,
+        workdir: Optional[str] = None,
         extra_args: tuple[str, ...] = (),
         start_timeout: float = 15.0,
     ):
@@ -84,8 +84,9 @@ class EtcdServer:
         self.name = name
         self.extra_args = tuple(extra_args)
         self.start_timeout = start_timeout
-        self._own_dir = data_dir is None
-        self.workdir = tempfile.mkdtemp(prefix="etcd-test-") if data_dir is None else data_dir
+        # workdir holds data/ and etcd.log; a temporary one is removed by close().
+        self._own_dir = workdir is None
+        self.workdir = tempfile.mkdtemp(prefix="etcd-test-") if workdir is None else workdir
         self.data_dir = os.path.join(self.workdir, "data")
         self.log_path = os.path.join(self.workdir, "etcd.log")
         self.proc: Optional[subprocess.Popen] = None
@@ -200,9 +201,28 @@ class EtcdServer:
         self.kill() if kill else self.stop()
         self.start()
 
-    def pause(self) -> None:
-        """SIGSTOP: connections stay open, nothing answers."""
+    def pause(self, timeout: float = 5.0) -> None:
+        """SIGSTOP: connections stay open, nothing answers. Returns once every
+        thread has stopped (the signal is asynchronous: a request sent right
+        after kill() could still be served)."""
         os.kill(self.proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while not self._stopped():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"etcd pid {self.proc.pid} did not stop")
+            time.sleep(0.001)
+
+    def _stopped(self) -> bool:
+        tasks = f"/proc/{self.proc.pid}/task"
+        for tid in os.listdir(tasks):
+            try:
+                with open(f"{tasks}/{tid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:
+                continue  # a thread that just exited
+            if state not in ("T", "t"):
+                return False
+        return True
 
     def resume(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)

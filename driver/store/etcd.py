@@ -360,7 +360,7 @@ class EtcdStore(Store):
                 try:
                     stream = _WatchStream(self.endpoints[i], request, self._ssl, self._timeouts)
                     break
-                except (OSError, ssl.SSLError) as e:
+                except (OSError, ssl.SSLError, StoreError) as e:  # StoreError: e.g. "no leader"
                     errors.append(f"{self.endpoints[i]}: {_describe(e, self._timeouts)}")
             if stream is None:
                 raise self._unreachable(errors)
@@ -389,7 +389,13 @@ class EtcdStore(Store):
                         # Created (from "now") or a progress notification: every
                         # event up to this revision has been delivered.
                         nxt = max(nxt, revision + 1)
-            except (OSError, ValueError) as e:
+            except Compacted:
+                raise
+            except (OSError, ValueError, StoreError) as e:
+                # This member may be down or cut off from its cluster: resume on the next one.
+                self._current = (self.endpoints.index(stream.endpoint) + 1) % len(self.endpoints)
+                if isinstance(e, StoreError):
+                    raise
                 raise StoreError(f"etcd at {stream.endpoint}: watch stream broke: {_describe(e, self._timeouts)}") from e
             finally:
                 stream.close()

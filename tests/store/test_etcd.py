@@ -140,12 +140,30 @@ def test_compaction_during_an_outage_takes_a_new_snapshot(etcd_server, followers
         proxy.close()
 
 
+def test_watch_moves_to_the_next_endpoint_when_its_own_fails(etcd_server, followers):
+    prefix = f"/mv-{uuid.uuid4().hex[:6]}/"
+    proxy = TcpProxy(("127.0.0.1", etcd_server.client_port))
+    try:
+        writer = etcd_store(etcd_server, prefix=prefix)
+        f = followers(EtcdStore([proxy.endpoint, etcd_server.endpoint], prefix=prefix, request_timeout=1.0), "m/")
+        f.wait(lambda: f.snapshots, what="snapshot")
+        writer.put("m/1", "1")
+        f.wait_state({"m/1": "1"})  # an event: the watch stream runs through the proxy
+        proxy.cut()  # the first endpoint is gone for good
+        writer.put("m/2", "2")
+        f.wait_state({"m/1": "1", "m/2": "2"})
+        assert f.errors and len(f.snapshots) == 1
+    finally:
+        proxy.close()
+
+
 def test_stalled_etcd_is_detected_and_followed_again(etcd, followers):
     prefix = f"/st-{uuid.uuid4().hex[:6]}/"
     writer = EtcdStore([etcd.endpoint], prefix=prefix)
     f = followers(EtcdStore([etcd.endpoint], prefix=prefix, request_timeout=0.5, watch_idle_timeout=0.5), "s/")
+    f.wait(lambda: f.snapshots, what="snapshot")
     writer.put("s/1", "1")
-    f.wait_state({"s/1": "1"})
+    f.wait_state({"s/1": "1"})  # an event: the watch stream is up
     etcd.pause()  # the stream stays open and says nothing
     began = time.monotonic()
     try:

@@ -108,7 +108,7 @@ def test_two_processes_lose_no_update(tmp_path):
     # Every successful CAS is one put event; the racing ones that lost made none.
     batch = next(iter(s.watch("n", 1, threading.Event())))
     assert [e.value for e in batch] == [str(i) for i in range(1, 321)]
-    assert conflicts > 0, "the processes never raced: this test proved nothing"
+    assert conflicts > 0, "no CAS ever lost a race: this test proved nothing"
 
 
 def test_watch_sees_writes_of_another_process(tmp_path, watchers):
