@@ -23,10 +23,12 @@ log = logging.getLogger(__name__)
 
 
 class PeerSync:
-    def __init__(self, store: Store, dataplane, vtep: str):
+    def __init__(self, store: Store, dataplane, vtep: str, metrics=None):
         self.store = store
         self.dataplane = dataplane
         self.vtep = vtep
+        # Optional: peer_update(op), reconciled(added, removed), watch_error(watch, exc).
+        self.metrics = metrics
         self._table: defaultdict[int, dict[str, Peer]] = defaultdict(dict)
         self._local: set[int] = set()
         self._lock = threading.Lock()
@@ -48,6 +50,17 @@ class PeerSync:
 
     def _on_error(self, exc: Exception) -> None:
         log.warning("peer watch: %s (resuming)", exc)
+        if self.metrics is not None:
+            self.metrics.watch_error("peers", exc)
+
+    def programmed(self) -> int:
+        """Remote peers this host programs (for metrics)."""
+        with self._lock:
+            return sum(len(self._remote(vni)) for vni in self._local)
+
+    def _reconciled(self, added: int, removed: int) -> None:
+        if self.metrics is not None:
+            self.metrics.reconciled(added, removed)
 
     def _remote(self, vni: int) -> list[Peer]:
         return [p for p in self._table.get(vni, {}).values() if p.vtep != self.vtep]
@@ -60,7 +73,7 @@ class PeerSync:
             # Before the first snapshot the table is empty: reconciling to it
             # would wipe the entries a restarted plugin finds in the kernel.
             if self.synced.is_set():
-                self.dataplane.set_peers(vni, self._remote(vni))
+                self._reconciled(*self.dataplane.set_peers(vni, self._remote(vni)))
 
     def network_removed(self, vni: int) -> None:
         with self._lock:
@@ -77,6 +90,7 @@ class PeerSync:
             self._table = table
             for vni in self._local:
                 added, removed = self.dataplane.set_peers(vni, self._remote(vni))
+                self._reconciled(added, removed)
                 if added or removed:
                     log.info("vni %d: reconciled peers (+%d -%d)", vni, added, removed)
         self.synced.set()
@@ -92,7 +106,11 @@ class PeerSync:
                     peers[endpoint_id] = peer
                     if vni in self._local and peer.vtep != self.vtep and peer != old:
                         self.dataplane.add_peer(vni, peer)
+                        if self.metrics is not None:
+                            self.metrics.peer_update("add")
                 else:
                     peer = peers.pop(endpoint_id, None)
                     if vni in self._local and peer is not None and peer.vtep != self.vtep:
                         self.dataplane.remove_peer(vni, peer)
+                        if self.metrics is not None:
+                            self.metrics.peer_update("remove")

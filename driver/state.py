@@ -8,6 +8,9 @@
     pools/<subnet>                   Pool
     addresses/<subnet>/<ip>          Address
     hosts/<host>                     Host (under a lease: gone when the host is)
+    seen/<host>                      LastSeen (kept: when a host was last alive)
+    catalog/<name>                   NamedNetwork (a network name every host's engine gets)
+    engine/<host>/<name>             EngineNetwork (that name in one host's engine)
 
 Subnets appear in keys with "/" replaced by "_" so that a prefix never
 matches a longer one by accident.
@@ -73,6 +76,31 @@ def address_key(subnet: str, ip: str) -> str:
 
 def host_key(host: str) -> str:
     return f"hosts/{host}"
+
+
+SEEN = "seen/"
+
+
+def seen_key(host: str) -> str:
+    return f"{SEEN}{host}"
+
+
+CATALOG = "catalog/"
+
+
+def catalog_key(name: str) -> str:
+    return f"{CATALOG}{name}"
+
+
+ENGINE = "engine/"
+
+
+def engine_prefix(host: str) -> str:
+    return f"{ENGINE}{host}/"
+
+
+def engine_network_key(host: str, name: str) -> str:
+    return engine_prefix(host) + name
 
 
 class State:

@@ -7,6 +7,9 @@ import logging
 import os
 import sys
 
+from .commands import add_operator_commands
+from .logs import use_json
+
 DEFAULT_SOCKET = "/run/docker/plugins/pyoverlay.sock"
 DEFAULT_STORE = "sqlite:///var/lib/pyoverlay/state.db"
 
@@ -39,18 +42,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="range from which a /24 is taken for a network created without --subnet")
     serve.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
                        choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"],
+                       help="json: one JSON object per line")
+    serve.add_argument("--docker-host", default=_env("DOCKER_HOST"),
+                       help="the local engine, for cluster-wide network names (default: $DOCKER_HOST, "
+                            "else unix:///var/run/docker.sock)")
+    serve.add_argument("--no-catalog", action="store_true",
+                       default=_env("NO_CATALOG", "").lower() in ("1", "true", "yes"),
+                       help="do not share network names with other hosts")
+    serve.add_argument("--metrics-addr", default=_env("METRICS_ADDR"),
+                       help="HOST:PORT to serve Prometheus metrics on (default: no metrics)")
+    add_operator_commands(commands, _add_store_flags)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, getattr(args, "log_level", "info").upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    level = getattr(logging, getattr(args, "log_level", "info").upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if getattr(args, "log_format", "text") == "json":
+        use_json(level)
     if args.command == "serve":
         return _serve(args)
+    if hasattr(args, "run"):
+        return args.run(args)
     return 2
 
 
@@ -63,6 +78,8 @@ def _serve(args) -> int:
         socket=args.socket, store=args.store, advertise_addr=advertise, vxlan_port=args.vxlan_port,
         default_pool=args.default_pool, etcd_prefix=args.etcd_prefix, etcd_cacert=args.etcd_cacert,
         etcd_cert=args.etcd_cert, etcd_key=args.etcd_key, log_level=args.log_level,
+        log_format=args.log_format, docker_host=args.docker_host, catalog=not args.no_catalog,
+        metrics_addr=args.metrics_addr,
     ))
     return 0
 

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 
 from gunicorn.app.base import BaseApplication
 
+from driver.catalog import Catalog
 from driver.dataplane import Dataplane
+from driver.engine import Engine
 from driver.ipam import Ipam
+from driver.lastseen import LastSeenWriter
 from driver.membership import Membership
 from driver.network import NetworkDriver
 from driver.peersync import PeerSync
@@ -25,6 +28,7 @@ from driver.state import State
 from driver.store import open_store
 
 from .app import create_app
+from .metrics import Metrics
 
 log = logging.getLogger("pyoverlay")
 
@@ -43,6 +47,10 @@ class Config:
     etcd_cert: str | None = None
     etcd_key: str | None = None
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object per line
+    docker_host: str | None = None  # the engine the catalog talks to (None: DOCKER_HOST, else the local socket)
+    catalog: bool = True  # cluster-wide network names
+    metrics_addr: str | None = None  # HOST:PORT for Prometheus; None: no metrics
 
     @property
     def name(self) -> str:
@@ -56,22 +64,38 @@ class Runtime:
 
     def __init__(self, config: Config):
         self.config = config
+        self.metrics = Metrics() if config.metrics_addr else None
         self.store = open_store(
             config.store, prefix=config.etcd_prefix,
             cacert=config.etcd_cacert, cert=config.etcd_cert, key=config.etcd_key,
         )
+        if self.metrics is not None:
+            self.store = self.metrics.wrap_store(self.store)
         host = config.advertise_addr
         self.dataplane = Dataplane(local_addr=config.advertise_addr, vxlan_port=config.vxlan_port)
-        self.peers = PeerSync(self.store, self.dataplane, vtep=config.advertise_addr)
+        self.peers = PeerSync(self.store, self.dataplane, vtep=config.advertise_addr, metrics=self.metrics)
         state = State(self.store)
         self.network = NetworkDriver(state, self.dataplane, self.peers, host=host, vtep=host, name=config.name)
         self.ipam = Ipam(state, host, default_pool=config.default_pool, host_routes=self.dataplane.routes)
         self.membership = Membership(self.store, host, config.advertise_addr, VERSION)
+        self.last_seen = LastSeenWriter(self.store, host, config.advertise_addr)
+        self.catalog = None
+        if config.catalog:
+            self.catalog = Catalog(self.store, Engine(config.docker_host), host, config.name, metrics=self.metrics)
         self.restored = threading.Event()
 
     def start(self) -> None:
+        if self.metrics is not None:
+            self.metrics.track_peers(self.peers.programmed)
+            try:
+                self.metrics.serve(self.config.metrics_addr)
+            except OSError as exc:  # metrics are an extra: the driver runs without them
+                log.error("metrics: cannot listen on %s (%s); running without metrics", self.config.metrics_addr, exc)
         self.peers.start()
         self.membership.start()
+        self.last_seen.start()
+        if self.catalog is not None:
+            self.catalog.start()
         threading.Thread(target=self._restore, name="restore", daemon=True).start()
 
     def _restore(self) -> None:
@@ -87,6 +111,11 @@ class Runtime:
                 delay = min(delay * 2, 5.0)
 
     def stop(self) -> None:
+        if self.catalog is not None:
+            self.catalog.stop()
+        self.last_seen.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         self.peers.stop()
         self.membership.stop()
         self.dataplane.close()
@@ -110,6 +139,7 @@ class PluginServer(BaseApplication):
             "timeout": 120,
             "graceful_timeout": 5,
             "loglevel": self.config.log_level,
+            **({"logger_class": "plugin.logs.JsonGunicornLogger"} if self.config.log_format == "json" else {}),
             "post_worker_init": self._post_worker_init,
             "worker_exit": self._worker_exit,
         }
@@ -126,7 +156,8 @@ class PluginServer(BaseApplication):
 
     def load(self):
         self.runtime = Runtime(self.config)
-        return create_app(self.runtime.network, self.runtime.ipam)
+        metrics = self.runtime.metrics
+        return create_app(self.runtime.network, self.runtime.ipam, observe=metrics.observe if metrics else None)
 
 
 def serve(config: Config) -> None:

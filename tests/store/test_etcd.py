@@ -228,6 +228,8 @@ def test_server_in_a_network_namespace():
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
         with EtcdServer(netns=ns) as server:
             assert server.request("GET", "/health")["health"] == "true"
+            with open(f"/proc/{server.pid}/comm") as f:
+                assert f.read().strip() == "etcd"  # `ip netns exec` exec'd it: stop/pause by PID reach etcd
             server.compact(1)
             # Its loopback is the namespace's, not ours.
             with pytest.raises(ConnectionRefusedError):

@@ -1,0 +1,185 @@
+"""The local Docker engine's API, as the catalog needs it (docker SDK).
+
+Never used on a request path: the engine calls the plugin while it starts
+and while it creates networks, so a plugin request that waited on the engine
+could wait on itself (field notes 2 and 3). Only background threads and the
+operator commands talk to the engine, every call with a timeout.
+
+Errors come in two kinds: EngineUnavailable (no socket, no answer, a broken
+stream: try again later) and EngineRefused (the engine answered with an
+error: retrying the same call will not help until something changes).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Optional
+
+import docker
+import requests
+from docker.types import IPAMConfig, IPAMPool
+
+DEFAULT_URL = "unix:///var/run/docker.sock"
+#: Seconds for one API call. Creating a network makes the engine call the
+#: plugin several times, which under load takes a while; never unbounded.
+TIMEOUT = 30.0
+
+
+class EngineUnavailable(Exception):
+    """The engine cannot be reached now (socket absent, starting, hung)."""
+
+
+class EngineRefused(Exception):
+    """The engine answered with an error; the message is the engine's."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class EngineNetworkInfo:
+    """A network as `docker network inspect` shows it, reduced to what we use."""
+
+    id: str
+    name: str
+    driver: str
+    ipam_driver: str = ""
+    subnet: str = ""
+    gateway: str = ""
+    internal: bool = False
+    options: Mapping[str, str] = field(default_factory=dict)
+    containers: Mapping[str, str] = field(default_factory=dict)  # endpoint ID -> container name
+
+    @classmethod
+    def from_inspect(cls, data: dict) -> "EngineNetworkInfo":
+        ipam = data.get("IPAM") or {}
+        config = (ipam.get("Config") or [{}])[0] or {}
+        return cls(
+            id=data["Id"],
+            name=data["Name"],
+            driver=data.get("Driver") or "",
+            ipam_driver=ipam.get("Driver") or "",
+            subnet=config.get("Subnet") or "",
+            gateway=(config.get("Gateway") or "").split("/")[0],
+            internal=bool(data.get("Internal")),
+            options=dict(data.get("Options") or {}),
+            containers={
+                c["EndpointID"]: c.get("Name") or cid[:12]
+                for cid, c in (data.get("Containers") or {}).items()
+                if c.get("EndpointID")
+            },
+        )
+
+
+def engine_url(explicit: Optional[str] = None, environ: Mapping[str, str] = os.environ) -> str:
+    """--docker-host if given, else DOCKER_HOST as the docker CLI reads it, else the local socket."""
+    return explicit or environ.get("DOCKER_HOST") or DEFAULT_URL
+
+
+class Engine:
+    """One engine, reached lazily: construction never touches it."""
+
+    def __init__(self, url: Optional[str] = None, timeout: float = TIMEOUT,
+                 environ: Mapping[str, str] = os.environ):
+        self.url = engine_url(url, environ)
+        self.timeout = timeout
+        # TLS settings come from the environment, as for the docker CLI.
+        self._tls = docker.utils.kwargs_from_env(environment={**environ, "DOCKER_HOST": self.url}).get("tls")
+        self._api: Optional[docker.APIClient] = None
+
+    def _client(self) -> docker.APIClient:
+        if self._api is None:
+            try:
+                # version="auto" asks the engine which API it speaks (Docker 20.10
+                # stops at 1.41, Docker 29 starts at 1.44); that is a call, hence here.
+                self._api = docker.APIClient(base_url=self.url, version="auto", timeout=self.timeout, tls=self._tls)
+            except docker.errors.DockerException as e:
+                raise EngineUnavailable(f"the Docker engine at {self.url} does not answer: {_reason(e)}") from None
+        return self._api
+
+    def close(self) -> None:
+        if self._api is not None:
+            self._api.close()
+            self._api = None
+
+    def _call(self, fn, *args, **kwargs):
+        api = self._client()
+        try:
+            return fn(api, *args, **kwargs)
+        except docker.errors.APIError as e:
+            # An answer, even a 500 (a plugin error is one): the engine is there.
+            raise EngineRefused(e.explanation or str(e), e.status_code) from None
+        except (requests.exceptions.RequestException, docker.errors.DockerException, OSError) as e:
+            self.close()  # the connection pool may hold a dead socket: start afresh
+            raise EngineUnavailable(f"the Docker engine at {self.url} does not answer: {_reason(e)}") from None
+
+    def version(self) -> str:
+        return self._call(lambda api: api.version().get("Version", "?"))
+
+    def networks(self, driver: Optional[str] = None) -> list[EngineNetworkInfo]:
+        """Networks (of one driver), inspected: the list call omits the containers."""
+        filters = {"driver": driver} if driver else None
+        found = []
+        for summary in self._call(lambda api: api.networks(filters=filters)):
+            info = self.network(summary["Id"])
+            if info is not None and (driver is None or info.driver == driver):
+                found.append(info)
+        return found
+
+    def network_names(self) -> dict[str, str]:
+        """Every network's name -> driver."""
+        return {n["Name"]: n.get("Driver") or "" for n in self._call(lambda api: api.networks())}
+
+    def network(self, id_or_name: str) -> Optional[EngineNetworkInfo]:
+        try:
+            return EngineNetworkInfo.from_inspect(self._call(lambda api: api.inspect_network(id_or_name)))
+        except EngineRefused as e:
+            if e.status == 404:
+                return None  # gone meanwhile
+            raise
+
+    def create_network(self, name: str, driver: str, subnet: str, gateway: str,
+                       options: Mapping[str, str], internal: bool) -> str:
+        ipam = IPAMConfig(driver=driver, pool_configs=[IPAMPool(subnet=subnet, gateway=gateway or None)])
+        result = self._call(lambda api: api.create_network(
+            name, driver=driver, options=dict(options), ipam=ipam, internal=internal, check_duplicate=True))
+        return result["Id"]
+
+    def remove_network(self, network_id: str) -> None:
+        self._call(lambda api: api.remove_network(network_id))
+
+    def network_events(self) -> "EventStream":
+        """Subscribe to network events; the subscription holds once this returns."""
+        stream = self._call(lambda api: api.events(filters={"type": "network"}, decode=True))
+        return EventStream(stream)
+
+
+class EventStream:
+    """Iterate events until the engine goes away; close() from another thread ends it."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[dict]:
+        try:
+            yield from self._stream
+        except (requests.exceptions.RequestException, docker.errors.DockerException, OSError, ValueError):
+            return  # a broken stream ends like a closed one: the caller reconnects
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        except Exception:
+            pass  # already closed or never fully open
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e)
+    for marker in ("FileNotFoundError", "ConnectionRefusedError", "No such file or directory", "Connection refused"):
+        if marker in text:
+            return "no engine listening (is dockerd running?)"
+    if "timed out" in text.lower():
+        return "no answer in time"
+    return text

@@ -1,0 +1,426 @@
+"""Operator commands: `pyoverlay network create|rm`, `pyoverlay status`
+(and `pyoverlay doctor`, in doctor.py).
+
+They read and write the store only, so they run on any machine that
+reaches it. Output is a readable table, or JSON with --json for scripts.
+Each command is a function over a store (tested with the in-memory one)
+plus a thin argparse wrapper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+from driver.catalog import EngineNetwork, NamedNetwork
+from driver.errors import DriverError
+from driver.ipam import parse_subnet
+from driver.lastseen import LastSeen
+from driver.model import Endpoint, Host, Overlay, Pool, SubnetClaim
+from driver.network import MIN_MTU, VNI_AUTO_START, VNI_MAX, VNI_MIN
+from driver.state import CATALOG, ENGINE, SEEN, catalog_key, overlay_key, pool_key, subnet_index_key
+from driver.store.base import Store, StoreError
+
+# Docker's own rule for network names.
+_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+POLL = 0.2  # seconds between looks at the store while waiting for hosts
+
+
+class CommandError(Exception):
+    """What went wrong, said so the operator knows what to do."""
+
+
+# -- reading the store -------------------------------------------------------
+
+def _records(store: Store, prefix: str, cls) -> dict[str, object]:
+    kvs, _ = store.list(prefix)
+    found = {}
+    for kv in kvs:
+        try:
+            found[kv.key[len(prefix):]] = cls.from_json(kv.value)
+        except (TypeError, ValueError):
+            continue  # a record another version wrote: not ours to judge here
+    return found
+
+
+def engine_records(store: Store) -> dict[tuple[str, str], EngineNetwork]:
+    """(host, name) -> what that host's engine holds under that catalog name."""
+    return {tuple(key.split("/", 1)): rec for key, rec in _records(store, ENGINE, EngineNetwork).items()
+            if "/" in key}
+
+
+def alive_hosts(store: Store) -> dict[str, Host]:
+    return _records(store, "hosts/", Host)
+
+
+# -- network create ------------------------------------------------------------
+
+def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni: Optional[int] = None,
+                   mtu: Optional[int] = None, internal: bool = False) -> NamedNetwork:
+    """Check and write catalog/<name>; every host's catalog creates the network."""
+    if not _NAME.match(name):
+        raise CommandError(f"network name {name!r} is not valid: use letters, digits, '_', '.', '-', "
+                           "starting with a letter or digit")
+    try:
+        net = parse_subnet(subnet)
+    except DriverError as e:
+        raise CommandError(str(e)) from None
+    subnet = str(net)
+    if store.get(catalog_key(name)) is not None:
+        raise CommandError(f"a network named {name} already exists in the catalog; "
+                           f"remove it first (pyoverlay network rm {name}) or pick another name")
+    if mtu is not None and not MIN_MTU <= mtu <= 65535:
+        raise CommandError(f"--mtu {mtu} is not valid: use {MIN_MTU} to 65535 (and at most each host's "
+                           "underlay MTU minus 50)")
+    catalog = _records(store, CATALOG, NamedNetwork)
+    for other in catalog.values():
+        if ipaddress.ip_network(other.subnet).overlaps(net):
+            raise CommandError(f"subnet {subnet} overlaps {other.subnet} of network {other.name}; "
+                               "choose another --subnet")
+    for pool in _records(store, "pools/", Pool).values():
+        theirs = ipaddress.ip_network(pool.subnet)
+        if theirs != net and theirs.overlaps(net):
+            raise CommandError(f"subnet {subnet} overlaps {pool.subnet}, already used by a pyoverlay "
+                               "network; choose another --subnet")
+
+    claim_kv = store.get(subnet_index_key(subnet))
+    claim = SubnetClaim.from_json(claim_kv.value).vni if claim_kv else None
+    if vni is not None:
+        if not VNI_MIN <= vni <= VNI_MAX:
+            raise CommandError(f"--vni {vni} is not valid: use {VNI_MIN} to {VNI_MAX}")
+        if claim is not None and claim != vni:
+            raise CommandError(f"subnet {subnet} is already used by the overlay with VNI {claim}; "
+                               f"use --vni {claim} or another --subnet")
+        overlay_kv = store.get(overlay_key(vni))
+        if overlay_kv and Overlay.from_json(overlay_kv.value).subnet != subnet:
+            raise CommandError(f"VNI {vni} is already used by the overlay on "
+                               f"{Overlay.from_json(overlay_kv.value).subnet}; choose another --vni")
+        if any(o.vni == vni and o.name != name for o in catalog.values()):
+            raise CommandError(f"VNI {vni} is already used by another network in the catalog; "
+                               "choose another --vni")
+    else:
+        vni = claim or _free_vni(store, catalog.values())
+
+    if gateway:
+        try:
+            gw = ipaddress.ip_address(gateway)
+        except ValueError:
+            raise CommandError(f"--gateway {gateway!r} is not an IPv4 address") from None
+        if gw not in net or gw in (net.network_address, net.broadcast_address):
+            raise CommandError(f"--gateway {gateway} is not a usable address of {subnet}")
+    pool_kv = store.get(pool_key(subnet))
+    shared = Pool.from_json(pool_kv.value).gateway if pool_kv else ""
+    if gateway and shared and gateway != shared:
+        raise CommandError(f"the overlay on {subnet} already has gateway {shared}; use --gateway {shared} "
+                           "or leave it out")
+    # The same default the IPAM picks, so every host's inspect shows the same.
+    gateway = gateway or shared or str(next(net.hosts()))
+
+    entry = NamedNetwork(name, subnet, gateway, vni, mtu or 0, internal, origin="cli")
+    if not store.txn({catalog_key(name): 0}, put={catalog_key(name): entry.to_json()}):
+        raise CommandError(f"a network named {name} was added to the catalog meanwhile; "
+                           "look at it with pyoverlay status")
+    return entry
+
+
+def _free_vni(store: Store, catalog: Iterable[NamedNetwork]) -> int:
+    used = {o.vni for o in _records(store, "overlays/", Overlay).values()} | {c.vni for c in catalog}
+    return next(v for v in range(VNI_AUTO_START, VNI_MAX + 1) if v not in used)
+
+
+@dataclass
+class HostResult:
+    host: str
+    result: str  # created / refused / pending / removed / in use / down
+    detail: str = ""
+    containers: list[str] = field(default_factory=list)
+
+
+def wait_created(store: Store, name: str, wait: float, clock=time.monotonic,
+                 sleep=time.sleep) -> list[HostResult]:
+    """Until every live host's catalog created (or refused) the network, or wait runs out."""
+    deadline = clock() + wait
+    while True:
+        records = {h: r for (h, n), r in engine_records(store).items() if n == name}
+        results = []
+        for host in sorted(set(alive_hosts(store)) | set(records), key=_host_order):
+            rec = records.get(host)
+            if rec is not None and rec.network_id and not rec.error:
+                results.append(HostResult(host, "created", f"network id {rec.network_id[:12]}"))
+            elif rec is not None and rec.error:
+                results.append(HostResult(host, "refused", rec.error))
+            else:
+                results.append(HostResult(host, "pending", "not created yet (engine down, or catalog off there?)"))
+        if all(r.result != "pending" for r in results) or clock() >= deadline:
+            return results
+        sleep(POLL)
+
+
+# -- network rm ------------------------------------------------------------------
+
+def network_rm(store: Store, name: str) -> Optional[NamedNetwork]:
+    """Delete catalog/<name>; every host's catalog removes the network where unused."""
+    kv = store.get(catalog_key(name))
+    if kv is None:
+        if not any(n == name for (_, n) in engine_records(store)):
+            raise CommandError(f"no network named {name} in the catalog (pyoverlay status lists them)")
+        return None  # already deleted; still being removed somewhere
+    if not store.txn({kv.key: kv.mod_revision}, delete=[kv.key]):
+        raise CommandError(f"network {name} changed meanwhile; run the command again")
+    return NamedNetwork.from_json(kv.value)
+
+
+def wait_removed(store: Store, name: str, wait: float, clock=time.monotonic,
+                 sleep=time.sleep) -> list[HostResult]:
+    """Until every live host removed the network or said it is in use, or wait runs out."""
+    deadline = clock() + wait
+    seen: set[str] = set()
+    while True:
+        records = {h: r for (h, n), r in engine_records(store).items() if n == name}
+        seen |= set(records)
+        alive = alive_hosts(store)
+        results = []
+        for host in sorted(seen, key=_host_order):
+            rec = records.get(host)
+            if rec is None or not rec.network_id:
+                results.append(HostResult(host, "removed"))
+            elif rec.removing:
+                names = sorted(rec.containers.values())
+                results.append(HostResult(host, "in use", f"by {', '.join(names)}: removed when they leave",
+                                          names))
+            elif host not in alive:
+                results.append(HostResult(host, "down", "host is down: removed when it is back"))
+            else:
+                results.append(HostResult(host, "pending", "not removed yet (engine down?)"))
+        if all(r.result != "pending" for r in results) or clock() >= deadline:
+            return results
+        sleep(POLL)
+
+
+# -- status ------------------------------------------------------------------------
+
+def _host_order(host: str):
+    try:
+        return (0, ipaddress.ip_address(host).packed, host)
+    except ValueError:
+        return (1, b"", host)
+
+
+def _span(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def collect_status(store: Store, now: Optional[float] = None) -> dict:
+    """Hosts, networks and endpoints as the store knows them, plain data."""
+    now = time.time() if now is None else now
+    alive = alive_hosts(store)
+    seen = _records(store, SEEN, LastSeen)
+    catalog = _records(store, CATALOG, NamedNetwork)
+    overlays = {o.vni: o for o in _records(store, "overlays/", Overlay).values()}
+    endpoints = list(_records(store, "endpoints/", Endpoint).values())
+    engines = engine_records(store)
+
+    hosts = []
+    known = set(alive) | set(seen) | {h for o in overlays.values() for h in o.networks} | {h for h, _ in engines}
+    for host in sorted(known, key=_host_order):
+        record, last = alive.get(host), seen.get(host)
+        hosts.append({
+            "host": host,
+            "address": record.vtep if record else (last.vtep if last else host),
+            "alive": record is not None,
+            "started": record.started if record else None,
+            "last_seen": now if record else (last.at if last else None),
+            "version": record.version if record else "",
+        })
+
+    names_by_subnet: dict[str, set[str]] = defaultdict(set)
+    for (_, name), rec in engines.items():
+        if rec.subnet:
+            names_by_subnet[rec.subnet].add(name)
+    container_of = {ep: cname for rec in engines.values() for ep, cname in rec.containers.items()}
+    count = defaultdict(int)
+    for ep in endpoints:
+        count[ep.vni] += 1
+
+    networks, name_of_vni = [], {}
+    entries = {(e.vni, e.subnet): e for e in catalog.values()}
+    for vni in sorted(set(overlays) | {e.vni for e in catalog.values()}):
+        overlay = overlays.get(vni)
+        entry = next((e for (v, _), e in entries.items() if v == vni), None)
+        subnet = overlay.subnet if overlay else entry.subnet
+        name = entry.name if entry else ",".join(sorted(names_by_subnet.get(subnet, ()))) or ""
+        name_of_vni[vni] = name
+        notes = []
+        for (host, n), rec in sorted(engines.items()):
+            if n == name and rec.error:
+                notes.append(f"{host}: {rec.error}")
+            elif n == name and rec.removing:
+                notes.append(f"{host}: being removed, in use by {', '.join(sorted(rec.containers.values()))}")
+        networks.append({
+            "name": name,
+            "vni": vni,
+            "subnet": subnet,
+            "mtu": overlay.mtu if overlay else (entry.mtu or None),
+            "internal": entry.internal if entry else None,
+            "in_catalog": entry is not None,
+            "hosts": sorted(overlay.networks if overlay else [], key=_host_order),
+            "endpoints": count.get(vni, 0),
+            "notes": notes,
+        })
+
+    endpoint_rows = [{
+        "host": ep.host,
+        "network": name_of_vni.get(ep.vni, ""),
+        "vni": ep.vni,
+        "container": container_of.get(ep.endpoint_id, ""),
+        "ip": ep.ip,
+        "mac": ep.mac,
+        "endpoint_id": ep.endpoint_id,
+    } for ep in sorted(endpoints, key=lambda e: (_host_order(e.host), e.vni, ipaddress.ip_address(e.ip)))]
+    return {"hosts": hosts, "networks": networks, "endpoints": endpoint_rows}
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Left-aligned columns, two spaces apart; a lone header says "(none)"."""
+    cells = [[str(h) for h in headers]] + [["-" if c in (None, "") else str(c) for c in row] for row in rows]
+    if len(cells) == 1:
+        return "  ".join(cells[0]) + "\n(none)"
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def render_status(status: dict, now: Optional[float] = None) -> str:
+    now = time.time() if now is None else now
+    hosts = table(["HOST", "ADDRESS", "STATE", "LAST SEEN", "VERSION"], [
+        (h["host"], h["address"],
+         (f"alive, up {_span(now - h['started'])}" if h["started"] else "alive") if h["alive"] else "down",
+         "now" if h["alive"] else (f"{_span(now - h['last_seen'])} ago" if h["last_seen"] else "never"),
+         h["version"])
+        for h in status["hosts"]])
+    networks = table(["NAME", "VNI", "SUBNET", "MTU", "HOSTS", "ENDPOINTS"], [
+        (n["name"], n["vni"], n["subnet"], n["mtu"], ",".join(n["hosts"]), n["endpoints"])
+        for n in status["networks"]])
+    notes = [f"  {n['name'] or n['vni']}: {note}" for n in status["networks"] for note in n["notes"]]
+    endpoints = table(["HOST", "NETWORK", "CONTAINER", "IP", "MAC", "ENDPOINT"], [
+        (e["host"], e["network"], e["container"], e["ip"], e["mac"], e["endpoint_id"][:12])
+        for e in status["endpoints"]])
+    parts = ["HOSTS", hosts, "", "NETWORKS", networks]
+    if notes:
+        parts += ["notes:"] + notes
+    return "\n".join(parts + ["", "ENDPOINTS", endpoints]) + "\n"
+
+
+# -- argparse glue -----------------------------------------------------------------
+
+def add_operator_commands(commands, add_store_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+    from . import doctor
+
+    def with_store(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        add_store_flags(parser)
+        parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+        return parser
+
+    network = commands.add_parser("network", help="networks on every host (the catalog)")
+    sub = network.add_subparsers(dest="network_command", required=True)
+    create = with_store(sub.add_parser("create", help="create a network on every host"))
+    create.add_argument("name")
+    create.add_argument("--subnet", required=True, help="IPv4 CIDR, for example 10.20.0.0/24")
+    create.add_argument("--gateway", default="", help="default: the subnet's first address")
+    create.add_argument("--vni", type=int, help=f"VXLAN network identifier (default: a free one from {VNI_AUTO_START})")
+    create.add_argument("--mtu", type=int, help="overlay MTU (default: each host's underlay MTU minus 50)")
+    create.add_argument("--internal", action="store_true", help="no way out of the overlay")
+    create.add_argument("--wait", type=float, default=10.0,
+                        help="seconds to wait for the hosts to create it (default %(default)s; 0: do not wait)")
+    create.set_defaults(run=_run_create)
+
+    rm = with_store(sub.add_parser("rm", help="remove a network from every host where no container uses it"))
+    rm.add_argument("name")
+    rm.add_argument("--wait", type=float, default=10.0,
+                    help="seconds to wait for the hosts to remove it (default %(default)s)")
+    rm.set_defaults(run=_run_rm)
+
+    status = with_store(commands.add_parser("status", help="hosts, networks and endpoints of the cluster"))
+    status.set_defaults(run=_run_status)
+
+    doctor.add_parser(commands, with_store)
+
+
+def open_store_from(args):
+    from driver.store import open_store
+
+    return open_store(args.store, prefix=args.etcd_prefix, cacert=args.etcd_cacert,
+                      cert=args.etcd_cert, key=args.etcd_key)
+
+
+def _guarded(fn):
+    """Operator errors and store failures become one line on stderr and exit 1."""
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except (CommandError, StoreError, ValueError) as e:
+            print(f"pyoverlay: {e}", file=sys.stderr)
+            return 1
+    return run
+
+
+def _print_results(title: str, results: list[HostResult], as_json: bool, extra: dict) -> None:
+    if as_json:
+        print(json.dumps({**extra, "hosts": [asdict(r) for r in results]}, indent=2))
+        return
+    print(title)
+    if results:
+        print(table(["HOST", "RESULT", "DETAIL"], [(r.host, r.result, r.detail) for r in results]))
+
+
+@_guarded
+def _run_create(args) -> int:
+    store = open_store_from(args)
+    try:
+        entry = network_create(store, args.name, args.subnet, args.gateway, args.vni, args.mtu, args.internal)
+        results = wait_created(store, args.name, args.wait) if args.wait > 0 else []
+    finally:
+        store.close()
+    mtu = f", MTU {entry.mtu}" if entry.mtu else ""
+    title = (f"network {entry.name}: {entry.subnet}, gateway {entry.gateway}, VNI {entry.vni}{mtu}"
+             f"{', internal' if entry.internal else ''}; every host running pyoverlay creates it")
+    _print_results(title, results, args.json, {"network": asdict(entry)})
+    return 0 if all(r.result == "created" for r in results) else 1
+
+
+@_guarded
+def _run_rm(args) -> int:
+    store = open_store_from(args)
+    try:
+        entry = network_rm(store, args.name)
+        results = wait_removed(store, args.name, args.wait)
+    finally:
+        store.close()
+    title = f"network {args.name} removed from the catalog" if entry else \
+        f"network {args.name} was already out of the catalog"
+    left = [r for r in results if r.result != "removed"]
+    if left and not args.json:
+        title += "; still on " + ", ".join(f"{r.host} ({r.result})" for r in left)
+    _print_results(title, results, args.json, {"network": args.name})
+    return 0 if not left else 1
+
+
+@_guarded
+def _run_status(args) -> int:
+    store = open_store_from(args)
+    try:
+        status = collect_status(store)
+    finally:
+        store.close()
+    print(json.dumps(status, indent=2) if args.json else render_status(status), end="" if not args.json else "\n")
+    return 0

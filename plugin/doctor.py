@@ -1,0 +1,380 @@
+"""`pyoverlay doctor`: on this host, is everything where the store says?
+
+Checks, each ok / warn / fail with what to do: the plugin socket answers,
+the store answers and lists this host, the underlay interface and its MTU,
+the VXLAN devices' UDP port, the overlay namespaces and veths, the kernel's
+FDB/neighbour entries against the store's peers (missing and stale ones),
+and the engine's networks and endpoints against the store. Exit status 1
+when any check fails.
+
+Read-only throughout: it never repairs (restarting the plugin does, as its
+start reconciles the kernel with the store). Kernel state comes from the
+dataplane's read methods; the two facts the dataplane does not offer (which
+interface holds the underlay address, and each vxlan device's port) are read
+here with pyroute2, read-only.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from pyroute2 import IPRoute
+
+from driver.catalog import EngineNetwork, NamedNetwork
+from driver.dataplane import Dataplane, DataplaneError
+from driver.engine import Engine, EngineRefused, EngineUnavailable
+from driver.model import Endpoint, Network, Peer
+from driver.network import VXLAN_OVERHEAD
+from driver.state import CATALOG, PEERS, engine_prefix, host_key
+from driver.store.base import Store, StoreError
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
+SOCKET_TIMEOUT = 5.0
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    summary: str
+    details: list[str] = field(default_factory=list)
+
+
+def _peer(p: Peer) -> Peer:
+    # The kernel reports MACs in lower case; the engine may hand them in upper.
+    return Peer(ip=p.ip, mac=p.mac.lower(), vtep=p.vtep)
+
+
+def _fmt(p: Peer) -> str:
+    return f"{p.ip} {p.mac} via {p.vtep}"
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class Doctor:
+    def __init__(self, store: Store, host: str, dataplane: Dataplane, *, socket_path: Optional[str] = None,
+                 engine: Optional[Engine] = None, driver: str = "pyoverlay"):
+        self.store = store
+        self.host = host
+        self.dataplane = dataplane
+        self.socket_path = socket_path  # None: not checked
+        self.engine = engine  # None: not checked
+        self.driver = driver
+        self._networks: Optional[list[Network]] = None  # this host's, from the store
+
+    def run(self) -> list[Check]:
+        checks = [self.check_socket(), self.check_store()]
+        store_ok = checks[-1].status != FAIL
+        checks.append(self.check_underlay(store_ok))
+        checks.append(self.check_vxlan_port(store_ok))
+        if store_ok:
+            checks += [self.check_overlays(), self.check_peers(), self.check_engine()]
+        else:
+            for name in ("overlays", "peers", "engine"):
+                checks.append(Check(name, SKIP, "not checked: the store does not answer"))
+        return checks
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _local_networks(self) -> list[Network]:
+        if self._networks is None:
+            kvs, _ = self.store.list("networks/")
+            self._networks = [n for n in (Network.from_json(kv.value) for kv in kvs) if n.host == self.host]
+        return self._networks
+
+    def _local_endpoints(self) -> list[Endpoint]:
+        kvs, _ = self.store.list("endpoints/")
+        return [e for e in (Endpoint.from_json(kv.value) for kv in kvs) if e.host == self.host]
+
+    def _ipr(self, netns: Optional[str]) -> IPRoute:
+        return IPRoute(netns=netns, flags=0, groups=0) if netns else IPRoute(groups=0)
+
+    # -- checks ------------------------------------------------------------------
+
+    def check_socket(self) -> Check:
+        path = self.socket_path
+        if path is None:
+            return Check("plugin socket", SKIP, "not checked")
+        if not os.path.exists(path):
+            return Check("plugin socket", FAIL, f"no socket at {path}: is `pyoverlay serve` running "
+                                                "(systemctl status pyoverlay)?")
+        conn = _UnixHTTPConnection(path, SOCKET_TIMEOUT)
+        started = time.perf_counter()
+        try:
+            conn.request("POST", "/Plugin.Activate", body=b"",
+                         headers={"Accept": "application/vnd.docker.plugins.v1.2+json"})
+            response = conn.getresponse()
+            body = json.loads(response.read() or b"{}")
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            return Check("plugin socket", FAIL, f"{path} does not answer ({e or type(e).__name__}): "
+                                                "the engine cannot use the driver; restart the plugin")
+        finally:
+            conn.close()
+        took = (time.perf_counter() - started) * 1000
+        if response.status != 200 or "NetworkDriver" not in (body.get("Implements") or []):
+            return Check("plugin socket", FAIL, f"{path} answered {response.status} {body}: "
+                                                "is it pyoverlay's socket?")
+        return Check("plugin socket", OK, f"{path} answers ({took:.1f} ms)")
+
+    def check_store(self) -> Check:
+        where = getattr(self.store, "url", "") or "the store"
+        try:
+            kvs, _ = self.store.list("hosts/")
+        except StoreError as e:
+            return Check("store", FAIL, f"{e}; check that the store runs and that --store points at it")
+        hosts = [kv.key[len("hosts/"):] for kv in kvs]
+        if host_key(self.host) not in {kv.key for kv in kvs}:
+            return Check("store", FAIL, f"{where} answers, but has no record of this host ({self.host}) "
+                                        f"among {len(hosts)} live hosts: is the plugin running here with "
+                                        f"--advertise-addr {self.host}?", sorted(hosts))
+        return Check("store", OK, f"{where} answers; {len(hosts)} live host(s), this one included")
+
+    def check_underlay(self, store_ok: bool) -> Check:
+        try:
+            name, mtu = self._underlay_link()
+        except (OSError, DataplaneError) as e:
+            return Check("underlay", FAIL, f"cannot read the interfaces: {e}")
+        if name is None:
+            return Check("underlay", FAIL, f"no interface holds {self.host}: pass this host's underlay "
+                                           "address as --advertise-addr")
+        room = mtu - VXLAN_OVERHEAD
+        summary = f"{name} holds {self.host}, MTU {mtu}: overlays up to MTU {room}"
+        if not store_ok:
+            return Check("underlay", OK, summary)
+        too_big = [f"VNI {n.vni} has MTU {n.mtu} > {room}: large packets are lost; recreate it with "
+                   f"-o com.docker.network.driver.mtu={room}" for n in self._local_networks() if n.mtu > room]
+        return Check("underlay", FAIL if too_big else OK, summary, too_big)
+
+    def _underlay_link(self) -> tuple[Optional[str], int]:
+        ipr = self._ipr(self.dataplane.host_netns)
+        try:
+            for addr in ipr.addr("dump"):
+                if (addr.get_attr("IFA_LOCAL") or addr.get_attr("IFA_ADDRESS")) == self.host:
+                    link = ipr.link("get", index=addr["index"])[0]
+                    return link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_MTU")
+            return None, 0
+        finally:
+            ipr.close()
+
+    def check_vxlan_port(self, store_ok: bool) -> Check:
+        port = self.dataplane.vxlan_port
+        vnis = sorted(self.dataplane.networks())
+        if not vnis:
+            return Check("vxlan port", OK, f"UDP {port} (no overlay on this host yet)")
+        wrong = []
+        for vni in vnis:
+            try:
+                found = self._vxlan_settings(vni)
+            except (OSError, DataplaneError) as e:
+                wrong.append(f"VNI {vni}: cannot read vxlan0: {e}")
+                continue
+            if found is None:
+                wrong.append(f"VNI {vni}: {self.dataplane.netns_name(vni)} has no vxlan0: "
+                             "delete the network and create it again")
+                continue
+            dev_vni, dev_port, local = found
+            if dev_port != port or dev_vni != vni or local != self.dataplane.local_addr:
+                wrong.append(f"VNI {vni}: vxlan0 has id {dev_vni}, port {dev_port}, local {local}; expected "
+                             f"{vni}, {port}, {self.dataplane.local_addr}: was the plugin restarted with "
+                             "other --vxlan-port/--advertise-addr? Recreate the network")
+        if wrong:
+            return Check("vxlan port", FAIL, f"{len(wrong)} of {len(vnis)} overlays are not on UDP {port}", wrong)
+        return Check("vxlan port", OK, f"UDP {port} on all {len(vnis)} overlay(s), local {self.dataplane.local_addr}")
+
+    def _vxlan_settings(self, vni: int) -> Optional[tuple[int, int, str]]:
+        ipr = self._ipr(self.dataplane.netns_name(vni))
+        try:
+            for link in ipr.link("dump"):
+                info = link.get_attr("IFLA_LINKINFO")
+                if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
+                    continue
+                data = info.get_attr("IFLA_INFO_DATA")
+                return (data.get_attr("IFLA_VXLAN_ID"), data.get_attr("IFLA_VXLAN_PORT"),
+                        data.get_attr("IFLA_VXLAN_LOCAL"))
+            return None
+        finally:
+            ipr.close()
+
+    def check_overlays(self) -> Check:
+        try:
+            wanted = {n.vni for n in self._local_networks()}
+            have = self.dataplane.networks()
+            endpoints = self._local_endpoints()
+            problems, notes = [], []
+            for vni in sorted(wanted - have):
+                problems.append(f"VNI {vni}: no namespace {self.dataplane.netns_name(vni)}: containers on it "
+                                "are cut off; restart the plugin (its start re-creates it)")
+            for vni in sorted(have - wanted):
+                problems.append(f"VNI {vni}: namespace {self.dataplane.netns_name(vni)} is not in the store: "
+                                "debris; restart the plugin (its start removes it)")
+            for vni in sorted(wanted & have):
+                known = {e.endpoint_id[:10] for e in endpoints if e.vni == vni}
+                veths = self.dataplane.endpoints(vni)
+                for stale in sorted(veths - known):
+                    problems.append(f"VNI {vni}: veth pyb{stale} belongs to no endpoint in the store: "
+                                    "debris; restart the plugin (its start removes it)")
+                for missing in sorted(known - veths):
+                    notes.append(f"VNI {vni}: endpoint {missing} has no interface (its container is not "
+                                 "started yet, or it was lost: restart the container)")
+        except (StoreError, DataplaneError, OSError) as e:
+            return Check("overlays", FAIL, f"cannot compare: {e}")
+        details = problems + notes
+        status = FAIL if problems else (WARN if notes else OK)
+        summary = f"{len(wanted)} overlay(s) in the store, {len(have)} in the kernel"
+        return Check("overlays", status, summary + (f"; {len(problems)} problem(s)" if problems else ""), details)
+
+    def check_peers(self) -> Check:
+        try:
+            kvs, _ = self.store.list(PEERS)
+            expected: dict[int, set[Peer]] = {}
+            for kv in kvs:
+                vni = int(kv.key[len(PEERS):].split("/", 1)[0])
+                peer = _peer(Peer.from_json(kv.value))
+                if peer.vtep != self.host:
+                    expected.setdefault(vni, set()).add(peer)
+            have = self.dataplane.networks()
+            missing, stale, total = [], [], 0
+            for vni in sorted({n.vni for n in self._local_networks()} & have):
+                want = expected.get(vni, set())
+                kernel = {_peer(p) for p in self.dataplane.peers(vni)}
+                total += len(want)
+                missing += [f"VNI {vni}: missing {_fmt(p)}" for p in sorted(want - kernel, key=_fmt)]
+                stale += [f"VNI {vni}: stale {_fmt(p)}" for p in sorted(kernel - want, key=_fmt)]
+        except (StoreError, DataplaneError, OSError) as e:
+            return Check("peers", FAIL, f"cannot compare: {e}")
+        if missing or stale:
+            return Check("peers", FAIL,
+                         f"{len(missing)} missing and {len(stale)} stale FDB/neighbour entries: traffic to "
+                         "those containers is lost or misdirected; restart the plugin (its start reconciles "
+                         "the kernel with the store)", missing + stale)
+        return Check("peers", OK, f"the kernel holds exactly the store's {total} remote peer(s)")
+
+    def check_engine(self) -> Check:
+        if self.engine is None:
+            return Check("engine", SKIP, "not checked")
+        try:
+            ours = self.engine.networks(self.driver)
+        except (EngineUnavailable, EngineRefused) as e:
+            return Check("engine", FAIL, f"{e}: the plugin cannot learn network names here")
+        try:
+            stored = {n.network_id: n for n in self._local_networks()}
+            endpoints = self._local_endpoints()
+            catalog = {kv.key[len(CATALOG):]: NamedNetwork.from_json(kv.value)
+                       for kv in self.store.list(CATALOG)[0]}
+            prefix = engine_prefix(self.host)
+            records = {kv.key[len(prefix):]: EngineNetwork.from_json(kv.value)
+                       for kv in self.store.list(prefix)[0]}
+        except StoreError as e:
+            return Check("engine", FAIL, f"cannot compare: {e}")
+        problems, notes = [], []
+        ids = {info.id for info in ours}
+        names = {info.name for info in ours}
+        for info in ours:
+            if info.id not in stored:
+                problems.append(f"network {info.name} ({info.id[:12]}) is in the engine but not in the store: "
+                                f"containers cannot join it; docker network rm {info.name} and create it again")
+                continue
+            known = {e.endpoint_id for e in endpoints if e.network_id == info.id}
+            for endpoint_id, container in sorted(info.containers.items()):
+                if endpoint_id not in known:
+                    problems.append(f"network {info.name}: container {container}'s endpoint "
+                                    f"{endpoint_id[:12]} is not in the store: other hosts cannot reach it; "
+                                    f"reconnect it (docker network disconnect/connect {info.name} {container})")
+            for endpoint_id in sorted(known - set(info.containers)):
+                notes.append(f"network {info.name}: endpoint {endpoint_id[:12]} is in the store but no "
+                             "container of the engine uses it (left over from an engine crash?)")
+        for network_id, network in sorted(stored.items()):
+            if network_id not in ids:
+                problems.append(f"the store has network {network_id[:12]} (VNI {network.vni}) for this host, "
+                                "but the engine does not: stale; restart the plugin")
+        for name, entry in sorted(catalog.items()):
+            record = records.get(name)
+            if record is not None and record.error:
+                notes.append(f"catalog network {name}: {record.error}")
+            elif name not in names:
+                notes.append(f"catalog network {name} ({entry.subnet}) is not in this engine yet: is the "
+                             "plugin running with its catalog on (no --no-catalog) and the engine reachable?")
+        status = FAIL if problems else (WARN if notes else OK)
+        summary = f"{len(ours)} {self.driver} network(s) in the engine at {self.engine.url}"
+        return Check("engine", status, summary, problems + notes)
+
+
+# -- output ----------------------------------------------------------------------
+
+def render(checks: list[Check]) -> str:
+    label = {OK: " ok ", WARN: "warn", FAIL: "FAIL", SKIP: "skip"}
+    lines = []
+    for c in checks:
+        lines.append(f"[{label[c.status]}] {c.name}: {c.summary}")
+        lines += [f"         {d}" for d in c.details]
+    failed = sum(c.status == FAIL for c in checks)
+    lines.append(f"{failed} check(s) failed" if failed else "no problem found")
+    return "\n".join(lines) + "\n"
+
+
+def exit_status(checks: list[Check]) -> int:
+    return 1 if any(c.status == FAIL for c in checks) else 0
+
+
+def add_parser(commands, with_store) -> None:
+    from .cli import DEFAULT_SOCKET, _env
+
+    doctor = with_store(commands.add_parser("doctor", help="check this host against the store"))
+    doctor.add_argument("--socket", default=_env("SOCKET", DEFAULT_SOCKET))
+    doctor.add_argument("--advertise-addr", default=_env("ADVERTISE_ADDR"),
+                        help="this host's underlay address (default: that of the default route's interface)")
+    doctor.add_argument("--vxlan-port", type=int, default=int(_env("VXLAN_PORT", "4789")))
+    doctor.add_argument("--docker-host", default=_env("DOCKER_HOST"),
+                        help="the local engine (default: $DOCKER_HOST, else unix:///var/run/docker.sock)")
+    doctor.add_argument("--no-engine", action="store_true", help="do not compare with the engine")
+    doctor.set_defaults(run=_run)
+
+
+def _run(args) -> int:
+    from driver.dataplane import default_route_address
+
+    from .commands import open_store_from
+
+    try:
+        host = args.advertise_addr or default_route_address()
+        store = open_store_from(args)
+    except (ValueError, DataplaneError) as e:
+        print(f"pyoverlay: {e}", file=sys.stderr)
+        return 1
+    dataplane = Dataplane(local_addr=host, vxlan_port=args.vxlan_port)
+    engine = None if args.no_engine else Engine(args.docker_host, timeout=SOCKET_TIMEOUT)
+    driver = os.path.basename(args.socket).removesuffix(".sock")
+    try:
+        checks = Doctor(store, host, dataplane, socket_path=args.socket, engine=engine, driver=driver).run()
+    finally:
+        dataplane.close()
+        store.close()
+        if engine is not None:
+            engine.close()
+    if args.json:
+        print(json.dumps({"host": host, "ok": exit_status(checks) == 0,
+                          "checks": [asdict(c) for c in checks]}, indent=2))
+    else:
+        print(render(checks), end="")
+    return exit_status(checks)
