@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from typing import Optional
+from typing import Callable, Optional
 
 from .model import Peer
 from .state import PEERS, parse_peer_key
@@ -27,6 +27,9 @@ class PeerSync:
         self.store = store
         self.dataplane = dataplane
         self.vtep = vtep
+        # Told the remote VTEPs of the overlays this host carries whenever they
+        # may have changed (driver/firewall.py's VXLAN source filter).
+        self.on_vteps: Optional[Callable[[set[str]], None]] = None
         # Optional: peer_update(op), reconciled(added, removed), watch_error(watch, exc).
         self.metrics = metrics
         self._table: defaultdict[int, dict[str, Peer]] = defaultdict(dict)
@@ -62,6 +65,11 @@ class PeerSync:
         if self.metrics is not None:
             self.metrics.reconciled(added, removed)
 
+    def _vteps_changed(self) -> None:
+        # With the lock held and the table read from the store.
+        if self.on_vteps is not None:
+            self.on_vteps({p.vtep for vni in self._local for p in self._remote(vni)})
+
     def _remote(self, vni: int) -> list[Peer]:
         return [p for p in self._table.get(vni, {}).values() if p.vtep != self.vtep]
 
@@ -74,10 +82,13 @@ class PeerSync:
             # would wipe the entries a restarted plugin finds in the kernel.
             if self.synced.is_set():
                 self._reconciled(*self.dataplane.set_peers(vni, self._remote(vni)))
+                self._vteps_changed()
 
     def network_removed(self, vni: int) -> None:
         with self._lock:
             self._local.discard(vni)
+            if self.synced.is_set():
+                self._vteps_changed()
 
     # Store side.
 
@@ -93,6 +104,7 @@ class PeerSync:
                 self._reconciled(added, removed)
                 if added or removed:
                     log.info("vni %d: reconciled peers (+%d -%d)", vni, added, removed)
+            self._vteps_changed()
         self.synced.set()
 
     def _on_events(self, events: list[Event]) -> None:
@@ -114,3 +126,4 @@ class PeerSync:
                         self.dataplane.remove_peer(vni, peer)
                         if self.metrics is not None:
                             self.metrics.peer_update("remove")
+            self._vteps_changed()

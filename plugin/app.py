@@ -14,6 +14,7 @@ from typing import Callable
 
 import jsonschema
 from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
 
 from driver.errors import DriverError
 from driver.store.base import StoreError
@@ -84,13 +85,18 @@ def create_app(network, ipam, observe: Callable[[str, float, bool], None] | None
     app = Flask("pyoverlay")
     routes = _routes(network, ipam)
 
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        # Unroutable paths and methods: JSON like every other answer, not Flask's HTML page.
+        return _reply({"Err": f"pyoverlay: {request.method} {request.path}: {exc.name}"}, exc.code or 500)
+
     @app.post("/<call>")
     def dispatch(call: str):
         handler = routes.get(call)
+        error_key = "Error" if call.startswith("IpamDriver.") else "Err"
         if handler is None:
             # 404 tells the engine "not implemented", which it accepts for optional calls.
-            return _reply({"Err": f"pyoverlay does not implement {call}"}, 404)
-        error_key = "Error" if call.startswith("IpamDriver.") else "Err"
+            return _reply({error_key: f"pyoverlay does not implement {call}"}, 404)
         started = time.perf_counter()
         ok = False
         body: dict = {}
@@ -123,7 +129,7 @@ def _parse(call: str) -> dict:
     else:
         try:
             body = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
             raise DriverError(f"{call}: the request is not valid JSON ({exc})") from None
     if not isinstance(body, dict):
         raise DriverError(f"{call}: the request must be a JSON object")

@@ -37,7 +37,13 @@ _EP = {"NetworkID": _ID, "EndpointID": _ID}
 
 SCHEMAS = {
     "NetworkDriver.CreateNetwork": _call(
-        _NET, {"Options": _OPTIONS, "IPv4Data": _IPAM_DATA, "IPv6Data": _IPAM_DATA}
+        _NET,
+        {
+            # The -o options: a map, or the driver would iterate a string or number.
+            "Options": {**_OPTIONS, "properties": {"com.docker.network.generic": {"type": ["object", "null"]}}},
+            "IPv4Data": _IPAM_DATA,
+            "IPv6Data": _IPAM_DATA,
+        },
     ),
     "NetworkDriver.DeleteNetwork": _call(_NET),
     "NetworkDriver.CreateEndpoint": _call(

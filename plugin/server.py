@@ -18,6 +18,7 @@ from gunicorn.app.base import BaseApplication
 
 from driver.catalog import Catalog
 from driver.dataplane import Dataplane
+from driver.firewall import Firewall
 from driver.engine import Engine
 from driver.ipam import Ipam
 from driver.lastseen import LastSeenWriter
@@ -74,6 +75,9 @@ class Runtime:
         host = config.advertise_addr
         self.dataplane = Dataplane(local_addr=config.advertise_addr, vxlan_port=config.vxlan_port)
         self.peers = PeerSync(self.store, self.dataplane, vtep=config.advertise_addr, metrics=self.metrics)
+        # Only peer hosts' VTEPs may send VXLAN here; peer sync keeps the set.
+        self.firewall = Firewall(port=config.vxlan_port)
+        self.peers.on_vteps = self.firewall.allow
         state = State(self.store)
         self.network = NetworkDriver(state, self.dataplane, self.peers, host=host, vtep=host, name=config.name)
         self.ipam = Ipam(state, host, default_pool=config.default_pool, host_routes=self.dataplane.routes)
@@ -91,6 +95,7 @@ class Runtime:
                 self.metrics.serve(self.config.metrics_addr)
             except OSError as exc:  # metrics are an extra: the driver runs without them
                 log.error("metrics: cannot listen on %s (%s); running without metrics", self.config.metrics_addr, exc)
+        self.firewall.install()  # before peer sync: it keeps the set a previous run left
         self.peers.start()
         self.membership.start()
         self.last_seen.start()
@@ -117,6 +122,7 @@ class Runtime:
         if self.metrics is not None:
             self.metrics.close()
         self.peers.stop()
+        self.firewall.close()
         self.membership.stop()
         self.dataplane.close()
         self.store.close()
