@@ -330,14 +330,15 @@ class NamespaceHost(Host):
         return ["nsenter", "-t", str(self._holder.pid), "-m", "-n", "--",
                 "dockerd", "--debug",
                 "--data-root", str(d / "data"), "--exec-root", str(d / "exec"),
-                "-H", f"unix://{d / 'docker.sock'}", "--pidfile", str(d / "dockerd.pid"),
+                # Its own socket for the tests, and the usual one inside the
+                # host's private /run for what runs on the host (the plugin).
+                "-H", f"unix://{d / 'docker.sock'}", "-H", "unix:///var/run/docker.sock",
+                "--pidfile", str(d / "dockerd.pid"),
                 "--config-file", str(d / "daemon.json"), "-b", "hostbr0",
                 # cgroupfs under a top-level parent named after the host (a
                 # relative one would nest under our own cgroup): the sweep
                 # finds containers of a crashed run by that name.
-                "--exec-opt", "native.cgroupdriver=cgroupfs", "--cgroup-parent", "/" + self.cgroup_parent,
-                # Test containers run `sleep` as PID 1, which ignores SIGTERM.
-                "--shutdown-timeout", "2"]
+                "--exec-opt", "native.cgroupdriver=cgroupfs", "--cgroup-parent", "/" + self.cgroup_parent]
 
     def _start_engine(self) -> None:
         log = open(self.dir / "dockerd.log", "ab")
@@ -382,8 +383,15 @@ class NamespaceHost(Host):
         cmd = ["nsenter", "-t", str(self._dockerd.pid), "-m", "-n", "--",
                self.plugin_exe, "serve", "--socket", PLUGIN_SOCKET, "--store", store_url,
                "--advertise-addr", self.addr, *extra_args]
+        # A HOME of its own, as on a machine of its own (gunicorn puts a
+        # control socket there).
+        home = self.dir / "home"
+        home.mkdir(exist_ok=True)
+        # No DOCKER_* of ours: the plugin finds its engine as on a real host.
+        base = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
         self._plugin = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **(env or {})}, start_new_session=True)
+                                        env={**base, "HOME": str(home), **(env or {})},
+                                        start_new_session=True)
         log.close()
         plugin = self._plugin
 
@@ -431,6 +439,9 @@ class NamespaceHost(Host):
         return self._plugin is not None and self._plugin.poll() is None
 
     def restart_engine(self) -> None:
+        """The engine stops each running container with its stop timeout (10 s
+        unless `docker run --stop-timeout`): `sleep` as PID 1 ignores SIGTERM,
+        so run containers that must survive a restart quickly with --init."""
         t0 = time.monotonic()
         _stop_group(self._dockerd, signal.SIGTERM, grace=30)
         self._start_engine()
@@ -440,7 +451,21 @@ class NamespaceHost(Host):
         return tail(self.dir / "plugin.log", 400)
 
     def engine_log(self) -> str:
-        return tail(self.dir / "dockerd.log", 120)
+        # --debug is for the plugin calls and API requests it logs; keep those,
+        # warnings and errors, drop the start-up chatter.
+        def relevant(line: str) -> bool:
+            if "level=warning" in line or "level=error" in line or "level=fatal" in line:
+                return True
+            if 'msg="Registering ' in line:
+                return False
+            return "level=debug" in line and ("Calling " in line or "plugin" in line.lower())
+
+        try:
+            with open(self.dir / "dockerd.log", errors="replace") as f:
+                lines = [line for line in f if relevant(line)]
+        except FileNotFoundError:
+            return "(no dockerd log)"
+        return "".join(lines[-150:])
 
     def close(self) -> None:
         if self._closed:
@@ -651,18 +676,18 @@ class SessionLock:
         self.timeout = timeout
         self._file = None
 
+    def try_acquire(self) -> bool:
+        if self._file is None:
+            self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
     def acquire(self) -> None:
-        self._file = open(self.path, "a+")
-
-        def taken() -> bool:
-            try:
-                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                return False
-
-        wait_for(taken, self.timeout, f"the e2e session lock {self.path} (another e2e run is in progress)",
-                 interval=1)
+        wait_for(self.try_acquire, self.timeout,
+                 f"the e2e session lock {self.path} (another e2e run is in progress)", interval=1)
 
     def release(self) -> None:
         if self._file:

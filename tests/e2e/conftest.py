@@ -29,10 +29,13 @@ def pytest_collection_modifyitems(items):
 def e2e_workdir(request):
     """Lock, sweep a crashed run's leftovers, then a work directory for the session."""
     lock = SessionLock()
-    lock.acquire()
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if not lock.try_acquire():
+        if reporter is not None:
+            reporter.write_line(f"e2e: waiting for another e2e session to finish (lock {lock.path})")
+        lock.acquire()
     try:
         removed = sweep_leftovers()
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
         if removed and reporter is not None:
             reporter.write_line(f"e2e: removed leftovers of an earlier run: {', '.join(removed)}")
         workdir = Path(tempfile.mkdtemp(prefix="pyo-e2e-"))
