@@ -133,8 +133,8 @@ def test_unit_starts_before_the_engine_and_restarts(config):
     for key in ("PrivateTmp", "ProtectSystem", "ProtectHome", "ReadWritePaths", "PrivateMounts",
                 "TemporaryFileSystem", "BindPaths"):
         assert key not in s, f"{key} puts the plugin in a mount namespace of its own"
-    bounding = set(s["CapabilityBoundingSet"][0].split())
-    assert set(config["linux"]["capabilities"]) <= bounding
+    # The same powers as the managed plugin, found the same way.
+    assert set(s["CapabilityBoundingSet"][0].split()) == set(config["linux"]["capabilities"])
 
 
 def systemd_verify(root: Path, unit: Path, dropins: dict[str, str] | None = None) -> str:
@@ -184,6 +184,13 @@ def test_dockerfile_builds_the_rootfs_config_json_runs():
     # The package's files: what setup.cfg's find: collects and the metadata.
     for path in ("setup.cfg", "pyproject.toml", "README.md", "plugin", "driver"):
         assert re.search(rf"^COPY .*\b{re.escape(path)}\b", text, re.M), path
+
+
+def test_dockerfile_and_build_script_install_the_same_debian_packages():
+    script = (REPO / "packaging" / "build-plugin").read_text()
+    (include,) = re.findall(r"^INCLUDE=(\S+)$", script, re.M)
+    (apt,) = re.findall(r"apt-get install -y --no-install-recommends ([^\\&]+)", (REPO / "Dockerfile").read_text())
+    assert sorted(include.split(",")) == sorted(apt.split())
 
 
 def test_build_script_parses_and_rejects_unknown_options():
