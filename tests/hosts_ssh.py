@@ -70,6 +70,32 @@ def hosts_from_env(value: Optional[str] = None, **kwargs) -> list["SSHHost"]:
     return [SSHHost(name, path, **kwargs) for name in names]
 
 
+class RemoteEtcd:
+    """The etcd the VMs share (the Vagrantfile runs it on pyo1), with the part
+    of tests/etcdserver.EtcdServer's interface that tests read the store
+    with. Requests go through a host's curl, so the test machine needs no
+    route to the private network."""
+
+    def __init__(self, store_url: str, via: "SSHHost"):
+        scheme, _, rest = store_url.partition("://")
+        if scheme not in ("etcd", "etcds") or not rest:
+            raise ValueError(f"not an etcd store URL: {store_url!r}")
+        first = rest.split("/", 1)[0].split(",")[0]
+        self.url = store_url
+        self.endpoint = f"{'https' if scheme == 'etcds' else 'http'}://{first}"
+        self.via = via
+
+    def request(self, method: str, path: str, body: Optional[dict] = None, timeout: float = 5.0) -> dict:
+        proc = self.via.run(["curl", "-sS", "--fail-with-body", "--max-time", f"{timeout:g}", "-X", method,
+                             "-H", "Content-Type: application/json", "--data-binary", "@-",
+                             self.endpoint + path],
+                            check=False, timeout=timeout + 10, input="" if body is None else json.dumps(body))
+        if proc.returncode != 0:
+            raise OSError(f"etcd request {method} {path} via {self.via.name} failed: "
+                          f"{(proc.stderr or proc.stdout).strip()[-300:]}")
+        return json.loads(proc.stdout or "{}")
+
+
 class SSHHost(Host):
     def __init__(self, name: str, ssh_config: Union[str, Path], addr: Optional[str] = None,
                  ssh: str = "ssh", image_tar: Optional[Union[str, Path]] = None,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.hosts import PLUGIN_SOCKET, CommandFailed
-from tests.hosts_ssh import (DROPIN_NAME, HOSTS_ENV, SSHHost, hosts_from_env, ssh_config_hosts,
+from tests.hosts_ssh import (DROPIN_NAME, HOSTS_ENV, RemoteEtcd, SSHHost, hosts_from_env, ssh_config_hosts,
                              systemd_quote)
 from tests.test_packaging import REPO, systemd_verify
 
@@ -287,3 +287,20 @@ def test_close_cleans_up_and_restores_the_unit(fake):
     assert host.plugin_running  # back as provisioned
     assert any("-O" in c["argv"] and "exit" in c["argv"] for c in ssh_calls(fake))
     host.close()  # twice is fine
+
+
+def test_remote_etcd_requests_go_through_the_host(fake):
+    (fake / "bin" / "curl").write_text(
+        "#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$FAKE_DIR/curl.args\"\ncat > \"$FAKE_DIR/curl.stdin\"\n"
+        "echo '{\"header\": {\"revision\": \"7\"}}'\n")
+    etcd = RemoteEtcd("etcd://192.168.56.11:2379,192.168.56.12:2379", via=make_host(fake))
+    assert etcd.endpoint == "http://192.168.56.11:2379"
+    assert etcd.request("POST", "/v3/kv/range", {"key": "Lw=="}) == {"header": {"revision": "7"}}
+    args = (fake / "curl.args").read_text().split("\n")
+    assert args[-2] == "http://192.168.56.11:2379/v3/kv/range" and args[args.index("-X") + 1] == "POST"
+    assert json.loads((fake / "curl.stdin").read_text()) == {"key": "Lw=="}
+    (fake / "bin" / "curl").write_text("#!/bin/sh\necho 'curl: (7) Failed to connect' >&2\nexit 7\n")
+    with pytest.raises(OSError, match="Failed to connect"):
+        etcd.request("POST", "/v3/kv/range", {})
+    with pytest.raises(ValueError):
+        RemoteEtcd("sqlite:///x.db", via=make_host(fake))
