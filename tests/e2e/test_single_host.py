@@ -138,6 +138,13 @@ def test_mtu_derived_from_underlay_and_overridden(host):
     run(host, "c3", "--network", "small")
     assert mtu_of(host, "c1", "eth0") == UNDERLAY_MTU - VXLAN_OVERHEAD
     assert mtu_of(host, "c3", "eth0") == 1300
+    # The host ends of the veths (in the plugin's namespaces) too: libnetwork
+    # sets the MTU on neither end, and a mismatch drops full-size frames.
+    veth_mtus = sorted(
+        sorted({link["mtu"] for link in host.links(ns).values()
+                if link.get("linkinfo", {}).get("info_kind") == "veth"})
+        for ns in host.netns_names())
+    assert veth_mtus == [[1300], [UNDERLAY_MTU - VXLAN_OVERHEAD]], f"veth MTUs per namespace: {veth_mtus}"
     # A full-size packet crosses the overlay (1322 + 8 ICMP + 20 IP = 1350).
     proc = host.docker_proc("exec", "c1", "ping", "-c1", "-W2", "-s", "1322", ip_on(host, "c2", "web"), check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
