@@ -15,9 +15,11 @@ from typing import Optional, Protocol
 
 from .errors import DriverError
 from .ipam import ADDRESS_SPACE, parse_ip, parse_subnet
-from .model import Endpoint, Network, Overlay, SubnetClaim
+from .model import Address, Endpoint, Network, Overlay, Pool, SubnetClaim
 from .state import (
     State,
+    address_key,
+    address_prefix,
     endpoint_key,
     network_key,
     overlay_key,
@@ -246,6 +248,7 @@ class NetworkDriver:
         ip = parse_ip(interface["Address"])
         if ip not in ipaddress.ip_network(network.subnet):
             raise DriverError(f"address {ip} is outside the network's subnet {network.subnet}")
+        self._hold_address(network.subnet, ip)
         mac = interface.get("MacAddress") or endpoint_mac(ip)
         endpoint = Endpoint(
             endpoint_id=endpoint_id, network_id=network_id, vni=network.vni, host=self.host,
@@ -257,6 +260,19 @@ class NetworkDriver:
             if self.state.endpoint(endpoint_id) != endpoint:
                 raise DriverError(f"endpoint {endpoint_id[:12]} already exists with other settings")
         return {} if interface.get("MacAddress") else {"Interface": {"MacAddress": mac}}
+
+    def _hold_address(self, subnet: str, ip: ipaddress.IPv4Address) -> None:
+        """The endpoint's address must be claimed by this host. It normally is
+        (RequestAddress came first); if a restart released it as an orphan
+        (see restore), claim it again rather than share it with a later container."""
+        key = address_key(subnet, str(ip))
+        holder = self.state.get(key, Address)
+        if holder is None and self.state.create({key: Address(kind="container", host=self.host)}):
+            return
+        holder = holder or self.state.get(key, Address)
+        if holder is not None and (holder.kind != "container" or holder.host != self.host):
+            what = "the network's gateway" if holder.kind == "gateway" else f"in use on host {holder.host}"
+            raise DriverError(f"address {ip} is {what}; remove the container and start it again")
 
     def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
         endpoint = self.state.endpoint(endpoint_id)
@@ -311,7 +327,28 @@ class NetworkDriver:
                 for stale in self.dataplane.endpoints(vni) - known:
                     self.dataplane.delete_endpoint(vni, stale)
                 self.peers.network_added(vni)
-        log.info("restored %d networks, %d endpoints", len(networks), len(endpoints))
+        released = self._release_orphan_addresses()
+        log.info("restored %d networks, %d endpoints; released %d orphan addresses",
+                 len(networks), len(endpoints), released)
+
+    def _release_orphan_addresses(self) -> int:
+        """Container addresses this host claimed that no endpoint uses. A crash
+        between claiming an address and answering RequestAddress leaves one the
+        engine never learnt of, so it can never release it. (One the engine
+        did get, and uses in a CreateEndpoint after the restart, is claimed
+        again there: _hold_address.)"""
+        used = {(str(ipaddress.ip_interface(e.address).network), e.ip) for e in self.state.list("endpoints/", Endpoint)}
+        released = 0
+        for pool in self.state.list("pools/", Pool):
+            if self.host not in pool.hosts:
+                continue
+            prefix = address_prefix(pool.subnet)
+            for kv in self.state.store.list(prefix)[0]:
+                address, ip = Address.from_json(kv.value), kv.key[len(prefix):]
+                if address.kind == "container" and address.host == self.host and (pool.subnet, ip) not in used:
+                    # Only if unchanged since read: a claim made meanwhile is live.
+                    released += self.state.store.txn({kv.key: kv.mod_revision}, delete=[kv.key])
+        return released
 
 
 class _Retry(Exception):

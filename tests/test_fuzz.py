@@ -336,7 +336,8 @@ def exercise(world_and_kernel, kind: str, call: str, body=None, raw: bytes | Non
     world.ensure()
     plugin = world.plugin
     store_before, kernel_before = plugin.store_snapshot(), kernel.snapshot()
-    response = plugin.client.post(f"/{call}", data=raw if raw is not None else json.dumps(body).encode())
+    # Quoted as a client would put it on the wire ("//x" would otherwise read as a host name).
+    response = plugin.client.post("/" + urllib.parse.quote(call, safe=""), data=raw if raw is not None else json.dumps(body).encode())
     COUNTS[kind] = COUNTS.get(kind, 0) + 1
     status, text = response.status_code, response.get_data(as_text=True)
     answer = json.loads(text)  # well-formed JSON, whatever came in
