@@ -73,6 +73,7 @@ ID_CHARS = 10  # 3 + 10 characters stays inside the kernel's 15-character ifname
 assert len(HOST_END) + ID_CHARS <= 15 and len(BRIDGE_END) + ID_CHARS <= 15
 
 NTF_SELF = ndmsg.flags["self"]
+NTF_MASTER = ndmsg.flags["master"]
 NUD_PERMANENT = ndmsg.states["permanent"]
 NUD_NOARP = ndmsg.states["noarp"]
 IFA_F_SECONDARY = 0x01
@@ -594,6 +595,7 @@ class Dataplane:
                 state="up",
                 peer={"ifname": host_end, "address": mac, "mtu": mtu, "net_ns_fd": host.fd},
             )
+            self._forget_learned(ns, mac)
             return host_end
         except NetlinkError as e:
             if e.code != errno.EEXIST:
@@ -616,6 +618,17 @@ class Dataplane:
             f"is the endpoint ID used on another network? If {host_end} is debris, delete it "
             f"(ip link del {host_end}) and retry"
         )
+
+    @staticmethod
+    def _forget_learned(ns: _Handle, mac: str) -> None:
+        """br0 learns remote MACs on vxlan0's port. A MAC that was remote and
+        is now local (its IP, hence its MAC, reused here) would stay pinned to
+        vxlan0 until it ages out (300 s) and its traffic blackholed: drop it."""
+        try:
+            ns.ipr.fdb("del", ifindex=ns.index(VXLAN), lladdr=mac, master=ns.bridge, flags=NTF_MASTER)
+        except NetlinkError as e:
+            if not _missing(e):
+                raise
 
     def delete_endpoint(self, vni: int, endpoint_id: str) -> None:
         """Delete the pair wherever its ends are now. Idempotent."""

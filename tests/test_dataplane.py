@@ -417,6 +417,20 @@ def test_endpoint_lifecycle(a, network, container):
         a.dp.create_endpoint(4999, eid, mac(9), 1400)
 
 
+def test_mac_learned_on_vxlan0_is_forgotten_when_it_becomes_local(a, network):
+    """An address (and so its MAC) freed on another host and reused here: br0
+    learned that MAC on vxlan0 while it was remote, and would keep sending
+    the new local container's traffic into the tunnel until it aged out."""
+    ov = network(a, 4202, 1400)
+    run(ov, "bridge", "fdb", "add", mac(21), "dev", "vxlan0", "master", "dynamic", check=True)
+    assert mac(21) in run(ov, "bridge", "fdb", "show", "br", "br0").stdout
+
+    a.dp.create_endpoint(4202, endpoint_id(), mac(21), 1400)
+
+    learned = run(ov, "bridge", "fdb", "show", "dev", "vxlan0").stdout
+    assert mac(21) not in learned
+
+
 def test_concurrent_endpoints_on_one_network(lab, a, network):
     ov = network(a, 4202)
     other = lab.dataplane(a)
