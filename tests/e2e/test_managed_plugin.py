@@ -156,6 +156,15 @@ def run_scenario(host: NamespaceHost, hanging_etcd: str, watch: Stopwatch) -> No
         host.docker("plugin", "enable", PLUGIN, timeout=60)
     assert plugin_enabled(host)
 
+    # The VXLAN source filter is nftables rules the plugin loads with the
+    # rootfs's own `nft` (Debian's nftables in the rootfs, CAP_NET_ADMIN):
+    # read them back with that same nft in the host's network namespace.
+    rootfs = REPO / "packaging" / "build" / "plugin" / "rootfs"
+    nft_list = ["nsenter", f"--net=/run/netns/{host.name}", "chroot", str(rootfs),
+                "nft", "list", "table", "inet", "pyoverlay"]
+    wait_for(lambda: subprocess.run(nft_list, capture_output=True).returncode == 0, 10,
+             "the plugin's VXLAN source filter (nft table inet pyoverlay) in the host's namespace")
+
     with watch("network create"):
         host.docker("network", "create", "-d", PLUGIN, "--ipam-driver", PLUGIN, "--subnet", SUBNET, "mp")
     # The settings took: the store is the file named, in the mounted directory.
