@@ -25,6 +25,16 @@ Deleting a catalog entry (`pyoverlay network rm`, or `docker network rm` on
 any host) removes the network from every engine where no container uses it;
 where one does, the record says so and the network goes when the last
 container leaves.
+
+Knowing the engine's networks, the worker also forgets what the store holds
+for this host that the engine does not have: an engine that stops in the
+middle of `docker network create` or of its rollback (the plugin said yes to
+CreateNetwork, or the ReleasePool never came) leaves a network record, a
+joined overlay or a pool hold behind, and the same subnet could never be
+created here again. A leftover must stay one for PHANTOM_GRACE (a create in
+flight holds the pool before CreateNetwork, for milliseconds), and the
+engine must hold at least one of this host's networks, or it may not be the
+engine that uses this plugin.
 """
 
 from __future__ import annotations
@@ -34,11 +44,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Callable, Optional
 
 from .engine import Engine, EngineNetworkInfo, EngineRefused, EngineUnavailable
 from .model import Network, Pool, Record
-from .state import CATALOG, catalog_key, engine_network_key, engine_prefix, network_key, pool_key
+from .state import CATALOG, catalog_key, engine_network_key, engine_prefix, network_key
 from .store.base import Event, KeyValue, Store, StoreError
 from .store.follow import follow
 
@@ -51,6 +61,8 @@ OPT_MTU = "com.docker.network.driver.mtu"
 RESYNC = 30.0
 #: Back-off between engine connection attempts and between failed passes.
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
+#: Seconds a network must be in the store and not in the engine before it is forgotten.
+PHANTOM_GRACE = 5.0
 
 
 @dataclass
@@ -105,13 +117,17 @@ def parse_named(kv: KeyValue) -> Optional[NamedNetwork]:
 
 class Catalog:
     def __init__(self, store: Store, engine: Engine, host: str, driver: str,
-                 metrics=None, resync: float = RESYNC):
+                 metrics=None, resync: float = RESYNC,
+                 forget: Optional[Callable[[str, str], None]] = None):
         self.store = store
         self.engine = engine
         self.host = host
         self.driver = driver
         self.metrics = metrics
         self.resync = resync
+        # forget(network_id or "", subnet): the driver's own DeleteNetwork + ReleasePool.
+        self.forget = forget
+        self._phantoms: dict[tuple[str, str], float] = {}  # leftover -> when first seen
         self._desired: dict[str, tuple[NamedNetwork, int]] = {}  # name -> (entry, mod revision)
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
@@ -236,6 +252,8 @@ class Catalog:
                 ok = self._attempt(self._pass)
                 due = time.monotonic() + (self.resync if ok else retry)
                 retry = BACKOFF_MIN if ok else min(retry * 2, self.resync)
+                if self._phantoms:
+                    due = min(due, min(self._phantoms.values()) + PHANTOM_GRACE)
             wait = max(0.0, due - time.monotonic()) if self.synced.is_set() else 0.5
             try:
                 kind, gen, payload = self._queue.get(timeout=wait)
@@ -271,11 +289,13 @@ class Catalog:
         """Make the engine match the catalog; False if something must be retried soon."""
         self._dirty.clear()
         ours = {info.name: info for info in self.engine.networks(self.driver)}
-        names = self.engine.network_names()
+        summaries = self.engine.network_summaries()
+        names = {name: driver for _, name, driver, _ in summaries}
         with self._lock:
             desired = dict(self._desired)
         self._records = self._load_records()
         ok = self._withdraw_pending(desired)
+        self._forget_leftovers(summaries)
         for name, record in list(self._records.items()):
             info = ours.get(name)
             if record.network_id and (info is None or info.id != record.network_id):
@@ -327,10 +347,9 @@ class Catalog:
         vni = self._vni(info)
         if not vni:
             return False  # the driver's record is not in the store (yet)
+        # Only a gateway given explicitly: the other hosts' IPAM hands out the
+        # same shared one anyway, and every engine then shows the same settings.
         gateway = info.gateway
-        if not gateway:
-            kv = self.store.get(pool_key(info.subnet))
-            gateway = Pool.from_json(kv.value).gateway if kv else ""
         try:
             mtu = int(info.options.get(OPT_MTU) or 0)
         except ValueError:
@@ -403,6 +422,39 @@ class Catalog:
         self._count("removed")
         self._drop_record(info.name)
         return True
+
+    def _forget_leftovers(self, summaries) -> None:
+        if self.forget is None:
+            return
+        now = time.monotonic()
+        kvs, _ = self.store.list("networks/")
+        mine = {n.network_id: n for n in (Network.from_json(kv.value) for kv in kvs) if n.host == self.host}
+        # Every engine network counts here, whatever its driver's name.
+        engine_ids = {network_id for network_id, _, _, _ in summaries}
+        engine_subnets = {subnet for _, _, _, subnets in summaries for subnet in subnets}
+        leftovers: dict[tuple[str, str], str] = {}  # (network ID or "", subnet) -> what it is
+        if set(mine) & engine_ids:
+            for network_id in set(mine) - engine_ids:
+                leftovers[(network_id, mine[network_id].subnet)] = f"network {network_id[:12]}"
+            used = {n.subnet for n in mine.values()} | engine_subnets
+            for kv in self.store.list("pools/")[0]:
+                pool = Pool.from_json(kv.value)
+                if self.host in pool.hosts and pool.subnet not in used:
+                    leftovers[("", pool.subnet)] = "the hold on the pool"
+        self._phantoms = {k: t for k, t in self._phantoms.items() if k in leftovers}
+        for (network_id, subnet), what in sorted(leftovers.items()):
+            first = self._phantoms.setdefault((network_id, subnet), now)
+            if now - first < PHANTOM_GRACE or (network_id and self.engine.network(network_id) is not None):
+                continue
+            try:
+                self.forget(network_id, subnet)
+            except Exception as e:  # the kernel or the store: try again next pass
+                log.warning("catalog: could not forget %s on %s: %s", what, subnet, e)
+                continue
+            del self._phantoms[(network_id, subnet)]
+            log.warning("catalog: forgot %s on %s: the store had it for this host, the engine does not "
+                        "(the engine stopped in the middle of a create or remove?)", what, subnet)
+            self._count("forgotten")
 
     def _withdraw_pending(self, desired: dict[str, tuple[NamedNetwork, int]]) -> bool:
         """Delete catalog entries whose network a user removed here."""

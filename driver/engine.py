@@ -128,9 +128,13 @@ class Engine:
                 found.append(info)
         return found
 
-    def network_names(self) -> dict[str, str]:
-        """Every network's name -> driver."""
-        return {n["Name"]: n.get("Driver") or "" for n in self._call(lambda api: api.networks())}
+    def network_summaries(self) -> list[tuple[str, str, str, tuple[str, ...]]]:
+        """(id, name, driver, subnets) of every network, whatever its driver."""
+        return [
+            (n["Id"], n["Name"], n.get("Driver") or "",
+             tuple(c.get("Subnet") or "" for c in ((n.get("IPAM") or {}).get("Config") or [])))
+            for n in self._call(lambda api: api.networks())
+        ]
 
     def network(self, id_or_name: str) -> Optional[EngineNetworkInfo]:
         try:

@@ -347,7 +347,7 @@ def add_operator_commands(commands, add_store_flags: Callable[[argparse.Argument
     rm = with_store(sub.add_parser("rm", help="remove a network from every host where no container uses it"))
     rm.add_argument("name")
     rm.add_argument("--wait", type=float, default=10.0,
-                    help="seconds to wait for the hosts to remove it (default %(default)s)")
+                    help="seconds to wait for the hosts to remove it (default %(default)s; 0: do not wait)")
     rm.set_defaults(run=_run_rm)
 
     status = with_store(commands.add_parser("status", help="hosts, networks and endpoints of the cluster"))
@@ -403,7 +403,7 @@ def _run_rm(args) -> int:
     store = open_store_from(args)
     try:
         entry = network_rm(store, args.name)
-        results = wait_removed(store, args.name, args.wait)
+        results = wait_removed(store, args.name, args.wait) if args.wait > 0 else []
     finally:
         store.close()
     title = f"network {args.name} removed from the catalog" if entry else \

@@ -307,7 +307,8 @@ class Doctor:
         for network_id, network in sorted(stored.items()):
             if network_id not in ids:
                 problems.append(f"the store has network {network_id[:12]} (VNI {network.vni}) for this host, "
-                                "but the engine does not: stale; restart the plugin")
+                                "but the engine does not (it stopped while creating it?): the plugin's catalog "
+                                "forgets such networks within seconds; is it off (--no-catalog)?")
         for name, entry in sorted(catalog.items()):
             record = records.get(name)
             if record is not None and record.error:

@@ -85,7 +85,8 @@ class Runtime:
         self.last_seen = LastSeenWriter(self.store, host, config.advertise_addr)
         self.catalog = None
         if config.catalog:
-            self.catalog = Catalog(self.store, Engine(config.docker_host), host, config.name, metrics=self.metrics)
+            self.catalog = Catalog(self.store, Engine(config.docker_host), host, config.name, metrics=self.metrics,
+                                   forget=self._forget_network)
         self.restored = threading.Event()
 
     def start(self) -> None:
@@ -102,6 +103,12 @@ class Runtime:
         if self.catalog is not None:
             self.catalog.start()
         threading.Thread(target=self._restore, name="restore", daemon=True).start()
+
+    def _forget_network(self, network_id: str, subnet: str) -> None:
+        """What the engine left half done: its DeleteNetwork (if a network) and ReleasePool."""
+        if network_id:
+            self.network.delete_network(network_id)
+        self.ipam.release_pool(subnet)
 
     def _restore(self) -> None:
         delay = 0.1
