@@ -63,7 +63,9 @@ def test_config_capabilities_are_the_ones_found_necessary(config):
 def test_config_env_is_the_serve_command_line(config, monkeypatch):
     flags = serve_flags(monkeypatch)
     env = {e["name"]: e for e in config["env"]}
-    assert sorted(env) == sorted(flags), "config.json env and `pyoverlay serve` flags differ"
+    assert sorted(env) == sorted(flags), (
+        f"a new or removed `pyoverlay serve` flag: add to config.json env {sorted(set(flags) - set(env))}, "
+        f"remove {sorted(set(env) - set(flags))} (and the same in packaging/pyoverlay.env)")
     # The engine looks for interface.socket in the runtime directory it
     # mounts at /run/docker/plugins; the plugin must bind exactly there.
     socket = env.pop("PYOVERLAY_SOCKET")
@@ -102,7 +104,9 @@ def test_env_file_documents_every_flag_with_its_default(monkeypatch):
             settings.setdefault(m.group(1), m.group(2))  # the first one shown is the default
         else:
             assert line == "" or line.startswith("# "), f"not a comment or setting: {line!r}"
-    assert sorted(settings) == sorted(flags)
+    assert sorted(settings) == sorted(flags), (
+        f"document in packaging/pyoverlay.env {sorted(set(flags) - set(settings))}, "
+        f"remove {sorted(set(settings) - set(flags))}")
     for name, value in settings.items():
         # A switch (store_true) is shown turned on; a flag without a default
         # with an example.
