@@ -126,12 +126,17 @@ def hosts(request, cluster):
         containers = h.docker("ps", "-aq").split()
         if containers:
             h.docker("rm", "-f", *containers, timeout=120)
-    for h in cluster.hosts:
-        for net in h.docker("network", "ls", "-q", "--filter", "driver=pyoverlay").split():
-            h.docker_proc("network", "rm", net, check=False)  # the catalog may remove it first
-    for h in cluster.hosts:
-        wait_for(lambda: not h.docker("network", "ls", "-q", "--filter", "driver=pyoverlay"), 10,
-                 f"pyoverlay networks on {h.name} to go")
+
+    def removed() -> bool:
+        # Again until none is left: pyoverlay's catalog removes (and may re-add) networks on other hosts.
+        left = False
+        for h in cluster.hosts:
+            for net in h.docker("network", "ls", "-q", "--filter", "driver=pyoverlay").split():
+                left = True
+                h.docker_proc("network", "rm", net, check=False)
+        return not left
+
+    wait_for(removed, 30, "pyoverlay networks to go from every host", interval=0.5)
 
 
 # -- crash safety -----------------------------------------------------------------
@@ -239,3 +244,244 @@ def test_sigkill_at_random_points_loses_and_leaks_nothing(hosts, cluster):
                 "reachable throughout; a new container works",
            kills=KILL_ROUNDS, leaked=0, lost=0,
            restart_median_s=round(sorted(restart_seconds)[len(restart_seconds) // 2], 2))
+
+
+# -- etcd outage and partition ----------------------------------------------------
+
+OUTAGE = float(os.environ.get("PYO_OUTAGE_SECONDS", "10"))
+PING_INTERVAL = 0.2
+
+
+class Pinger:
+    """A ping running inside a container for the whole experiment; the lost
+    count comes from ping's own summary."""
+
+    def __init__(self, host: NamespaceHost, container: str, ip: str, seconds: float):
+        self.count = int(seconds / PING_INTERVAL)
+        self.thread = threading.Thread(target=self._run, args=(host, container, ip))
+        self.out = ""
+        self.thread.start()
+
+    def _run(self, host, container, ip):
+        self.out = host.docker_proc("exec", container, "ping", "-q", "-i", str(PING_INTERVAL), "-W", "1",
+                                    "-c", str(self.count), ip, check=False, timeout=self.count * PING_INTERVAL + 60).stdout
+
+    def result(self) -> tuple[int, int]:
+        self.thread.join()
+        sent, got = (int(x) for x in
+                     __import__("re").search(r"(\d+) packets transmitted, (\d+) (?:packets )?received", self.out).groups())
+        return sent, got
+
+
+def try_run(host: NamespaceHost, name: str, net: str):
+    t0 = time.monotonic()
+    proc = host.docker_proc("run", "-d", "--name", name, "--network", net, IMAGE, "sleep", "3600",
+                            check=False, timeout=90)
+    took = time.monotonic() - t0
+    if proc.returncode != 0:
+        host.docker_proc("rm", "-f", name, check=False)
+    return proc, took
+
+
+def run_until_it_works(host: NamespaceHost, net: str, timeout: float) -> tuple[str, float]:
+    """docker run, again and again, until one starts; (its IP, seconds taken)."""
+    t0, attempt = time.monotonic(), [0]
+
+    def attempt_run():
+        attempt[0] += 1
+        name = f"late{attempt[0]}"
+        return name if try_run(host, name, net)[0].returncode == 0 else None
+
+    name = wait_for(attempt_run, timeout, f"docker run on {host.name} to work again", interval=0.2)
+    ip = host.docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{net}").IPAddress}}}}', name)
+    return ip, time.monotonic() - t0
+
+
+def test_etcd_outage_traffic_flows_new_runs_fail_fast_then_recover(hosts, cluster):
+    h1, h2, _ = hosts
+    network((h1, h2), "outage", "10.62.0.0/24", 6200)
+    a, b = run(h1, "ca", "outage"), run(h2, "cb", "outage")
+    wait_for(lambda: pings(h1, "ca", b), 10, "a -> b before the outage")
+    pids = (h1._plugin.pid, h2._plugin.pid)
+
+    pinger = Pinger(h1, "ca", b, OUTAGE + 4)
+    time.sleep(1)  # traffic flowing before the outage begins
+    cluster.etcd.stop()
+    down_at = time.monotonic()
+    refused, took = try_run(h1, "during", "outage")
+    assert refused.returncode != 0, "docker run worked with etcd down?"
+    assert took < 10, f"docker run took {took:.1f}s to fail with etcd down"
+    assert "etcd" in refused.stderr and cluster.etcd.endpoint.split("//")[1] in refused.stderr, refused.stderr
+    time.sleep(max(0.0, OUTAGE - (time.monotonic() - down_at)))  # the outage lasts OUTAGE seconds
+    cluster.etcd.start()
+    up_at = time.monotonic()
+    sent, got = pinger.result()
+    assert sent - got == 0, f"{sent - got} of {sent} pings lost across the etcd outage:\n{pinger.out}"
+
+    # Back: a new container on h2 starts, and h1 (whose watch saw etcd go) programs it.
+    c, recovered = run_until_it_works(h2, "outage", 30)
+    wait_for(lambda: pings(h1, "ca", c), 10, "h1's container to reach one started after the outage")
+    reachable = time.monotonic() - up_at
+    assert (h1._plugin.pid, h2._plugin.pid) == pids and h1.plugin_running and h2.plugin_running
+    record("etcd outage", did=f"etcd stopped for {OUTAGE:.0f} s while a container pinged another host's every "
+           f"{PING_INTERVAL} s; docker run during the outage; etcd started again",
+           held=f"{got}/{sent} pings answered (0 lost); docker run failed in {took:.2f} s naming etcd and its "
+                f"address; after etcd returned a new container ran in {recovered:.1f} s and was reachable from the "
+                f"other host {reachable:.1f} s after etcd was back, with no plugin restart",
+           outage_s=OUTAGE, pings_lost=sent - got, fail_fast_s=round(took, 2), recover_s=round(recovered, 1),
+           reachable_s=round(reachable, 1))
+
+
+def test_partitioned_host_catches_up_on_missed_peer_events(hosts, cluster):
+    """h1 cannot reach etcd while h2 starts a container; once the partition
+    heals, h1 programs it by itself (its watch resumes where it stopped)."""
+    h1, h2, _ = hosts
+    network((h1, h2), "part", "10.63.0.0/24", 6300)
+    a = run(h1, "ca", "part")
+    run(h2, "cb", "part")
+    port = cluster.etcd.client_port
+    rules = (f"table inet pyo_faults {{\n chain out {{\n  type filter hook output priority 0;\n"
+             f"  ip daddr {UNDERLAY_ADDR} tcp dport {port} drop\n }}\n}}\n")
+    h1.run(["nft", "-f", "-"], input=rules)
+    try:
+        c = run(h2, "cc", "part")  # h1 misses this peer event
+        refused, took = try_run(h1, "cut", "part")
+        assert refused.returncode != 0 and took < 10 and "etcd" in refused.stderr, (took, refused.stderr)
+        assert not pings(h1, "ca", c), "h1 reached a peer it cannot have heard of"
+        time.sleep(2)  # the partition lasts a little longer: h1's watch must notice it stalled
+    finally:
+        h1.run(["nft", "delete", "table", "inet", "pyo_faults"])
+    healed = time.monotonic()
+    wait_for(lambda: pings(h1, "ca", c), 30, "h1 to program the container started while it was cut off")
+    caught_up = time.monotonic() - healed
+    assert pings(h2, "cc", a)
+    record("etcd partition of one host", did="h1's packets to etcd dropped (nft) while h2 started a container; "
+           "docker run on h1 during the partition; partition healed",
+           held=f"docker run on h1 {'failed' if refused.returncode else 'worked'} after {took:.1f} s"
+                f"{' naming etcd' if 'etcd' in refused.stderr else ''}; h1 applied the missed peer event "
+                f"{caught_up:.1f} s after the partition healed, no restart",
+           partitioned_run_s=round(took, 1), catch_up_s=round(caught_up, 1))
+
+
+def test_losing_one_of_three_etcd_members_is_invisible(hosts, cluster, underlay):
+    h1, h2, _ = hosts
+    ports = __import__("tests.etcdserver", fromlist=["_free_ports"])._free_ports("127.0.0.1", 6)
+    members = []
+    for i in range(3):
+        m = EtcdServer(UNDERLAY_ADDR, netns=underlay.netns, name=f"m{i}")
+        m.client_port, m.peer_port = ports[2 * i], ports[2 * i + 1]
+        members.append(m)
+    initial = ",".join(f"m{i}=http://{UNDERLAY_ADDR}:{ports[2 * i + 1]}" for i in range(3))
+    for m in members:
+        m.extra_args = ("--initial-cluster", initial, "--heartbeat-interval", "100", "--election-timeout", "1000")
+    try:
+        starting = [threading.Thread(target=m.start) for m in members]  # each waits for a quorum
+        for t in starting:
+            t.start()
+        for t in starting:
+            t.join()
+        assert all(m.proc and m.proc.poll() is None for m in members), [m.log_tail() for m in members]
+        url = "etcd://" + ",".join(f"{UNDERLAY_ADDR}:{m.client_port}" for m in members)
+        for h in (h1, h2):
+            h.kill_plugin()
+            h.start_plugin(url)
+        network((h1, h2), "ha", "10.64.0.0/24", 6400)
+        a, b = run(h1, "ca", "ha"), run(h2, "cb", "ha")
+        wait_for(lambda: pings(h1, "ca", b), 10, "a -> b on the three-member cluster")
+        pinger = Pinger(h1, "ca", b, 8)
+        time.sleep(1)
+        members[0].kill()  # the first endpoint every plugin tries
+        started = []
+        for i in range(3):
+            proc, took = try_run(h1 if i % 2 == 0 else h2, f"after{i}", "ha")
+            assert proc.returncode == 0, f"docker run failed after one etcd member died: {proc.stderr}"
+            started.append(took)
+        ip = h2.docker("inspect", "-f", '{{(index .NetworkSettings.Networks "ha").IPAddress}}', "after1")
+        wait_for(lambda: pings(h1, "ca", ip), 10, "a to reach a container started after the member died")
+        sent, got = pinger.result()
+        assert sent == got, f"{sent - got} pings lost when one etcd member died"
+        record("etcd cluster, one of three members killed", did="SIGKILL of the first etcd endpoint of every "
+               "plugin, pings running, then 3 docker run on two hosts",
+               held=f"0 of {sent} pings lost; every docker run worked (slowest {max(started):.2f} s); the new "
+                    "container reachable across hosts", runs=3, errors=0, slowest_run_s=round(max(started), 2))
+    finally:
+        for h in (h1, h2):
+            for name in h.docker("ps", "-aq").split():
+                h.docker_proc("rm", "-f", name, check=False)
+            for net in h.docker("network", "ls", "-q", "--filter", "driver=pyoverlay").split():
+                h.docker_proc("network", "rm", net, check=False)
+            h.kill_plugin()
+            h.start_plugin(cluster.url())
+        for m in members:
+            m.close()
+
+
+# -- engine restarts --------------------------------------------------------------
+
+
+def test_engine_restart_with_plugin_down_cleans_stale_endpoints(hosts, cluster):
+    """The plugin is down while dockerd stops (so the engine cannot tell it
+    about the endpoints going) and comes back while dockerd starts: no
+    deadlock, the stale endpoints go, the network and the container come back."""
+    h1, h2, _ = hosts
+    network((h1, h2), "restart", "10.65.0.0/24", 6500)
+    run(h1, "ca", "restart", "--restart", "always", "--init")
+    b = run(h2, "cb", "restart")
+    old = {k for k, v in store(cluster.etcd, "endpoints/").items() if v["host"] == h1.addr}
+    assert len(old) == 1
+    h1.kill_plugin()
+    t0 = time.monotonic()
+    restarting = threading.Thread(target=h1.restart_engine)
+    restarting.start()
+    time.sleep(1)  # the plugin comes back while the engine is stopping and starting
+    h1.start_plugin(cluster.url())
+    restarting.join(120)
+    assert not restarting.is_alive(), "the engine did not come back (deadlock with the plugin?)"
+    wait_for(lambda: h1.docker("inspect", "-f", "{{.State.Running}}", "ca") == "true", 60,
+             "container a to run again after the engine restart")
+    back = time.monotonic() - t0
+    assert "restart" in h1.docker("network", "ls", "--format", "{{.Name}}").split()
+    a = h1.docker("inspect", "-f", '{{(index .NetworkSettings.Networks "restart").IPAddress}}', "ca")
+
+    def clean() -> bool:
+        mine = {k for k, v in store(cluster.etcd, "endpoints/").items() if v["host"] == h1.addr}
+        return len(mine) == 1 and not (mine & old) and not plugin_links(h1)
+
+    wait_for(clean, 30, lambda: f"stale endpoints to go: {store(cluster.etcd, 'endpoints/')}, links {plugin_links(h1)}")
+    wait_for(lambda: pings(h2, "cb", a) and pings(h1, "ca", b), 10, "a and b to reach each other again")
+    record("engine restart, plugin down meanwhile", did="plugin SIGKILLed, dockerd restarted with a "
+           "restart-always container running, plugin started while dockerd was stopping/starting",
+           held=f"no deadlock; engine, network and container back in {back:.1f} s; the stale endpoint removed; "
+                "no leaked link; cross-host traffic again", back_s=round(back, 1), stale_left=0)
+
+
+# -- concurrency ----------------------------------------------------------------------
+
+
+REACH = r'for ip in "$@"; do (ping -c1 -W2 "$ip" >/dev/null 2>&1 && echo "ok $ip" || echo "no $ip") & done; wait'
+
+
+def test_concurrent_runs_on_three_hosts(hosts, cluster):
+    network(hosts, "busy", "10.66.0.0/24", 6600)
+    jobs = [(h, f"c{i}") for h in hosts for i in range(CONCURRENT)]
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: job[0].docker_proc(
+            "run", "-d", "--name", job[1], "--network", "busy", IMAGE, "sleep", "3600",
+            check=False, timeout=300), jobs))
+    took = time.monotonic() - t0
+    errors = [r.stderr.strip() for r in results if r.returncode != 0]
+    assert not errors, f"{len(errors)} of {len(jobs)} concurrent docker run failed: {errors[:3]}"
+    ips = []
+    for h in hosts:
+        fmt = '{{(index .NetworkSettings.Networks "busy").IPAddress}}'
+        ips += h.docker("inspect", "-f", fmt, *[f"c{i}" for i in range(CONCURRENT)]).split()
+    assert len(ips) == len(jobs) and len(set(ips)) == len(ips), "duplicate addresses across hosts"
+    unreachable = {}
+    for h in hosts:  # from one container per host, every container on every host
+        out = h.docker("exec", "c0", "sh", "-c", REACH, "sh", *ips, timeout=60)
+        unreachable[h.name] = [line.split()[1] for line in out.splitlines() if line.startswith("no ")]
+    assert not any(unreachable.values()), f"unreachable: {unreachable}"
+    record("concurrent docker run", did=f"3 hosts x {CONCURRENT} concurrent docker run on one network",
+           held=f"{len(jobs)} started in {took:.1f} s, 0 errors, {len(set(ips))} unique addresses, all reachable "
+                "from a container on each host", containers=len(jobs), errors=0, seconds=round(took, 1))
