@@ -9,7 +9,7 @@ import json
 import pytest
 
 from driver.catalog import EngineNetwork, NamedNetwork
-from driver.lastseen import LastSeen
+from driver.lastseen import LastSeen, LastSeenWriter
 from driver.model import Endpoint, Host, Overlay, Pool, SubnetClaim
 from driver.network import endpoint_mac
 from driver.state import (
@@ -27,6 +27,7 @@ from driver.store import open_store
 from plugin import commands
 from plugin.cli import main
 from plugin.commands import CommandError, collect_status, network_create, network_rm, render_status
+from tests.hosts import wait_for
 
 NOW = 1_700_000_000.0
 H1, H2, H3 = "10.99.0.1", "10.99.0.2", "10.99.0.3"
@@ -245,6 +246,18 @@ def test_status_table(store):
         "10.99.0.2  web      db         10.40.0.4  02:50:0a:28:00:04  e3e3e3e3e3e3\n"
         "10.99.0.3  -        -          10.41.0.2  02:50:0a:29:00:02  e4e4e4e4e4e4\n"
     )
+
+
+def test_last_seen_is_kept_after_the_host_is_gone(store):
+    writer = LastSeenWriter(store, H3, H3, interval=0.05, clock=lambda: NOW)
+    writer.start()
+    try:
+        wait_for(lambda: store.get(seen_key(H3)), 5, "the last-seen record")
+    finally:
+        writer.stop()
+    (host,) = collect_status(store, now=NOW + 90)["hosts"]
+    assert (host["host"], host["alive"], host["last_seen"]) == (H3, False, NOW)
+    assert "10.99.0.3  10.99.0.3  down   1m ago" in render_status(collect_status(store, now=NOW + 90), now=NOW + 90)
 
 
 def test_status_of_an_empty_store(store):

@@ -17,6 +17,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from driver.catalog import PHANTOM_GRACE
 from tests.e2e.conftest import FACTORY, HostFactory
 from tests.etcdserver import EtcdServer
 from tests.hosts import IMAGE, PLUGIN_EXE, UNDERLAY_ADDR, NamespaceHost, wait_for
@@ -252,6 +253,12 @@ def test_operator_create_and_rm(cluster, hosts):
     status = json.loads(cluster.pyoverlay(h1, "status", "--json", check=True).stdout)
     assert [n for n in status["networks"] if n["name"] == "api"] == []
 
+    # A host whose plugin stopped shows as down, with when it was last seen.
+    h3.stop_plugin()
+    status = json.loads(cluster.pyoverlay(h1, "status", "--json", check=True).stdout)
+    down = next(s for s in status["hosts"] if s["host"] == h3.addr)
+    assert down["alive"] is False and time.time() - 120 < down["last_seen"] <= time.time()
+
 
 def test_engine_restart_while_networks_are_created_elsewhere(cluster, hosts):
     h1, h2, h3 = hosts
@@ -302,3 +309,44 @@ def test_engine_restart_while_networks_are_created_elsewhere(cluster, hosts):
     h3.docker("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet", "10.44.99.0/24",
               "after")
     appears([h1, h2], "after", time.monotonic())
+
+
+def test_leftovers_of_an_engine_stopped_mid_create_are_forgotten(cluster, hosts):
+    """An engine that stops between the plugin's answers and keeping the
+    network leaves a network record and a pool hold (or, stopped during the
+    rollback, a bare pool hold) that would block the subnet on that host for
+    good. Made here by calling h3's plugin as its engine would, then stopping."""
+    h1, h2, h3 = hosts
+    h1.docker("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet", "10.47.9.0/24",
+              "anchor")
+    appears([h3], "anchor", time.monotonic())
+    before = scrape(h3).get(("pyoverlay_catalog_actions_total", (("action", "forgotten"),)), 0)
+
+    def request(call, body):
+        status, answer = h3.plugin_request(call, body)
+        assert status == 200, (call, answer)
+        return answer
+
+    made = time.monotonic()
+    pool = request("IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "10.47.0.0/24",
+                                              "Options": {}, "V6": False})["PoolID"]
+    gateway = request("IpamDriver.RequestAddress", {
+        "PoolID": pool, "Address": "", "Options": {"RequestAddressType": "com.docker.network.gateway"}})["Address"]
+    request("NetworkDriver.CreateNetwork", {
+        "NetworkID": "f" * 64, "Options": {"com.docker.network.generic": {}},
+        "IPv4Data": [{"AddressSpace": "pyoverlay", "Pool": pool, "Gateway": gateway}], "IPv6Data": []})
+    request("IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "10.47.1.0/24", "Options": {}, "V6": False})
+
+    t0 = time.monotonic()
+    for i, name in enumerate(("ghost", "ghost2")):
+        h1.docker("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay",
+                  "--subnet", f"10.47.{i}.0/24", name)
+    took = max(appears([h3], name, t0) for name in ("ghost", "ghost2"))
+    print(f"\nleftovers forgotten and both networks on h3 {took:.1f}s after they were made on h1")
+    # Never before the grace period: a create in flight looks the same for a moment.
+    assert time.monotonic() - made >= PHANTOM_GRACE
+    after = scrape(h3)[("pyoverlay_catalog_actions_total", (("action", "forgotten"),))]
+    assert after - before == 2
+    doctor = cluster.pyoverlay(h3, "doctor", "--json", "--advertise-addr", h3.addr,
+                               "--docker-host", f"unix://{h3.dir}/docker.sock")
+    assert doctor.returncode == 0, doctor.stdout
