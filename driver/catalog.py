@@ -274,7 +274,7 @@ class Catalog:
                     due = 0.0
                 self._wants_pass = False
 
-    def _attempt(self, step) -> Optional[bool]:
+    def _attempt(self, step) -> bool:
         """Run step; a store failure or an engine refusal means: try again later."""
         try:
             result = step()

@@ -13,7 +13,6 @@ from driver.lastseen import LastSeen, LastSeenWriter
 from driver.model import Endpoint, Host, Overlay, Pool, SubnetClaim
 from driver.network import endpoint_mac
 from driver.state import (
-    State,
     catalog_key,
     endpoint_key,
     engine_network_key,

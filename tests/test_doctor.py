@@ -114,7 +114,7 @@ def test_reports_a_stale_and_a_missing_fdb_entry(plugin, served, overlay):
     assert [c.name for c in checks if c.status == FAIL] == ["peers"]
     assert exit_status(checks) == 1
     text = render(checks)
-    assert f"[FAIL] peers: 1 missing and 1 stale" in text and text.endswith("1 check(s) failed\n")
+    assert "[FAIL] peers: 1 missing and 1 stale" in text and text.endswith("1 check(s) failed\n")
 
 
 def test_reports_debris_in_an_overlay_namespace(plugin, served, overlay):
