@@ -76,6 +76,16 @@ def build_and_create(host: NamespaceHost, watch: Stopwatch) -> None:
         watch.times[f"  build-plugin: {stage}"] = float(secs)
 
 
+def managed_plugin_log(host: NamespaceHost, lines: int = 300) -> str:
+    out = []
+    with open(host.dir / "dockerd.log", errors="replace") as f:
+        for line in f:
+            m = re.search(r'msg="(.*)" plugin=\w+', line)
+            if m:
+                out.append(m.group(1).replace('\\"', '"'))
+    return "\n".join(out[-lines:])
+
+
 def plugin_pids(host: NamespaceHost) -> list[int]:
     """The plugin's processes: those whose root is its rootfs."""
     plugin_id = host.docker("plugin", "inspect", "-f", "{{.Id}}", PLUGIN)
@@ -122,6 +132,10 @@ def test_managed_plugin_survives_an_engine_restart(make_hosts, silent_etcd, caps
         pytest.skip("the managed plugin test runs on namespace hosts only")
     try:
         run_scenario(host, silent_etcd, watch)
+    except BaseException:
+        # A managed plugin logs through the engine: its lines, for the report.
+        print(f"managed plugin log (from the engine's log):\n{managed_plugin_log(host)}")
+        raise
     finally:
         for stage, secs in watch.times.items():
             record_property(f"seconds {stage.strip()}", round(secs, 2))
@@ -187,7 +201,10 @@ def run_scenario(host: NamespaceHost, hanging_etcd: str, watch: Stopwatch) -> No
         killed = plugin_pids(host)
         assert killed, "no plugin process found"
         for pid in killed:
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # a short-lived child (nft) that ended on its own
         wait_for(lambda: set(plugin_pids(host)) - set(killed), 30, "the engine to start the plugin again")
     assert ping(host, "ca", b_ip), "a lost b when the plugin crashed"
     with watch("new container after crash"):
