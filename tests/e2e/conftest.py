@@ -6,6 +6,7 @@ each host's plugin log and the tail of its dockerd log.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import uuid
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.hosts import NamespaceHost, SessionLock, Underlay, build_image_tar, sweep_leftovers
+from tests.hosts_ssh import HOSTS_ENV, hosts_from_env
 
 HERE = Path(__file__).parent
 FACTORY = pytest.StashKey["HostFactory"]()
@@ -72,12 +74,27 @@ class HostFactory:
         self.hosts: list[NamespaceHost] = []
 
     def __call__(self, n: int, mtu: int | None = None) -> list[NamespaceHost]:
+        if os.environ.get(HOSTS_ENV):
+            return self._vms(n, mtu)
         made = []
         for _ in range(n):
             host = NamespaceHost(len(self.hosts) + 1, self.underlay, self.workdir, self.image_tar, mtu=mtu)
             self.hosts.append(host)  # registered first: a half-started host is torn down too
             host.start()
             made.append(host)
+        return made
+
+    def _vms(self, n: int, mtu: int | None):
+        """The same tests on real machines (Vagrantfile): PYOVERLAY_E2E_HOSTS=vagrant:SSH-CONFIG."""
+        if mtu is not None:
+            pytest.skip(f"{HOSTS_ENV}: the VMs' underlay MTU is fixed")
+        vms = hosts_from_env(image_tar=self.image_tar)
+        if len(self.hosts) + n > len(vms):
+            pytest.fail(f"{HOSTS_ENV} names {len(vms)} hosts; this test needs {len(self.hosts) + n}")
+        made = vms[len(self.hosts):len(self.hosts) + n]
+        for host in made:
+            self.hosts.append(host)
+            host.start()
         return made
 
     def close(self) -> None:

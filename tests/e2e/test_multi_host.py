@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import pytest
 
 from tests.e2e.conftest import FACTORY, HostFactory
 from tests.etcdserver import EtcdServer
+from tests.hosts_ssh import HOSTS_ENV, RemoteEtcd
 from tests.hosts import IMAGE, UNDERLAY_ADDR, NamespaceHost, wait_for
 
 STORE_PREFIX = "/pyoverlay/"
@@ -54,12 +56,16 @@ class Cluster:
 def cluster(underlay, e2e_workdir, image_tar):
     workdir = Path(e2e_workdir) / "etcd"
     workdir.mkdir(exist_ok=True)
-    etcd = EtcdServer(UNDERLAY_ADDR, netns=underlay.netns, workdir=str(workdir))
     factory = HostFactory(underlay, e2e_workdir, image_tar)
+    vms = bool(os.environ.get(HOSTS_ENV))
+    etcd = None if vms else EtcdServer(UNDERLAY_ADDR, netns=underlay.netns, workdir=str(workdir))
     try:
         t0 = time.monotonic()
-        etcd.start()
+        if etcd is not None:
+            etcd.start()
         hosts = factory(3)
+        if etcd is None:  # the VMs share the etcd the Vagrantfile runs on the first one
+            etcd = RemoteEtcd(hosts[0].configured_env()["PYOVERLAY_STORE"], via=hosts[0])
         for h in hosts:
             h.start_plugin(etcd.url, env=PLUGIN_ENV)
         print(f"\ncluster up in {time.monotonic() - t0:.1f}s (etcd {etcd.url})")
@@ -68,7 +74,8 @@ def cluster(underlay, e2e_workdir, image_tar):
         try:
             factory.close()
         finally:
-            etcd.close()
+            if isinstance(etcd, EtcdServer):
+                etcd.close()
 
 
 @pytest.fixture
