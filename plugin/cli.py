@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket", default=_env("SOCKET", DEFAULT_SOCKET),
                        help="unix socket; its basename is the driver name (default %(default)s)")
     _add_store_flags(serve)
+    serve.add_argument("--driver-name", default=_env("DRIVER_NAME"),
+                       help="the name the engine calls this driver by (managed plugin: pyoverlay:latest); "
+                            "default: the socket's basename")
     serve.add_argument("--advertise-addr", default=_env("ADVERTISE_ADDR"),
                        help="this host's underlay address (VTEP); default: the address of the default route's interface")
     serve.add_argument("--vxlan-port", type=int, default=int(_env("VXLAN_PORT", "4789")))
@@ -79,7 +82,7 @@ def _serve(args) -> int:
         default_pool=args.default_pool, etcd_prefix=args.etcd_prefix, etcd_cacert=args.etcd_cacert,
         etcd_cert=args.etcd_cert, etcd_key=args.etcd_key, log_level=args.log_level,
         log_format=args.log_format, docker_host=args.docker_host, catalog=not args.no_catalog,
-        metrics_addr=args.metrics_addr,
+        metrics_addr=args.metrics_addr, driver_name=args.driver_name,
     ))
     return 0
 

@@ -52,10 +52,14 @@ class Config:
     docker_host: str | None = None  # the engine the catalog talks to (None: DOCKER_HOST, else the local socket)
     catalog: bool = True  # cluster-wide network names
     metrics_addr: str | None = None  # HOST:PORT for Prometheus; None: no metrics
+    driver_name: str | None = None  # as the engine knows it; None: the socket's basename
 
     @property
     def name(self) -> str:
-        """The driver name, as the engine knows it: the socket's basename."""
+        """The driver name, as the engine knows it: a legacy plugin is called
+        by its socket's basename, a managed one by its reference (pyoverlay:latest)."""
+        if self.driver_name:
+            return self.driver_name
         base = os.path.basename(self.socket)
         return base[: -len(".sock")] if base.endswith(".sock") else base
 
@@ -149,6 +153,9 @@ class PluginServer(BaseApplication):
             "worker_class": "gthread",
             "threads": 8,
             "umask": 0o177,  # socket 0600: only root may drive the network
+            # gunicorn's own control socket ($HOME/.gunicorn) is not needed and
+            # would be shared by every plugin process on a machine.
+            "control_socket_disable": True,
             "timeout": 120,
             "graceful_timeout": 5,
             "loglevel": self.config.log_level,

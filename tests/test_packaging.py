@@ -71,6 +71,8 @@ def test_config_env_is_the_serve_command_line(config, monkeypatch):
     socket = env.pop("PYOVERLAY_SOCKET")
     assert socket["value"] == "/run/docker/plugins/" + config["interface"]["socket"]
     assert "value" not in socket.get("settable", [])
+    # A managed plugin is called by its reference, not by its socket's name.
+    assert env.pop("PYOVERLAY_DRIVER_NAME")["value"] == "pyoverlay:latest"
     for name in ("PYOVERLAY_STORE", "PYOVERLAY_ADVERTISE_ADDR", "PYOVERLAY_LOG_LEVEL", "PYOVERLAY_VXLAN_PORT",
                  "PYOVERLAY_ETCD_CACERT", "PYOVERLAY_ETCD_CERT", "PYOVERLAY_ETCD_KEY"):
         assert env[name].get("settable") == ["value"], f"{name} must be settable"
