@@ -19,7 +19,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,8 @@ from driver.model import Endpoint, Network, Peer
 from driver.network import VXLAN_OVERHEAD
 from driver.state import CATALOG, PEERS, engine_prefix, host_key
 from driver.store.base import Store, StoreError
+
+from .client import call
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 SOCKET_TIMEOUT = 5.0
@@ -54,22 +55,6 @@ def _peer(p: Peer) -> Peer:
 
 def _fmt(p: Peer) -> str:
     return f"{p.ip} {p.mac} via {p.vtep}"
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 class Doctor:
@@ -119,21 +104,15 @@ class Doctor:
         if not os.path.exists(path):
             return Check("plugin socket", FAIL, f"no socket at {path}: is `pyoverlay serve` running "
                                                 "(systemctl status pyoverlay)?")
-        conn = _UnixHTTPConnection(path, SOCKET_TIMEOUT)
         started = time.perf_counter()
         try:
-            conn.request("POST", "/Plugin.Activate", body=b"",
-                         headers={"Accept": "application/vnd.docker.plugins.v1.2+json"})
-            response = conn.getresponse()
-            body = json.loads(response.read() or b"{}")
-        except (OSError, ValueError, http.client.HTTPException) as e:
+            status, body = call(path, "Plugin.Activate", timeout=SOCKET_TIMEOUT)
+        except (OSError, http.client.HTTPException) as e:
             return Check("plugin socket", FAIL, f"{path} does not answer ({e or type(e).__name__}): "
                                                 "the engine cannot use the driver; restart the plugin")
-        finally:
-            conn.close()
         took = (time.perf_counter() - started) * 1000
-        if response.status != 200 or "NetworkDriver" not in (body.get("Implements") or []):
-            return Check("plugin socket", FAIL, f"{path} answered {response.status} {body}: "
+        if status != 200 or not isinstance(body, dict) or "NetworkDriver" not in (body.get("Implements") or []):
+            return Check("plugin socket", FAIL, f"{path} answered {status} {body}: "
                                                 "is it pyoverlay's socket?")
         return Check("plugin socket", OK, f"{path} answers ({took:.1f} ms)")
 

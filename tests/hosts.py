@@ -13,18 +13,18 @@ from __future__ import annotations
 import abc
 import fcntl
 import glob
-import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+
+from plugin.client import call
 
 PREFIX = "pyo-e2e-"
 UNDERLAY_NETNS = PREFIX + "ul"
@@ -409,20 +409,7 @@ class NamespaceHost(Host):
         self.timings["plugin_start"] = time.monotonic() - t0
 
     def plugin_request(self, method: str, body: Optional[dict] = None) -> tuple[int, object]:
-        conn = _UnixHTTPConnection(str(self.socket_path), timeout=10)
-        try:
-            data = b"" if body is None else json.dumps(body).encode()
-            # As the engine sends it: this Accept and no Content-Type.
-            conn.request("POST", f"/{method}", body=data,
-                         headers={"Accept": "application/vnd.docker.plugins.v1.2+json"})
-            response = conn.getresponse()
-            raw = response.read()
-        finally:
-            conn.close()
-        try:
-            return response.status, json.loads(raw) if raw else None
-        except ValueError:
-            return response.status, raw.decode(errors="replace")
+        return call(str(self.socket_path), method, body)
 
     def stop_plugin(self) -> None:
         if self._plugin is not None:
@@ -481,22 +468,6 @@ class NamespaceHost(Host):
         self.underlay.unplug(self.index)
         _sweep_cgroups(self.cgroup_parent)
         _remove_tree(self.dir)
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 # -- processes ----------------------------------------------------------------

@@ -42,7 +42,8 @@ from pyroute2 import IPRoute
 
 from plugin.app import _routes
 from tests.conftest import HostNamespace, PluginUnderTest, new_id
-from tests.hosts import _UnixHTTPConnection, wait_for
+from plugin.client import UnixHTTPConnection
+from tests.hosts import wait_for
 from tests.reliability import record
 
 SCALE = float(os.environ.get("PYO_FUZZ_EXAMPLES", "1"))
@@ -418,7 +419,7 @@ class ServedPlugin:
         return (self.dir / "plugin.log").read_text(errors="replace")[-3000:]
 
     def request(self, call: str, data: bytes) -> tuple[int, str]:
-        conn = _UnixHTTPConnection(str(self.socket), timeout=30)
+        conn = UnixHTTPConnection(str(self.socket), timeout=30)
         try:
             conn.request("POST", f"/{call}", body=data, headers={"Accept": "application/vnd.docker.plugins.v1.2+json"})
             response = conn.getresponse()
