@@ -127,16 +127,20 @@ def hosts(request, cluster):
         if containers:
             h.docker("rm", "-f", *containers, timeout=120)
 
+    why: list[str] = []
+
     def removed() -> bool:
         # Again until none is left: pyoverlay's catalog removes (and may re-add) networks on other hosts.
         left = False
         for h in cluster.hosts:
             for net in h.docker("network", "ls", "-q", "--filter", "driver=pyoverlay").split():
                 left = True
-                h.docker_proc("network", "rm", net, check=False)
+                done = h.docker_proc("network", "rm", net, check=False)
+                if done.returncode:
+                    why[:] = [f"{h.name}: {done.stderr.strip()}"]
         return not left
 
-    wait_for(removed, 30, "pyoverlay networks to go from every host", interval=0.5)
+    wait_for(removed, 60, lambda: f"pyoverlay networks to go from every host (last refusal: {why})", interval=0.5)
 
 
 # -- crash safety -----------------------------------------------------------------
@@ -340,8 +344,11 @@ def test_partitioned_host_catches_up_on_missed_peer_events(hosts, cluster):
     a = run(h1, "ca", "part")
     run(h2, "cb", "part")
     port = cluster.etcd.client_port
+    # Both ways: etcd pushes watch events on an established stream even if our ACKs are lost.
     rules = (f"table inet pyo_faults {{\n chain out {{\n  type filter hook output priority 0;\n"
-             f"  ip daddr {UNDERLAY_ADDR} tcp dport {port} drop\n }}\n}}\n")
+             f"  ip daddr {UNDERLAY_ADDR} tcp dport {port} drop\n }}\n"
+             f" chain in {{\n  type filter hook input priority 0;\n"
+             f"  ip saddr {UNDERLAY_ADDR} tcp sport {port} drop\n }}\n}}\n")
     h1.run(["nft", "-f", "-"], input=rules)
     try:
         c = run(h2, "cc", "part")  # h1 misses this peer event
