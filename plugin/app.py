@@ -80,6 +80,15 @@ def _reply(body: dict, status: int = 200) -> Response:
     return Response(json.dumps(body), status=status, mimetype="application/vnd.docker.plugins.v1.2+json")
 
 
+def _refuse(call: str, message: str, status: int) -> Response:
+    """The engine's plugin client reads only "Err" out of a non-200 answer and
+    shows anything else as raw JSON; its IPAM client reads "Error" out of a 200.
+    So a refused IPAM call is a 200 with "Error": the user reads the message."""
+    if call.startswith("IpamDriver."):
+        return _reply({"Error": message})
+    return _reply({"Err": message}, status)
+
+
 def create_app(network, ipam, observe: Callable[[str, float, bool], None] | None = None) -> Flask:
     """observe(call, seconds, ok) is told of every call (logs, metrics)."""
     app = Flask("pyoverlay")
@@ -93,10 +102,10 @@ def create_app(network, ipam, observe: Callable[[str, float, bool], None] | None
     @app.post("/<call>")
     def dispatch(call: str):
         handler = routes.get(call)
-        error_key = "Error" if call.startswith("IpamDriver.") else "Err"
         if handler is None:
             # 404 tells the engine "not implemented", which it accepts for optional calls.
-            return _reply({error_key: f"pyoverlay does not implement {call}"}, 404)
+            key = "Error" if call.startswith("IpamDriver.") else "Err"
+            return _reply({key: f"pyoverlay does not implement {call}"}, 404)
         started = time.perf_counter()
         ok = False
         body: dict = {}
@@ -106,12 +115,12 @@ def create_app(network, ipam, observe: Callable[[str, float, bool], None] | None
             ok = True
             return _reply(answer)
         except DriverError as exc:
-            return _reply({error_key: str(exc)}, 400)
+            return _refuse(call, str(exc), 400)
         except StoreError as exc:
-            return _reply({error_key: f"pyoverlay's store failed: {exc}"}, 500)
+            return _refuse(call, f"pyoverlay's store failed: {exc}", 500)
         except Exception as exc:
             log.exception("%s failed", call)
-            return _reply({error_key: f"pyoverlay internal error in {call}: {exc}; see the plugin log"}, 500)
+            return _refuse(call, f"pyoverlay internal error in {call}: {exc}; see the plugin log", 500)
         finally:
             took = time.perf_counter() - started
             ids = " ".join(f"{k}={v[:12]}" for k, v in body.items() if k.endswith("ID") and isinstance(v, str))
