@@ -47,6 +47,9 @@ class PeerTable(Protocol):
 
     def network_added(self, vni: int) -> None: ...
 
+    def restored(self) -> None:
+        """Every overlay this host carries has been named (after a start)."""
+
     def network_removed(self, vni: int) -> None: ...
 
 
@@ -327,6 +330,7 @@ class NetworkDriver:
                 for stale in self.dataplane.endpoints(vni) - known:
                     self.dataplane.delete_endpoint(vni, stale)
                 self.peers.network_added(vni)
+        self.peers.restored()
         released = self._release_orphan_addresses()
         log.info("restored %d networks, %d endpoints; released %d orphan addresses",
                  len(networks), len(endpoints), released)

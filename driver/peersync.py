@@ -34,6 +34,7 @@ class PeerSync:
         self.metrics = metrics
         self._table: defaultdict[int, dict[str, Peer]] = defaultdict(dict)
         self._local: set[int] = set()
+        self._restored = False  # the driver has named every overlay this host carries
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -66,8 +67,10 @@ class PeerSync:
             self.metrics.reconciled(added, removed)
 
     def _vteps_changed(self) -> None:
-        # With the lock held and the table read from the store.
-        if self.on_vteps is not None:
+        # With the lock held and the table read from the store. Not before the
+        # driver has named every overlay it carries: a partial set would shut
+        # out live peers for a moment at every restart.
+        if self.on_vteps is not None and self.synced.is_set() and self._restored:
             self.on_vteps({p.vtep for vni in self._local for p in self._remote(vni)})
 
     def _remote(self, vni: int) -> list[Peer]:
@@ -87,8 +90,12 @@ class PeerSync:
     def network_removed(self, vni: int) -> None:
         with self._lock:
             self._local.discard(vni)
-            if self.synced.is_set():
-                self._vteps_changed()
+            self._vteps_changed()
+
+    def restored(self) -> None:
+        with self._lock:
+            self._restored = True
+            self._vteps_changed()
 
     # Store side.
 
@@ -104,8 +111,8 @@ class PeerSync:
                 self._reconciled(added, removed)
                 if added or removed:
                     log.info("vni %d: reconciled peers (+%d -%d)", vni, added, removed)
+            self.synced.set()
             self._vteps_changed()
-        self.synced.set()
 
     def _on_events(self, events: list[Event]) -> None:
         with self._lock:

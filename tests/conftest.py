@@ -94,6 +94,7 @@ class PluginUnderTest:
         self.client = create_app(self.network, self.ipam).test_client()
         self.peers.start()
         assert self.peers.synced.wait(5), "peer sync never took its first snapshot"
+        self.network.restore()  # as the plugin does at start
 
     def call(self, method: str, body=None, raw: bytes | None = None):
         data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())

@@ -1,0 +1,53 @@
+"""Peer sync against an in-memory store, with a recording stand-in for the
+dataplane (the real one is exercised in test_protocol, test_isolation and e2e)."""
+
+from __future__ import annotations
+
+from driver.model import Peer
+from driver.peersync import PeerSync
+from driver.state import peer_key
+from driver.store import open_store
+from tests.hosts import wait_for
+
+LOCAL, REMOTE = "10.99.0.1", "10.99.0.2"
+
+
+class RecordingDataplane:
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def set_peers(self, vni, peers):
+        self.calls.append(("set", vni, frozenset(peers)))
+        return 0, 0
+
+    def add_peer(self, vni, peer):
+        self.calls.append(("add", vni, peer))
+
+    def remove_peer(self, vni, peer):
+        self.calls.append(("remove", vni, peer))
+
+
+def test_restart_never_narrows_the_vtep_filter_or_wipes_peers():
+    """A restarted plugin must not tell the firewall (or the kernel) about a
+    partial world: until the driver has named its overlays, nothing is sent."""
+    store = open_store("memory://")
+    remote = Peer(ip="10.20.0.9", mac="02:50:0a:14:00:09", vtep=REMOTE)
+    store.put(peer_key(5000, "e" * 64), remote.to_json())
+    dataplane, told = RecordingDataplane(), []
+    sync = PeerSync(store, dataplane, vtep=LOCAL)
+    sync.on_vteps = told.append
+    sync.start()
+    try:
+        assert sync.synced.wait(5)
+        assert told == [] and dataplane.calls == []  # the driver has not restored yet
+        sync.network_added(5000)
+        sync.restored()
+        assert told == [{REMOTE}]
+        assert dataplane.calls == [("set", 5000, frozenset({remote}))]
+
+        store.delete(peer_key(5000, "e" * 64))
+        wait_for(lambda: told[-1] == set(), 5, "the VTEP to leave the filter")
+        assert ("remove", 5000, remote) in dataplane.calls
+    finally:
+        sync.stop()
+        store.close()
