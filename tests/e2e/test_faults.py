@@ -484,11 +484,17 @@ def test_concurrent_runs_on_three_hosts(hosts, cluster):
         fmt = '{{(index .NetworkSettings.Networks "busy").IPAddress}}'
         ips += h.docker("inspect", "-f", fmt, *[f"c{i}" for i in range(CONCURRENT)]).split()
     assert len(ips) == len(jobs) and len(set(ips)) == len(ips), "duplicate addresses across hosts"
-    unreachable = {}
-    for h in hosts:  # from one container per host, every container on every host
+    missed = 0
+    for h in hosts:  # from one container per host, every container on every host, 90 pings at once
         out = h.docker("exec", "c0", "sh", "-c", REACH, "sh", *ips, timeout=60)
-        unreachable[h.name] = [line.split()[1] for line in out.splitlines() if line.startswith("no ")]
-    assert not any(unreachable.values()), f"unreachable: {unreachable}"
+        for ip in [line.split()[1] for line in out.splitlines() if line.startswith("no ")]:
+            # A single ping lost in a burst of 90 is not an unreachable container:
+            # ask again, alone; one that stays silent fails the test.
+            missed += 1
+            wait_for(lambda: pings(h, "c0", ip), 10, lambda: f"{h.name}'s c0 to reach {ip}; its overlay's "
+                     f"neighbours: {h.run(['ip', '-n', 'pyo-6600', 'neigh', 'show', ip]).stdout!r}")
     record("concurrent docker run", did=f"3 hosts x {CONCURRENT} concurrent docker run on one network",
            held=f"{len(jobs)} started in {took:.1f} s, 0 errors, {len(set(ips))} unique addresses, all reachable "
-                "from a container on each host", containers=len(jobs), errors=0, seconds=round(took, 1))
+                f"from a container on each host ({missed} of {3 * len(ips)} pings in the 90-at-once bursts went "
+                "unanswered and were answered when sent again)", containers=len(jobs), errors=0,
+           seconds=round(took, 1), burst_pings_missed=missed)
