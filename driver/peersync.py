@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Callable, Optional
 
 from .model import Peer
@@ -35,6 +35,10 @@ class PeerSync:
         self._table: defaultdict[int, dict[str, Peer]] = defaultdict(dict)
         self._local: set[int] = set()
         self._restored = False  # the driver has named every overlay this host carries
+        # Remote peers per VTEP over the overlays this host carries, kept
+        # incrementally so that an event costs the same at 10 or 10,000 peers.
+        self._vteps: Counter[str] = Counter()
+        self._told: Optional[frozenset[str]] = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -66,12 +70,27 @@ class PeerSync:
         if self.metrics is not None:
             self.metrics.reconciled(added, removed)
 
+    def _count(self, vni: int, sign: int) -> None:
+        for peer in self._remote(vni):
+            self._vteps[peer.vtep] += sign
+        self._vteps += Counter()  # drop VTEPs down to zero
+
+    def _recount(self, peer: Optional[Peer], sign: int) -> None:
+        if peer is not None and peer.vtep != self.vtep:
+            self._vteps[peer.vtep] += sign
+            if self._vteps[peer.vtep] <= 0:
+                del self._vteps[peer.vtep]
+
     def _vteps_changed(self) -> None:
         # With the lock held and the table read from the store. Not before the
         # driver has named every overlay it carries: a partial set would shut
         # out live peers for a moment at every restart.
-        if self.on_vteps is not None and self.synced.is_set() and self._restored:
-            self.on_vteps({p.vtep for vni in self._local for p in self._remote(vni)})
+        if self.on_vteps is None or not self.synced.is_set() or not self._restored:
+            return
+        vteps = frozenset(self._vteps)
+        if vteps != self._told:
+            self.on_vteps(set(vteps))
+            self._told = vteps
 
     def _remote(self, vni: int) -> list[Peer]:
         return [p for p in self._table.get(vni, {}).values() if p.vtep != self.vtep]
@@ -80,7 +99,9 @@ class PeerSync:
 
     def network_added(self, vni: int) -> None:
         with self._lock:
-            self._local.add(vni)
+            if vni not in self._local:
+                self._local.add(vni)
+                self._count(vni, +1)
             # Before the first snapshot the table is empty: reconciling to it
             # would wipe the entries a restarted plugin finds in the kernel.
             if self.synced.is_set():
@@ -89,7 +110,9 @@ class PeerSync:
 
     def network_removed(self, vni: int) -> None:
         with self._lock:
-            self._local.discard(vni)
+            if vni in self._local:
+                self._count(vni, -1)
+                self._local.discard(vni)
             self._vteps_changed()
 
     def restored(self) -> None:
@@ -106,6 +129,9 @@ class PeerSync:
             table[vni][endpoint_id] = Peer.from_json(kv.value)
         with self._lock:
             self._table = table
+            self._vteps = Counter()
+            for vni in self._local:
+                self._count(vni, +1)
             for vni in self._local:
                 added, removed = self.dataplane.set_peers(vni, self._remote(vni))
                 self._reconciled(added, removed)
@@ -123,12 +149,17 @@ class PeerSync:
                     peer = Peer.from_json(event.value)
                     old = peers.get(endpoint_id)
                     peers[endpoint_id] = peer
+                    if vni in self._local:
+                        self._recount(old, -1)
+                        self._recount(peer, +1)
                     if vni in self._local and peer.vtep != self.vtep and peer != old:
                         self.dataplane.add_peer(vni, peer)
                         if self.metrics is not None:
                             self.metrics.peer_update("add")
                 else:
                     peer = peers.pop(endpoint_id, None)
+                    if vni in self._local:
+                        self._recount(peer, -1)
                     if vni in self._local and peer is not None and peer.vtep != self.vtep:
                         self.dataplane.remove_peer(vni, peer)
                         if self.metrics is not None:

@@ -45,9 +45,17 @@ def test_restart_never_narrows_the_vtep_filter_or_wipes_peers():
         assert told == [{REMOTE}]
         assert dataplane.calls == [("set", 5000, frozenset({remote}))]
 
+        # A second endpoint behind the same VTEP changes the kernel, not the filter.
+        other = Peer(ip="10.20.0.10", mac="02:50:0a:14:00:0a", vtep=REMOTE)
+        store.put(peer_key(5000, "f" * 64), other.to_json())
+        wait_for(lambda: ("add", 5000, other) in dataplane.calls, 5, "the second peer")
         store.delete(peer_key(5000, "e" * 64))
+        wait_for(lambda: ("remove", 5000, remote) in dataplane.calls, 5, "the first peer to go")
+        assert told == [{REMOTE}]
+
+        store.delete(peer_key(5000, "f" * 64))
         wait_for(lambda: told[-1] == set(), 5, "the VTEP to leave the filter")
-        assert ("remove", 5000, remote) in dataplane.calls
+        assert told == [{REMOTE}, set()]
     finally:
         sync.stop()
         store.close()
