@@ -112,7 +112,7 @@ load average at the start and end of each benchmark is noted). All traffic
 stays on this machine, between network namespaces.
 
 The sections between `bench:` markers are rewritten by `bench/run`; the
-analysis ("What moved it") is written by hand from those numbers.
+analysis at the end ("What moved it") is written by hand from those numbers.
 """.format(names=", ".join(BENCHES))
 
 

@@ -343,6 +343,15 @@ def run(ctx) -> dict:
         bare = bare_vxlan(ctx, mtu)
         measure(f"bare VXLAN between the host namespaces (no bridge, no veth, no container; MTU {mtu})",
                 bare, n_variant)
+        if shutil.which("ethtool"):
+            devices = Devices(pair, VNI)
+            veths = [d for d in devices.places() if d[2] != "vxlan0"]
+            changed = devices.set_feature(veths, "generic-receive-offload", "on")
+            try:
+                measure(f"GRO on for every veth on both paths ({changed} devices, off by default; ethtool -K)",
+                        pair, n_variant)
+            finally:
+                devices.restore()
         recreate_vxlan(pair, VNI, mtu, udp_csum=False)
         measure("vxlan0 without the outer UDP checksum (noudpcsum)", pair, n_variant)
         drop_pair(pair)
