@@ -50,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--docker-host", default=_env("DOCKER_HOST"),
                        help="the local engine, for cluster-wide network names (default: $DOCKER_HOST, "
                             "else unix:///var/run/docker.sock)")
-    serve.add_argument("--no-catalog", action="store_true",
-                       default=_env("NO_CATALOG", "").lower() in ("1", "true", "yes"),
-                       help="do not share network names with other hosts")
+    serve.add_argument("--catalog", action="store_true",
+                       default=_env("CATALOG", "").lower() in ("1", "true", "yes"),
+                       help="share network names with every host: a network created on one appears on all "
+                            "(needs the engine's API; off by default)")
     serve.add_argument("--metrics-addr", default=_env("METRICS_ADDR"),
                        help="HOST:PORT to serve Prometheus metrics on (default: no metrics)")
     add_operator_commands(commands, _add_store_flags)
@@ -81,7 +82,7 @@ def _serve(args) -> int:
         socket=args.socket, store=args.store, advertise_addr=advertise, vxlan_port=args.vxlan_port,
         default_pool=args.default_pool, etcd_prefix=args.etcd_prefix, etcd_cacert=args.etcd_cacert,
         etcd_cert=args.etcd_cert, etcd_key=args.etcd_key, log_level=args.log_level,
-        log_format=args.log_format, docker_host=args.docker_host, catalog=not args.no_catalog,
+        log_format=args.log_format, docker_host=args.docker_host, catalog=args.catalog,
         metrics_addr=args.metrics_addr, driver_name=args.driver_name,
     ))
     return 0

@@ -33,11 +33,9 @@ STORE_PREFIX = "/pyoverlay/"
 OVERLAY_KEYS = ("overlays/", "subnets/", "networks/", "endpoints/", "peers/", "pools/", "addresses/")
 #: The driver's own multi-host contract is tested here: each host runs the
 #: same `docker network create`, and `docker network rm` on one host leaves
-#: the others' networks alone. The catalog (driver/catalog.py: a network
-#: created on one host appears on all, one removed on any host goes from all)
-#: would do those steps itself, so it is off for these plugins (an unknown
-#: variable is ignored by a plugin without the catalog).
-PLUGIN_ENV = {"PYOVERLAY_NO_CATALOG": "1"}
+#: the others' networks alone (the catalog, which shares networks between
+#: hosts, is off unless asked for).
+PLUGIN_ENV: dict[str, str] = {}
 #: Bound for what the watch must make happen on other hosts (the goal is ms).
 CONVERGE = 5.0
 
