@@ -26,7 +26,8 @@ from tests.reliability import LOG_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "reliability.md"
-TESTS = ["tests/test_fuzz.py", "tests/test_isolation.py", "tests/e2e/test_isolation.py", "tests/e2e/test_faults.py"]
+TESTS = ["tests/test_fuzz.py", "tests/test_isolation.py", "tests/e2e/test_isolation.py", "tests/e2e/test_faults.py",
+         "tests/e2e/test_concurrency.py"]
 
 
 def _cell(text: str) -> str:

@@ -7,8 +7,8 @@
   naming the store, everything recovers by itself;
 - a three-member etcd cluster losing a member: invisible to Docker;
 - engine restart with containers running (and the plugin restarting while
-  the engine starts);
-- concurrent `docker run` on three hosts.
+  the engine starts).
+Concurrent `docker run` on three hosts is in test_concurrency.py.
 
 etcd runs in the underlay namespace (10.99.0.254) as in test_multi_host.py.
 Figures go to tests/reliability.py for docs/reliability.md.
@@ -22,7 +22,6 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -460,41 +459,3 @@ def test_engine_restart_with_plugin_down_cleans_stale_endpoints(hosts, cluster):
            "restart-always container running, plugin started while dockerd was stopping/starting",
            held=f"no deadlock; engine, network and container back in {back:.1f} s; the stale endpoint removed; "
                 "no leaked link; cross-host traffic again", back_s=round(back, 1), stale_left=0)
-
-
-# -- concurrency ----------------------------------------------------------------------
-
-
-REACH = r'for ip in "$@"; do (ping -c1 -W2 "$ip" >/dev/null 2>&1 && echo "ok $ip" || echo "no $ip") & done; wait'
-
-
-def test_concurrent_runs_on_three_hosts(hosts, cluster):
-    network(hosts, "busy", "10.66.0.0/24", 6600)
-    jobs = [(h, f"c{i}") for h in hosts for i in range(CONCURRENT)]
-    t0 = time.monotonic()
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        results = list(pool.map(lambda job: job[0].docker_proc(
-            "run", "-d", "--name", job[1], "--network", "busy", IMAGE, "sleep", "3600",
-            check=False, timeout=300), jobs))
-    took = time.monotonic() - t0
-    errors = [r.stderr.strip() for r in results if r.returncode != 0]
-    assert not errors, f"{len(errors)} of {len(jobs)} concurrent docker run failed: {errors[:3]}"
-    ips = []
-    for h in hosts:
-        fmt = '{{(index .NetworkSettings.Networks "busy").IPAddress}}'
-        ips += h.docker("inspect", "-f", fmt, *[f"c{i}" for i in range(CONCURRENT)]).split()
-    assert len(ips) == len(jobs) and len(set(ips)) == len(ips), "duplicate addresses across hosts"
-    missed = 0
-    for h in hosts:  # from one container per host, every container on every host, 90 pings at once
-        out = h.docker("exec", "c0", "sh", "-c", REACH, "sh", *ips, timeout=60)
-        for ip in [line.split()[1] for line in out.splitlines() if line.startswith("no ")]:
-            # A single ping lost in a burst of 90 is not an unreachable container:
-            # ask again, alone; one that stays silent fails the test.
-            missed += 1
-            wait_for(lambda: pings(h, "c0", ip), 10, lambda: f"{h.name}'s c0 to reach {ip}; its overlay's "
-                     f"neighbours: {h.run(['ip', '-n', 'pyo-6600', 'neigh', 'show', ip]).stdout!r}")
-    record("concurrent docker run", did=f"3 hosts x {CONCURRENT} concurrent docker run on one network",
-           held=f"{len(jobs)} started in {took:.1f} s, 0 errors, {len(set(ips))} unique addresses, all reachable "
-                f"from a container on each host ({missed} of {3 * len(ips)} pings in the 90-at-once bursts went "
-                "unanswered and were answered when sent again)", containers=len(jobs), errors=0,
-           seconds=round(took, 1), burst_pings_missed=missed)
