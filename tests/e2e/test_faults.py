@@ -137,9 +137,33 @@ def hosts(request, cluster):
                 done = h.docker_proc("network", "rm", net, check=False)
                 if done.returncode:
                     why[:] = [f"{h.name}: {done.stderr.strip()}"]
+                    if "has active endpoints" in done.stderr and not engine_endpoints(h, net):
+                        # The engine's own endpoint count drifted (seen after bursts of
+                        # concurrent runs, every driver call answered): a restart recounts.
+                        # Counted in docs/reliability.md, not hidden.
+                        ENGINE_COUNT_DRIFT.append(h.name)
+                        print(f"\n{h.name}: engine counts endpoints on {net} with none attached; restarting it")
+                        h.restart_engine()
         return not left
 
-    wait_for(removed, 60, lambda: f"pyoverlay networks to go from every host (last refusal: {why})", interval=0.5)
+    drift_before = len(ENGINE_COUNT_DRIFT)
+    wait_for(removed, 90, lambda: f"pyoverlay networks to go from every host (last refusal: {why})", interval=0.5)
+    if len(ENGINE_COUNT_DRIFT) > drift_before:
+        record(f"engine endpoint count after {request.node.name}",
+               did="docker network rm of the test's networks, every container removed",
+               held=f"refused by the engine of {', '.join(ENGINE_COUNT_DRIFT[drift_before:])} with "
+                    "'has active endpoints' and none attached (the plugin had answered every call); "
+                    "an engine restart recounted and the removal went through",
+               engine_restarts=len(ENGINE_COUNT_DRIFT) - drift_before)
+
+
+#: Hosts whose engine refused `network rm` with no endpoint attached (see hosts()).
+ENGINE_COUNT_DRIFT: list[str] = []
+
+
+def engine_endpoints(host: NamespaceHost, network: str) -> int:
+    """Endpoints the engine shows on a network: containers plus any it lists by itself."""
+    return int(host.docker("network", "inspect", "-f", "{{len .Containers}}", network).strip() or 0)
 
 
 # -- crash safety -----------------------------------------------------------------
