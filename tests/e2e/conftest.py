@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hosts import NamespaceHost, SessionLock, Underlay, build_image_tar, sweep_leftovers
+from tests.hosts import NamespaceHost, SessionLock, Underlay, build_image_tar, sweep_leftovers, wait_for
 from tests.hosts_ssh import HOSTS_ENV, hosts_from_env
 
 HERE = Path(__file__).parent
@@ -136,3 +136,47 @@ def underlay_http(underlay):
     token = uuid.uuid4().hex
     url = underlay.serve_http(8000, {"token": token + "\n"})
     return f"{url}/token", token
+
+
+def ensure_network(hosts, name: str, subnet: str, vni: int) -> None:
+    """The network on each host. Tolerates a host where it appeared by itself
+    (pyoverlay's catalog, when on, shares network names between hosts)."""
+    for host in hosts:
+        if host.docker_proc("network", "inspect", name, check=False).returncode == 0:
+            continue
+        made = host.docker_proc("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay",
+                                "--subnet", subnet, "-o", f"vni={vni}", name, check=False)
+        if made.returncode != 0:
+            wait_for(lambda: host.docker_proc("network", "inspect", name, check=False).returncode == 0, 5,
+                     f"network {name} on {host.name} (create said: {made.stderr.strip()})")
+
+
+def clear_hosts(hosts, timeout: float = 60, recount=None) -> None:
+    """Remove every container, then every pyoverlay network, from hosts; again
+    until none is left (the catalog, when on, removes and may re-add networks
+    on other hosts meanwhile). recount(host, network), if given, is called when
+    an engine refuses with "has active endpoints" though none is attached."""
+    for h in hosts:
+        containers = h.docker("ps", "-aq").split()
+        if containers:
+            h.docker("rm", "-f", *containers, timeout=120)
+    why: list[str] = []
+
+    def removed() -> bool:
+        left = False
+        for h in hosts:
+            for net in h.docker("network", "ls", "-q", "--filter", "driver=pyoverlay").split():
+                left = True
+                done = h.docker_proc("network", "rm", net, check=False)
+                if done.returncode:
+                    why[:] = [f"{h.name}: {done.stderr.strip()}"]
+                    if recount and "has active endpoints" in done.stderr and not _attached(h, net):
+                        recount(h, net)
+        return not left
+
+    wait_for(removed, timeout, lambda: f"pyoverlay networks to go from every host (last refusal: {why})",
+             interval=0.5)
+
+
+def _attached(host, network: str) -> int:
+    return int(host.docker("network", "inspect", "-f", "{{len .Containers}}", network).strip() or 0)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.e2e.test_faults import CONCURRENT, cluster, hosts, network, pings  # noqa: F401 (fixtures)
+from tests.e2e.conftest import ensure_network
+from tests.e2e.test_faults import CONCURRENT, cluster, hosts, pings  # noqa: F401 (fixtures)
 from tests.hosts import IMAGE, wait_for
 from tests.reliability import record
 
@@ -22,7 +23,7 @@ REACH = r'for ip in "$@"; do (ping -c1 -W2 "$ip" >/dev/null 2>&1 && echo "ok $ip
 
 
 def test_concurrent_runs_on_three_hosts(hosts, cluster):
-    network(hosts, "busy", "10.66.0.0/24", 6600)
+    ensure_network(hosts, "busy", "10.66.0.0/24", 6600)
     jobs = [(h, f"c{i}") for h in hosts for i in range(CONCURRENT)]
     t0 = time.monotonic()
     with ThreadPoolExecutor(len(jobs)) as pool:

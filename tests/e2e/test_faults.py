@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import FACTORY, HostFactory
+from tests.e2e.conftest import FACTORY, HostFactory, clear_hosts, ensure_network
 from tests.etcdserver import EtcdServer
 from tests.hosts import IMAGE, UNDERLAY_ADDR, NamespaceHost, wait_for
 from tests.reliability import record
@@ -49,19 +49,6 @@ def store(etcd: EtcdServer, prefix: str = "") -> dict[str, dict]:
                                                  "range_end": base64.b64encode(end).decode()})
     return {base64.b64decode(kv["key"]).decode()[len(PREFIX):]: json.loads(base64.b64decode(kv["value"]))
             for kv in data.get("kvs", [])}
-
-
-def network(hosts, name: str, subnet: str, vni: int) -> None:
-    """The network on each host. Tolerates a host where it appeared by itself
-    (pyoverlay's catalog shares network names between hosts)."""
-    for host in hosts:
-        if host.docker_proc("network", "inspect", name, check=False).returncode == 0:
-            continue
-        made = host.docker_proc("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay",
-                                "--subnet", subnet, "-o", f"vni={vni}", name, check=False)
-        if made.returncode != 0:
-            wait_for(lambda: host.docker_proc("network", "inspect", name, check=False).returncode == 0, 5,
-                     f"network {name} on {host.name} (create said: {made.stderr.strip()})")
 
 
 def run(host: NamespaceHost, name: str, net: str, *opts: str) -> str:
@@ -121,33 +108,8 @@ def hosts(request, cluster):
     for h in cluster.hosts:
         if not h.plugin_running:
             h.start_plugin(cluster.url())
-    for h in cluster.hosts:
-        containers = h.docker("ps", "-aq").split()
-        if containers:
-            h.docker("rm", "-f", *containers, timeout=120)
-
-    why: list[str] = []
-
-    def removed() -> bool:
-        # Again until none is left: pyoverlay's catalog removes (and may re-add) networks on other hosts.
-        left = False
-        for h in cluster.hosts:
-            for net in h.docker("network", "ls", "-q", "--filter", "driver=pyoverlay").split():
-                left = True
-                done = h.docker_proc("network", "rm", net, check=False)
-                if done.returncode:
-                    why[:] = [f"{h.name}: {done.stderr.strip()}"]
-                    if "has active endpoints" in done.stderr and not engine_endpoints(h, net):
-                        # The engine's own endpoint count drifted (seen after bursts of
-                        # concurrent runs, every driver call answered): a restart recounts.
-                        # Counted in docs/reliability.md, not hidden.
-                        ENGINE_COUNT_DRIFT.append(h.name)
-                        print(f"\n{h.name}: engine counts endpoints on {net} with none attached; restarting it")
-                        h.restart_engine()
-        return not left
-
     drift_before = len(ENGINE_COUNT_DRIFT)
-    wait_for(removed, 90, lambda: f"pyoverlay networks to go from every host (last refusal: {why})", interval=0.5)
+    clear_hosts(cluster.hosts, timeout=90, recount=_recount)
     if len(ENGINE_COUNT_DRIFT) > drift_before:
         record(f"engine endpoint count after {request.node.name}",
                did="docker network rm of the test's networks, every container removed",
@@ -161,9 +123,13 @@ def hosts(request, cluster):
 ENGINE_COUNT_DRIFT: list[str] = []
 
 
-def engine_endpoints(host: NamespaceHost, network: str) -> int:
-    """Endpoints the engine shows on a network: containers plus any it lists by itself."""
-    return int(host.docker("network", "inspect", "-f", "{{len .Containers}}", network).strip() or 0)
+def _recount(host: NamespaceHost, network: str) -> None:
+    # The engine's own endpoint count drifted (seen after bursts of concurrent
+    # runs, every driver call answered): a restart recounts. Counted in
+    # docs/reliability.md, not hidden.
+    ENGINE_COUNT_DRIFT.append(host.name)
+    print(f"\n{host.name}: engine counts endpoints on {network} with none attached; restarting it")
+    host.restart_engine()
 
 
 # -- crash safety -----------------------------------------------------------------
@@ -179,7 +145,7 @@ STEPS = list(KILL_WINDOW)
 def test_sigkill_at_random_points_loses_and_leaks_nothing(hosts, cluster):
     h1, h2, _ = hosts
     subnet, vni = "10.61.0.0/24", 6100
-    network((h1, h2), "crash", subnet, vni)
+    ensure_network((h1, h2), "crash", subnet, vni)
     network_id = h1.docker("network", "inspect", "-f", "{{.Id}}", "crash")
     # Containers that must live through every kill.
     keep1, keep2 = run(h1, "keep1", "crash"), run(h2, "keep2", "crash")
@@ -326,7 +292,7 @@ def run_until_it_works(host: NamespaceHost, net: str, timeout: float) -> tuple[s
 
 def test_etcd_outage_traffic_flows_new_runs_fail_fast_then_recover(hosts, cluster):
     h1, h2, _ = hosts
-    network((h1, h2), "outage", "10.62.0.0/24", 6200)
+    ensure_network((h1, h2), "outage", "10.62.0.0/24", 6200)
     a, b = run(h1, "ca", "outage"), run(h2, "cb", "outage")
     wait_for(lambda: pings(h1, "ca", b), 10, "a -> b before the outage")
     pids = (h1._plugin.pid, h2._plugin.pid)
@@ -363,7 +329,7 @@ def test_partitioned_host_catches_up_on_missed_peer_events(hosts, cluster):
     """h1 cannot reach etcd while h2 starts a container; once the partition
     heals, h1 programs it by itself (its watch resumes where it stopped)."""
     h1, h2, _ = hosts
-    network((h1, h2), "part", "10.63.0.0/24", 6300)
+    ensure_network((h1, h2), "part", "10.63.0.0/24", 6300)
     a = run(h1, "ca", "part")
     run(h2, "cb", "part")
     port = cluster.etcd.client_port
@@ -415,7 +381,7 @@ def test_losing_one_of_three_etcd_members_is_invisible(hosts, cluster, underlay)
         for h in (h1, h2):
             h.kill_plugin()
             h.start_plugin(url)
-        network((h1, h2), "ha", "10.64.0.0/24", 6400)
+        ensure_network((h1, h2), "ha", "10.64.0.0/24", 6400)
         a, b = run(h1, "ca", "ha"), run(h2, "cb", "ha")
         wait_for(lambda: pings(h1, "ca", b), 10, "a -> b on the three-member cluster")
         pinger = Pinger(h1, "ca", b, 8)
@@ -454,7 +420,7 @@ def test_engine_restart_with_plugin_down_cleans_stale_endpoints(hosts, cluster):
     about the endpoints going) and comes back while dockerd starts: no
     deadlock, the stale endpoints go, the network and the container come back."""
     h1, h2, _ = hosts
-    network((h1, h2), "restart", "10.65.0.0/24", 6500)
+    ensure_network((h1, h2), "restart", "10.65.0.0/24", 6500)
     run(h1, "ca", "restart", "--restart", "always", "--init")
     b = run(h2, "cb", "restart")
     old = {k for k, v in store(cluster.etcd, "endpoints/").items() if v["host"] == h1.addr}

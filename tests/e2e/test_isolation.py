@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import FACTORY, HostFactory
+from tests.e2e.conftest import FACTORY, HostFactory, clear_hosts, ensure_network
 from tests.etcdserver import EtcdServer, EtcdTLS
 from tests.hosts import IMAGE, PLUGIN_SOCKET, PREFIX, UNDERLAY_ADDR, NamespaceHost, wait_for
 from tests.reliability import record
@@ -87,31 +87,7 @@ def hosts(request, secure):
     for h in secure.hosts:
         if not h.plugin_running:
             secure.start(h)
-    for h in secure.hosts:
-        containers = h.docker("ps", "-aq").split()
-        if containers:
-            h.docker("rm", "-f", *containers)
-
-    def removed() -> bool:
-        left = False
-        for h in secure.hosts:  # again until none is left: the catalog may re-add or remove
-            for net in h.docker("network", "ls", "-q", "--filter", "driver=pyoverlay").split():
-                left = True
-                h.docker_proc("network", "rm", net, check=False)
-        return not left
-
-    wait_for(removed, 30, "pyoverlay networks to go", interval=0.5)
-
-
-def network(hosts, name: str, subnet: str, vni: int) -> None:
-    for host in hosts:  # tolerant of pyoverlay's catalog adding it first
-        if host.docker_proc("network", "inspect", name, check=False).returncode == 0:
-            continue
-        made = host.docker_proc("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay",
-                                "--subnet", subnet, "-o", f"vni={vni}", name, check=False)
-        if made.returncode != 0:
-            wait_for(lambda: host.docker_proc("network", "inspect", name, check=False).returncode == 0, 5,
-                     f"network {name} on {host.name} ({made.stderr.strip()})")
+    clear_hosts(secure.hosts, timeout=30)
 
 
 def run(host, name: str, net: str) -> tuple[str, str]:
@@ -142,7 +118,7 @@ def test_plugin_socket_is_root_only(hosts):
 
 def test_etcd_with_client_certificates_works_end_to_end(hosts, secure):
     h1, h2 = hosts
-    network(hosts, "tls", "10.71.0.0/24", 7100)
+    ensure_network(hosts, "tls", "10.71.0.0/24", 7100)
     a, _ = run(h1, "ta", "tls")
     b, _ = run(h2, "tb", "tls")
     wait_for(lambda: pings(h1, "ta", b) and pings(h2, "tb", a), 10, "containers to reach each other over TLS etcd")
@@ -175,8 +151,8 @@ def test_wrong_client_certificate_is_refused_naming_the_store(hosts, secure):
 
 def test_different_overlays_do_not_reach_each_other(hosts):
     h1, h2 = hosts
-    network(hosts, "red", "10.73.0.0/24", 7300)
-    network(hosts, "blue", "10.74.0.0/24", 7400)
+    ensure_network(hosts, "red", "10.73.0.0/24", 7300)
+    ensure_network(hosts, "blue", "10.74.0.0/24", 7400)
     red1, _ = run(h1, "red1", "red")
     red2, _ = run(h2, "red2", "red")
     blue1, _ = run(h1, "blue1", "blue")
@@ -193,7 +169,7 @@ def test_different_overlays_do_not_reach_each_other(hosts):
 def test_injected_vxlan_from_outside_never_reaches_a_container(hosts, underlay):
     h1, h2 = hosts
     vni = 7500
-    network(hosts, "target", "10.75.0.0/24", vni)
+    ensure_network(hosts, "target", "10.75.0.0/24", vni)
     ip, mac = run(h1, "victim", "target")
     peer, _ = run(h2, "friend", "target")
     wait_for(lambda: pings(h2, "friend", ip), 10, "the peer host's container to reach the target")

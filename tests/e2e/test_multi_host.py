@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import FACTORY, HostFactory
+from tests.e2e.conftest import FACTORY, HostFactory, clear_hosts
 from tests.etcdserver import EtcdServer
 from tests.hosts_ssh import HOSTS_ENV, RemoteEtcd
 from tests.hosts import IMAGE, UNDERLAY_ADDR, NamespaceHost, wait_for
@@ -85,13 +85,7 @@ def hosts(request, cluster):
     for h in cluster.hosts:
         if not h.plugin_running:
             h.start_plugin(cluster.etcd.url, env=PLUGIN_ENV)
-    for h in cluster.hosts:
-        containers = h.docker("ps", "-aq").split()
-        if containers:
-            h.docker("rm", "-f", *containers)
-    for h in cluster.hosts:
-        for network in h.docker("network", "ls", "-q", "--filter", "driver=pyoverlay").split():
-            h.docker("network", "rm", network)
+    clear_hosts(cluster.hosts)
 
 
 # -- helpers ------------------------------------------------------------------
