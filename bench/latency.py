@@ -9,7 +9,6 @@ first), so drift in machine load hits both alike.
 from __future__ import annotations
 
 from bench import calls
-from bench.env import PlainHost
 from bench.stats import fmt, summary
 
 NAME = "latency"

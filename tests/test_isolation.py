@@ -16,13 +16,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 from pyroute2 import IPRoute

@@ -293,7 +293,8 @@ def run_until_it_works(host: NamespaceHost, net: str, timeout: float) -> tuple[s
 def test_etcd_outage_traffic_flows_new_runs_fail_fast_then_recover(hosts, cluster):
     h1, h2, _ = hosts
     ensure_network((h1, h2), "outage", "10.62.0.0/24", 6200)
-    a, b = run(h1, "ca", "outage"), run(h2, "cb", "outage")
+    run(h1, "ca", "outage")
+    b = run(h2, "cb", "outage")
     wait_for(lambda: pings(h1, "ca", b), 10, "a -> b before the outage")
     pids = (h1._plugin.pid, h2._plugin.pid)
 
@@ -382,7 +383,8 @@ def test_losing_one_of_three_etcd_members_is_invisible(hosts, cluster, underlay)
             h.kill_plugin()
             h.start_plugin(url)
         ensure_network((h1, h2), "ha", "10.64.0.0/24", 6400)
-        a, b = run(h1, "ca", "ha"), run(h2, "cb", "ha")
+        run(h1, "ca", "ha")
+        b = run(h2, "cb", "ha")
         wait_for(lambda: pings(h1, "ca", b), 10, "a -> b on the three-member cluster")
         pinger = Pinger(h1, "ca", b, 8)
         time.sleep(1)

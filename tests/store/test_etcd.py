@@ -15,7 +15,7 @@ from driver.store import StoreError, open_store
 from driver.store.etcd import EtcdStore
 from tests.etcdserver import EtcdServer, EtcdTLS
 
-from .conftest import etcd_store, wait_until
+from .conftest import etcd_store
 from .tcpproxy import TcpProxy
 
 
