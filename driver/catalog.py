@@ -61,6 +61,8 @@ OPT_MTU = "com.docker.network.driver.mtu"
 RESYNC = 30.0
 #: Back-off between engine connection attempts and between failed passes.
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
+#: How Docker Engine before 28.1 refuses to remove a network it counts endpoints on.
+ENGINE_MISCOUNT = "has active endpoints"
 #: Seconds a network must be in the store and not in the engine before it is forgotten.
 PHANTOM_GRACE = 5.0
 
@@ -133,6 +135,7 @@ class Catalog:
         self._queue: queue.Queue = queue.Queue()
         self._dirty = threading.Event()  # a catalog change is queued: coalesces pokes
         self._records: dict[str, EngineNetwork] = {}  # this host's engine/ records, as last written
+        self._attached: dict[str, dict[str, str]] = {}  # network ID -> container ID -> endpoint ID
         self._removed_here: set[str] = set()  # network IDs we removed: their destroy event is ours
         self._withdraw: dict[str, str] = {}  # name -> subnet: removed here by a user, to delete from the catalog
         self._stop = threading.Event()
@@ -289,6 +292,7 @@ class Catalog:
         """Make the engine match the catalog; False if something must be retried soon."""
         self._dirty.clear()
         ours = {info.name: info for info in self.engine.networks(self.driver)}
+        self._attached = {info.id: dict(info.attached) for info in ours.values()}
         summaries = self.engine.network_summaries()
         names = {name: driver for _, name, driver, _ in summaries}
         with self._lock:
@@ -415,6 +419,8 @@ class Catalog:
             if e.status == 404:
                 self._drop_record(info.name)
                 return True
+            if ENGINE_MISCOUNT in str(e) and not info.containers:
+                return self._miscounted(info, str(e))
             # A container joined in between: its connect event updates the record.
             log.info("catalog: network %s not removed yet: %s", info.name, e)
             return False
@@ -422,6 +428,29 @@ class Catalog:
         self._count("removed")
         self._drop_record(info.name)
         return True
+
+    def _miscounted(self, info: EngineNetworkInfo, refusal: str) -> bool:
+        """The engine counts endpoints on a network it lists no container on.
+
+        Docker Engine before 28.1 keeps that count apart from the endpoints
+        and loses updates to it when containers start and stop on the network
+        concurrently (README, "Docker Engine 20.10 and `has active
+        endpoints`"); only its restart recounts. Said once in the log and in
+        the record, for `pyoverlay network rm` and `status`; the pass keeps
+        trying, so the network goes once the engine has restarted."""
+        again = self.engine.network(info.id)
+        if again is None or again.containers:
+            return False  # removed meanwhile, or a container joined: the next pass sees which
+        why = (f"this host's engine refuses to remove {info.name} ({refusal}) though no container is on it: "
+               "Docker Engine before 28.1 miscounts endpoints when containers start and stop at once; "
+               "restart the engine here (systemctl restart docker) to recount")
+        record = EngineNetwork(info.name, self.host, info.id, info.subnet, catalogued=True, removing=True,
+                               error=why)
+        if self._records.get(info.name) != record:
+            log.warning("catalog: %s", why)
+            self._count("miscounted")
+            self._write(record)
+        return False
 
     def _forget_leftovers(self, summaries) -> None:
         if self.forget is None:
@@ -493,6 +522,7 @@ class Catalog:
         if action == "create":
             info = self.engine.network(network_id)
             if info is not None:
+                self._attached[info.id] = dict(info.attached)
                 with self._lock:
                     entry = self._desired.get(name, (None, 0))[0]
                 return self._local(info, entry)
@@ -513,11 +543,25 @@ class Catalog:
             record = self._records.get(name)
             if record is None or record.network_id != network_id:
                 return True
-            info = self.engine.network(network_id)
-            if info is not None:
-                self._write(replace(record, containers=dict(info.containers)))
-                if record.removing and not info.containers:
-                    self._wants_pass = True  # the last container left: the pass removes it
+            attached = self._attached.setdefault(network_id, {})
+            containers = dict(record.containers)
+            container_id = attributes.get("container") or ""
+            if action == "connect":
+                # No network inspect while containers come and go (engine.endpoint_of says why).
+                found = self.engine.endpoint_of(container_id, network_id)
+                if found is None:
+                    return True  # gone again: its disconnect follows
+                endpoint_id, container_name = found
+                attached[container_id] = endpoint_id
+                containers[endpoint_id] = container_name
+            else:
+                endpoint_id = attached.pop(container_id, None)
+                if endpoint_id is None:
+                    return True  # never seen attached: the next pass sets the record right
+                containers.pop(endpoint_id, None)
+            self._write(replace(record, containers=containers))
+            if record.removing and not containers:
+                self._wants_pass = True  # the last container left: the pass removes it
         return True
 
     # -- this host's records -------------------------------------------------

@@ -51,11 +51,13 @@ class EngineNetworkInfo:
     internal: bool = False
     options: Mapping[str, str] = field(default_factory=dict)
     containers: Mapping[str, str] = field(default_factory=dict)  # endpoint ID -> container name
+    attached: Mapping[str, str] = field(default_factory=dict)  # container ID -> endpoint ID
 
     @classmethod
     def from_inspect(cls, data: dict) -> "EngineNetworkInfo":
         ipam = data.get("IPAM") or {}
         config = (ipam.get("Config") or [{}])[0] or {}
+        members = {cid: c for cid, c in (data.get("Containers") or {}).items() if c.get("EndpointID")}
         return cls(
             id=data["Id"],
             name=data["Name"],
@@ -65,11 +67,8 @@ class EngineNetworkInfo:
             gateway=(config.get("Gateway") or "").split("/")[0],
             internal=bool(data.get("Internal")),
             options=dict(data.get("Options") or {}),
-            containers={
-                c["EndpointID"]: c.get("Name") or cid[:12]
-                for cid, c in (data.get("Containers") or {}).items()
-                if c.get("EndpointID")
-            },
+            containers={c["EndpointID"]: c.get("Name") or cid[:12] for cid, c in members.items()},
+            attached={cid: c["EndpointID"] for cid, c in members.items()},
         )
 
 
@@ -143,6 +142,24 @@ class Engine:
             if e.status == 404:
                 return None  # gone meanwhile
             raise
+
+    def endpoint_of(self, container_id: str, network_id: str) -> Optional[tuple[str, str]]:
+        """(endpoint ID, container name) of a container on a network; None if it is not (any more).
+
+        Container inspect, not network inspect: Docker Engine before 28.1
+        miscounts a network's endpoints when network listings (every network
+        inspect is one) interleave with containers starting on it (README,
+        "Docker Engine 20.10 and `has active endpoints`")."""
+        try:
+            data = self._call(lambda api: api.inspect_container(container_id))
+        except EngineRefused as e:
+            if e.status == 404:
+                return None
+            raise
+        for settings in ((data.get("NetworkSettings") or {}).get("Networks") or {}).values():
+            if (settings or {}).get("NetworkID") == network_id and settings.get("EndpointID"):
+                return settings["EndpointID"], (data.get("Name") or container_id[:12]).lstrip("/")
+        return None
 
     def create_network(self, name: str, driver: str, subnet: str, gateway: str,
                        options: Mapping[str, str], internal: bool) -> str:

@@ -191,6 +191,8 @@ def wait_removed(store: Store, name: str, wait: float, clock=time.monotonic,
             rec = records.get(host)
             if rec is None or not rec.network_id:
                 results.append(HostResult(host, "removed"))
+            elif rec.error:
+                results.append(HostResult(host, "refused", rec.error))
             elif rec.removing:
                 names = sorted(rec.containers.values())
                 results.append(HostResult(host, "in use", f"by {', '.join(names)}: removed when they leave",

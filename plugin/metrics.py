@@ -56,7 +56,8 @@ class Metrics:
         self.watch_reconnects = Counter("pyoverlay_watch_reconnects", "Store watches started again after "
                                         "an error or a compaction", ["watch"], registry=r)
         self.catalog_actions = Counter("pyoverlay_catalog_actions", "Cluster-wide network catalog: "
-                                       "networks published, created, removed, withdrawn, refused",
+                                       "networks published, created, removed, withdrawn, refused, forgotten, "
+                                       "miscounted (the engine counts endpoints it has not)",
                                        ["action"], registry=r)
         self.engine_up = Gauge("pyoverlay_engine_connected", "1 while the catalog follows the local "
                                "engine's events", registry=r)

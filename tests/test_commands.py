@@ -192,6 +192,17 @@ def test_rm_deletes_the_entry_and_reports_where_it_stays(store):
     assert acts == []
 
 
+def test_rm_reports_a_host_whose_engine_refuses_with_the_reason(store):
+    alive(store, H1, H2)
+    network_create(store, "web", "10.40.0.0/24")
+    why = "this host's engine refuses to remove web (...); restart the engine here (systemctl restart docker)"
+    put(store, engine_network_key(H1, "web"), EngineNetwork("web", H1, "a" * 64, "10.40.0.0/24", catalogued=True,
+                                                            removing=True, error=why))
+    network_rm(store, "web")
+    results = commands.wait_removed(store, "web", 0)
+    assert [(r.host, r.result, r.detail) for r in results] == [(H1, "refused", why)]
+
+
 def test_rm_of_an_unknown_network_says_so(store):
     with pytest.raises(CommandError, match="no network named nope in the catalog"):
         network_rm(store, "nope")
