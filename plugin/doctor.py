@@ -287,14 +287,17 @@ class Doctor:
             if network_id not in ids:
                 problems.append(f"the store has network {network_id[:12]} (VNI {network.vni}) for this host, "
                                 "but the engine does not (it stopped while creating it?): the plugin's catalog "
-                                "forgets such networks within seconds; is it off (no --catalog)?")
+                                "forgets such networks within seconds; is it off (--no-catalog)?")
         for name, entry in sorted(catalog.items()):
             record = records.get(name)
             if record is not None and record.error:
                 notes.append(f"catalog network {name}: {record.error}")
             elif name not in names:
                 notes.append(f"catalog network {name} ({entry.subnet}) is not in this engine yet: is the "
-                             "plugin running with --catalog and the engine reachable?")
+                             "plugin's catalog on (no --no-catalog) and the engine reachable?")
+        for name, record in sorted(records.items()):
+            if name not in catalog and record.removing and record.error:
+                problems.append(f"network {name}: {record.error}")  # the engine miscounts: it must restart
         status = FAIL if problems else (WARN if notes else OK)
         summary = f"{len(ours)} {self.driver} network(s) in the engine at {self.engine.url}"
         return Check("engine", status, summary, problems + notes)

@@ -12,6 +12,7 @@ from driver.engine import EngineNetworkInfo, EngineRefused
 from driver.model import Network
 from driver.state import CATALOG, engine_network_key, network_key
 from driver.store import open_store
+from plugin.doctor import FAIL, Doctor
 
 H1 = "10.99.0.1"
 NET = "n" * 64
@@ -20,6 +21,8 @@ WEB = EngineNetworkInfo(NET, "web", "pyoverlay", "pyoverlay", "10.40.0.0/24", "1
 
 class Engine:
     """Answers as Docker Engine 20.10 does; counts network inspects."""
+
+    url = "unix:///var/run/docker.sock"
 
     def __init__(self):
         self.nets = {NET: WEB}
@@ -131,3 +134,13 @@ def test_a_container_that_joined_before_the_removal_is_not_a_miscount(store, eng
     engine.remove_network = joined_meanwhile
     assert not catalog._pass()
     assert record(store).error == ""
+
+
+def test_doctor_on_that_host_fails_and_says_what_to_do(store, engine, catalog):
+    store.delete(CATALOG + "web")
+    catalog._on_snapshot([], 0)
+    engine.refuse_remove = f"error while removing network: network web id {NET} has active endpoints"
+    catalog._pass()
+    check = Doctor(store, H1, dataplane=None, engine=engine).check_engine()
+    assert check.status == FAIL
+    assert any("systemctl restart docker" in line for line in check.details), check
