@@ -50,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--docker-host", default=_env("DOCKER_HOST"),
                        help="the local engine, for cluster-wide network names (default: $DOCKER_HOST, "
                             "else unix:///var/run/docker.sock)")
-    serve.add_argument("--catalog", action="store_true",
-                       default=_env("CATALOG", "").lower() in ("1", "true", "yes"),
+    serve.add_argument("--catalog", action=argparse.BooleanOptionalAction,
+                       default=_env("CATALOG", "1").lower() not in ("0", "false", "no", "off"),
                        help="share network names with every host: a network created on one appears on all "
-                            "(needs the engine's API; off by default)")
+                            "(through the engine's API; on unless --no-catalog or PYOVERLAY_CATALOG=0)")
     serve.add_argument("--metrics-addr", default=_env("METRICS_ADDR"),
                        help="HOST:PORT to serve Prometheus metrics on (default: no metrics)")
     add_operator_commands(commands, _add_store_flags)

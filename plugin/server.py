@@ -50,7 +50,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object per line
     docker_host: str | None = None  # the engine the catalog talks to (None: DOCKER_HOST, else the local socket)
-    catalog: bool = False  # cluster-wide network names (opt-in: it drives the engine)
+    catalog: bool = True  # cluster-wide network names, through the engine's API
     metrics_addr: str | None = None  # HOST:PORT for Prometheus; None: no metrics
     driver_name: str | None = None  # as the engine knows it; None: the socket's basename
 

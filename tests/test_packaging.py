@@ -80,7 +80,8 @@ def test_config_env_is_the_serve_command_line(config, monkeypatch):
         assert entry.get("description"), f"{name} has no description"
         # A value given is the CLI's own default, so both ways of running agree.
         if entry.get("value") is not None:
-            assert str(flags[name]) == entry["value"], name
+            default = flags[name]
+            assert (("1" if default else "0") if isinstance(default, bool) else str(default)) == entry["value"], name
 
 
 def test_config_mounts_hold_the_state_directory(config):

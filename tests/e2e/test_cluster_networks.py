@@ -35,7 +35,7 @@ class Cluster:
         self.hosts = hosts
 
     def start_plugin(self, host: NamespaceHost) -> None:
-        extra = ["--catalog", "--docker-host", f"unix://{host.dir}/docker.sock", "--metrics-addr", METRICS]
+        extra = ["--docker-host", f"unix://{host.dir}/docker.sock", "--metrics-addr", METRICS]
         if host is self.hosts[1]:
             extra += ["--log-format", "json"]
         host.start_plugin(self.etcd.url, extra_args=extra)
