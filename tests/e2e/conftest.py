@@ -154,8 +154,10 @@ def ensure_network(hosts, name: str, subnet: str, vni: int) -> None:
 def clear_hosts(hosts, timeout: float = 60, recount=None) -> None:
     """Remove every container, then every pyoverlay network, from hosts; again
     until none is left (the catalog, when on, removes and may re-add networks
-    on other hosts meanwhile). recount(host, network), if given, is called when
-    an engine refuses with "has active endpoints" though none is attached."""
+    on other hosts meanwhile). recount(host, name), if given, is called when
+    an engine refuses with "has active endpoints" though no container is
+    attached, after every host has had its turn (so the catalog has seen the
+    network withdrawn)."""
     for h in hosts:
         containers = h.docker("ps", "-aq").split()
         if containers:
@@ -163,15 +165,17 @@ def clear_hosts(hosts, timeout: float = 60, recount=None) -> None:
     why: list[str] = []
 
     def removed() -> bool:
-        left = False
+        left, miscounted = False, []
         for h in hosts:
-            for net in h.docker("network", "ls", "-q", "--filter", "driver=pyoverlay").split():
+            for net in h.docker("network", "ls", "--format", "{{.Name}}", "--filter", "driver=pyoverlay").split():
                 left = True
                 done = h.docker_proc("network", "rm", net, check=False)
                 if done.returncode:
                     why[:] = [f"{h.name}: {done.stderr.strip()}"]
                     if recount and "has active endpoints" in done.stderr and not _attached(h, net):
-                        recount(h, net)
+                        miscounted.append((h, net))
+        for h, net in miscounted:
+            recount(h, net)
         return not left
 
     wait_for(removed, timeout, lambda: f"pyoverlay networks to go from every host (last refusal: {why})",

@@ -2,11 +2,11 @@
 addresses unique, every container reachable, no errors.
 
 On engines and an etcd of its own (the fixtures of test_faults.py, made
-afresh for this module): run after test_faults.py's three-member etcd test on
-the same engines, the engine of one host was left refusing `docker network
-rm` of this test's network ("has active endpoints", no container left) though
-the plugin had answered every CreateEndpoint and DeleteEndpoint; that
-interplay is not understood yet.
+afresh for this module). A burst like this one sometimes leaves Docker
+Engine 20.10 miscounting the network's endpoints, so that it refuses
+`docker network rm` with no container left (README, "Docker Engine 20.10 and
+'has active endpoints'"); the teardown (test_faults.hosts) then checks that
+pyoverlay named the host and what to do, restarts that engine and records it.
 """
 
 from __future__ import annotations
