@@ -433,9 +433,8 @@ class Catalog:
         """The engine counts endpoints on a network it lists no container on.
 
         Docker Engine before 28.1 keeps that count apart from the endpoints
-        and loses updates to it when containers start and stop on the network
-        concurrently (README, "Docker Engine 20.10 and `has active
-        endpoints`"); only its restart recounts. Said once in the log and in
+        and gets it wrong when many containers start and stop on the network
+        at once (docs/engine-miscount.md); only its restart recounts. Said once in the log and in
         the record, for `pyoverlay network rm` and `status`; the pass keeps
         trying, so the network goes once the engine has restarted."""
         again = self.engine.network(info.id)

@@ -146,10 +146,11 @@ class Engine:
     def endpoint_of(self, container_id: str, network_id: str) -> Optional[tuple[str, str]]:
         """(endpoint ID, container name) of a container on a network; None if it is not (any more).
 
-        Container inspect, not network inspect: Docker Engine before 28.1
-        miscounts a network's endpoints when network listings (every network
-        inspect is one) interleave with containers starting on it (README,
-        "Docker Engine 20.10 and `has active endpoints`")."""
+        Container inspect, not network inspect: every network inspect is a
+        listing of the engine's networks, and Docker Engine before 28.1
+        miscounts a network's endpoints when many containers start on it at
+        once, listings among them (docs/engine-miscount.md); the catalog adds
+        none to such a burst."""
         try:
             data = self._call(lambda api: api.inspect_container(container_id))
         except EngineRefused as e:
