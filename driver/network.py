@@ -82,6 +82,9 @@ class NetworkDriver:
         self.name = name
         # Calls on one overlay are serialised on this host; hosts race only in the store.
         self._locks: defaultdict[int, threading.Lock] = defaultdict(threading.Lock)
+        # Endpoints whose veth Leave deleted: their DeleteEndpoint need not wait
+        # for the netlink worker (behind every other container's veth, in a burst).
+        self._left: set[str] = set()
 
     @staticmethod
     def capabilities() -> dict:
@@ -279,11 +282,14 @@ class NetworkDriver:
 
     def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
         endpoint = self.state.endpoint(endpoint_id)
+        left = endpoint_id in self._left
         if endpoint is not None and endpoint.host == self.host:
-            self._remove_endpoint(endpoint)
+            self._remove_endpoint(endpoint, kernel=not left)
+        self._left.discard(endpoint_id)
 
-    def _remove_endpoint(self, endpoint: Endpoint) -> None:
-        self.dataplane.delete_endpoint(endpoint.vni, endpoint.endpoint_id)
+    def _remove_endpoint(self, endpoint: Endpoint, kernel: bool = True) -> None:
+        if kernel:
+            self.dataplane.delete_endpoint(endpoint.vni, endpoint.endpoint_id)
         self.state.delete([endpoint_key(endpoint.endpoint_id), peer_key(endpoint.vni, endpoint.endpoint_id)])
 
     def endpoint_oper_info(self, network_id: str, endpoint_id: str) -> dict:
@@ -303,6 +309,7 @@ class NetworkDriver:
     def join(self, network_id: str, endpoint_id: str, sandbox_key: str) -> dict:
         network = self._network(network_id)
         endpoint = self._endpoint(endpoint_id)
+        self._left.discard(endpoint_id)
         ifname = self.dataplane.create_endpoint(network.vni, endpoint_id, endpoint.mac, network.mtu)
         # No Gateway: the engine then gives the container docker_gwbridge for
         # traffic leaving the overlay and for published ports (as Docker's overlay).
@@ -312,6 +319,7 @@ class NetworkDriver:
         endpoint = self.state.endpoint(endpoint_id)
         if endpoint is not None and endpoint.host == self.host:
             self.dataplane.delete_endpoint(endpoint.vni, endpoint_id)
+            self._left.add(endpoint_id)
 
     # Start-up
 

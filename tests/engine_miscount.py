@@ -9,7 +9,8 @@ refuses with "has active endpoints" though no container is left is restarted,
 and its log's "Fixing inconsistent endpoint_cnt ... Expected=E, Actual=A"
 line says what it had counted. For pyoverlay it also counts the plugin's
 CreateEndpoint and DeleteEndpoint answers on that host, to show every call
-was answered. Arms:
+was answered, and the plugin's endpoint calls' durations in the bursts.
+Arms:
 
   catalog     pyoverlay with its default settings (network names shared)
   no-catalog  pyoverlay with --no-catalog (each host creates its own network)
@@ -38,6 +39,9 @@ from tests.hosts import (IMAGE, PLUGIN_EXE, UNDERLAY_ADDR, NamespaceHost, Sessio
 CONTAINERS = 30
 FIXING = re.compile(r"Fixing inconsistent endpoint_cnt for network (\S+)\. Expected=(\d+), Actual=(\d+)")
 ANSWER = re.compile(r"NetworkDriver\.(CreateEndpoint|DeleteEndpoint) .* ok$", re.M)
+TIMED = re.compile(r"NetworkDriver\.(CreateEndpoint|DeleteEndpoint|Join|Leave) .* ([\d.]+)ms ok$", re.M)
+#: Server-side durations (ms) of the endpoint calls in the bursts, per arm.
+TIMES: dict[str, dict[str, list[float]]] = {}
 
 
 def _size(path: Path) -> int:
@@ -78,6 +82,10 @@ def one_round(hosts: list[NamespaceHost], arm: str, index: int, etcd_url: str) -
         containers = h.docker("ps", "-aq").split()
         if containers:
             h.docker("rm", "-f", *containers, timeout=120)
+    if arm != "bridge":
+        for h in hosts:
+            for call, ms in TIMED.findall(_since(h.dir / "plugin.log", marks[h.name][0])):
+                TIMES.setdefault(arm, {}).setdefault(call, []).append(float(ms))
     miscounted = []
     for h in hosts:
         rm = h.docker_proc("network", "rm", net, check=False)
@@ -111,14 +119,14 @@ def one_round(hosts: list[NamespaceHost], arm: str, index: int, etcd_url: str) -
     return refused
 
 
-def run_arm(arm: str, rounds: int, underlay: Underlay, workdir: Path, image: Path) -> list[dict]:
+def run_arm(arm: str, rounds: int, underlay: Underlay, workdir: Path, image: Path, plugin_exe: str) -> list[dict]:
     etcd = EtcdServer(UNDERLAY_ADDR, netns=underlay.netns, workdir=str(workdir / f"etcd-{arm}"))
     (workdir / f"etcd-{arm}").mkdir()
     hosts: list[NamespaceHost] = []
     try:
         etcd.start()
         for i in (1, 2, 3):
-            hosts.append(NamespaceHost(i, underlay, workdir / arm, image).start())
+            hosts.append(NamespaceHost(i, underlay, workdir / arm, image, plugin_exe=plugin_exe).start())
         if arm != "bridge":
             for h in hosts:
                 h.start_plugin(etcd.url, extra_args=["--no-catalog"] if arm == "no-catalog" else [])
@@ -142,6 +150,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--arms", default="catalog,no-catalog,bridge")
+    parser.add_argument("--plugin-exe", default=PLUGIN_EXE, help="the pyoverlay to run (another checkout's, to compare)")
     args = parser.parse_args(argv)
     lock = SessionLock()
     lock.acquire()
@@ -154,10 +163,14 @@ def main(argv=None) -> int:
         image = build_image_tar(workdir)
         for arm in args.arms.split(","):
             (workdir / arm).mkdir()
-            results = run_arm(arm, args.rounds, underlay, workdir, image)
+            results = run_arm(arm, args.rounds, underlay, workdir, image, args.plugin_exe)
             bad = [r for r in results if r["refused"]]
             summary.append(f"{arm:10} {len(bad)} of {len(results)} rounds left an engine miscounting "
                            f"({sum(len(r['refused']) for r in results)} host-rounds of {3 * len(results)})")
+            for call, times in sorted(TIMES.get(arm, {}).items()):
+                times.sort()
+                summary.append(f"{'':10} {call:15} p50 {times[len(times) // 2]:6.1f} ms, "
+                               f"p90 {times[int(len(times) * 0.9)]:6.1f} ms ({len(times)} calls)")
     finally:
         underlay.close()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -94,6 +94,33 @@ def test_endpoint_life_cycle_leaves_nothing_behind(plugin, host_ns):
     assert plugin.store_snapshot() == {}
 
 
+def test_delete_endpoint_after_leave_skips_the_kernel_and_without_it_cleans_up(plugin, host_ns, monkeypatch):
+    network_id, pool_id, _ = make_network(plugin)
+    joined = []
+    for _ in range(2):
+        endpoint_id, _, _ = make_endpoint(plugin, network_id, pool_id)
+        status, answer = plugin.call("NetworkDriver.Join", {"NetworkID": network_id, "EndpointID": endpoint_id,
+                                                            "SandboxKey": "/var/run/docker/netns/x", "Options": {}})
+        assert status == 200, answer
+        joined.append((endpoint_id, answer["InterfaceName"]["SrcName"]))
+    (left, left_if), (crashed, crashed_if) = joined
+    kernel_calls = []
+    real = plugin.dataplane.delete_endpoint
+    monkeypatch.setattr(plugin.dataplane, "delete_endpoint", lambda *a: kernel_calls.append(a) or real(*a))
+
+    # The usual order: Leave removes the veth; DeleteEndpoint only forgets
+    # (in a burst it would otherwise queue behind every other veth deletion).
+    assert plugin.call("NetworkDriver.Leave", {"NetworkID": network_id, "EndpointID": left}) == (200, {})
+    assert left_if not in links(host_ns.name) and len(kernel_calls) == 1
+    assert plugin.call("NetworkDriver.DeleteEndpoint", {"NetworkID": network_id, "EndpointID": left}) == (200, {})
+    assert len(kernel_calls) == 1
+    # An engine that crashed between Join and Leave sends DeleteEndpoint alone:
+    # the veth must go all the same.
+    assert plugin.call("NetworkDriver.DeleteEndpoint", {"NetworkID": network_id, "EndpointID": crashed}) == (200, {})
+    assert crashed_if not in links(host_ns.name) and len(kernel_calls) == 2
+    assert not any(k.startswith("endpoints/") for k in plugin.store_snapshot())
+
+
 def test_unknown_ids_succeed(plugin):
     """The engine cleans up after a crash with IDs the plugin may not know."""
     nid, eid = new_id(), new_id()
