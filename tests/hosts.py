@@ -15,6 +15,7 @@ import fcntl
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -367,8 +368,34 @@ class NamespaceHost(Host):
         # from here, and an own DOCKER_CONFIG keeps the user's contexts out.
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
         env["DOCKER_CONFIG"] = str(self.dir / "cli")
-        return _run([DOCKER_CLI, "-H", f"unix://{self.dir / 'docker.sock'}", *args],
-                    check=check, timeout=timeout, input=input, env=env)
+        try:
+            return _run([DOCKER_CLI, "-H", f"unix://{self.dir / 'docker.sock'}", *args],
+                        check=check, timeout=timeout, input=input, env=env)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}\n{self.name}: {self.engine_stacks()}") from None
+
+    def engine_stacks(self) -> str:
+        """Where dockerd wrote its goroutine stacks (SIGUSR1): what a hung engine waits on."""
+        log = self.dir / "dockerd.log"
+        start = log.stat().st_size
+        os.kill(self._dockerd.pid, signal.SIGUSR1)
+
+        def written() -> Optional[str]:
+            with open(log, errors="replace") as f:
+                f.seek(start)
+                found = re.search(r"goroutine stacks written to (\S+)", f.read())
+            return found.group(1).strip('"') if found else None
+
+        try:
+            path = wait_for(written, 10, "dockerd's goroutine stacks")
+        except TimeoutError:
+            return "dockerd wrote no goroutine stacks on SIGUSR1"
+        # Outside the session's work directory, which goes at its end.
+        keep = Path(tempfile.gettempdir()) / f"pyo-e2e-stacks-{self.name}-{time.strftime('%H%M%S')}.log"
+        shutil.copy(path, keep)
+        text = keep.read_text(errors="replace")
+        return (f"dockerd's goroutine stacks in {keep} ({text.count('goroutine ')} goroutines, "
+                f"{text.count('[semacquire')} waiting on a lock)")
 
     def start_plugin(self, store_url: str, extra_args: Sequence[str] = (),
                      env: Optional[Mapping[str, str]] = None) -> None:

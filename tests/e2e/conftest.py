@@ -123,7 +123,7 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     factory = item.stash.get(FACTORY, None)
-    if report.failed and report.when in ("setup", "call") and factory is not None:
+    if report.failed and factory is not None:
         for host in factory.hosts:
             report.sections.append((f"{host.name} plugin log", host.plugin_log()))
             report.sections.append((f"{host.name} dockerd log (tail)", host.engine_log()))

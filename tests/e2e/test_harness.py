@@ -4,8 +4,11 @@ plugin: if these fail, a pyoverlay e2e failure says nothing about pyoverlay."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.hosts import IMAGE, PLUGIN_SOCKET, wait_for
 
@@ -130,6 +133,17 @@ def test_restart_engine_keeps_state(make_hosts):
     assert host._dockerd.pid != pid_before
     assert "kept" in host.docker("network", "ls", "--format", "{{.Name}}").split()
     assert host.docker("run", "--rm", "--network", "kept", IMAGE, "echo", "after-restart") == "after-restart"
+
+
+def test_a_hung_engine_call_brings_the_engine_goroutine_stacks(make_hosts):
+    (host,) = make_hosts(1)
+    host.docker("run", "-d", "--name", "slow", IMAGE, "sleep", "3600")
+    # `docker stop` waits out the 10 s stop timeout (sleep ignores SIGTERM): a call that hangs.
+    with pytest.raises(TimeoutError, match=r"goroutine stacks in (\S+) \(\d+ goroutines") as failed:
+        host.docker("stop", "slow", timeout=2)
+    path = re.search(r"goroutine stacks in (\S+) ", str(failed.value)).group(1)
+    assert "ContainerStop" in Path(path).read_text() or "containerStop" in Path(path).read_text()
+    Path(path).unlink()
 
 
 def test_close_removes_everything(make_hosts):
