@@ -260,6 +260,49 @@ def test_operator_create_and_rm(cluster, hosts):
     assert down["alive"] is False and time.time() - 120 < down["last_seen"] <= time.time()
 
 
+def test_doctor_reports_a_planted_stale_and_a_deleted_peer_entry(cluster, hosts):
+    h1, h2, _ = hosts
+    h1.docker("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet", "10.47.0.0/24",
+              "-o", "vni=4700", "dr")
+    appears([h2], "dr", time.monotonic())
+    run(h1, "far", "dr")
+    run(h2, "near", "dr")
+    far_ip = ip_of(h1, "far", "dr")
+    far_mac = h1.docker("inspect", "-f", '{{(index .NetworkSettings.Networks "dr").MacAddress}}', "far")
+
+    def fdb(host):
+        return host.run(["bridge", "-n", "pyo-4700", "fdb", "show", "dev", "vxlan0"]).stdout
+
+    wait_for(lambda: far_mac in fdb(h2), CONVERGE, "far's FDB entry on h2")
+
+    def doctor():
+        proc = cluster.pyoverlay(h2, "doctor", "--json", "--advertise-addr", h2.addr,
+                                 "--docker-host", f"unix://{h2.dir}/docker.sock")
+        return proc.returncode, {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+
+    # Behind the plugin's back: an entry for a peer nobody has, and a real one gone.
+    h2.run(["bridge", "-n", "pyo-4700", "fdb", "append", "02:50:0a:2f:00:fa", "dev", "vxlan0", "dst", "10.99.0.9",
+            "self", "permanent"])
+    h2.run(["ip", "-n", "pyo-4700", "neigh", "replace", "10.47.0.250", "lladdr", "02:50:0a:2f:00:fa", "dev",
+            "vxlan0", "nud", "permanent"])
+    h2.run(["bridge", "-n", "pyo-4700", "fdb", "del", far_mac, "dev", "vxlan0", "self"])
+    status, checks = doctor()
+    assert status == 1
+    assert checks["peers"]["status"] == "fail", checks["peers"]
+    assert checks["peers"]["details"] == [
+        f"VNI 4700: missing {far_ip} {far_mac} via {h1.addr}",
+        "VNI 4700: stale 10.47.0.250 02:50:0a:2f:00:fa via 10.99.0.9",
+    ]
+    assert "restart the plugin" in checks["peers"]["summary"]
+    assert [n for n, c in checks.items() if c["status"] == "fail"] == ["peers"]
+
+    # What it says to do: a restarted plugin reconciles the kernel with the store.
+    h2.stop_plugin()
+    cluster.start_plugin(h2)
+    wait_for(lambda: doctor()[0] == 0, CONVERGE, lambda: f"a clean doctor on h2 after the restart: {doctor()[1]}")
+    assert pings(h2, "near", far_ip)
+
+
 def test_engine_restart_while_networks_are_created_elsewhere(cluster, hosts):
     h1, h2, h3 = hosts
     h1.docker("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet", "10.43.0.0/24",
