@@ -35,6 +35,8 @@ PLUGIN_SOCKET = "/run/docker/plugins/pyoverlay.sock"
 IMAGE = "pyo-busybox"
 # The CLI that CI installs with docker.io; /usr/local/bin/docker (28.x) works too.
 DOCKER_CLI = os.environ.get("PYO_E2E_DOCKER", "/usr/bin/docker")
+#: A goroutine blocked on a mutex in a Go stack dump (Go before 1.20 says semacquire).
+LOCK_WAIT = re.compile(r"\[(?:semacquire|sync\.(?:RW)?Mutex\.R?Lock)[^\]]*\]:")
 PLUGIN_EXE = str(Path(sys.executable).with_name("pyoverlay"))
 
 
@@ -394,8 +396,8 @@ class NamespaceHost(Host):
         keep = Path(tempfile.gettempdir()) / f"pyo-e2e-stacks-{self.name}-{time.strftime('%H%M%S')}.log"
         shutil.copy(path, keep)
         text = keep.read_text(errors="replace")
-        return (f"dockerd's goroutine stacks in {keep} ({text.count('goroutine ')} goroutines, "
-                f"{text.count('[semacquire')} waiting on a lock)")
+        waiting = len(LOCK_WAIT.findall(text))
+        return f"dockerd's goroutine stacks in {keep} ({text.count('goroutine ')} goroutines, {waiting} waiting on a lock)"
 
     def start_plugin(self, store_url: str, extra_args: Sequence[str] = (),
                      env: Optional[Mapping[str, str]] = None) -> None:

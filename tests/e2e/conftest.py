@@ -151,17 +151,24 @@ def ensure_network(hosts, name: str, subnet: str, vni: int) -> None:
                      f"network {name} on {host.name} (create said: {made.stderr.strip()})")
 
 
-def clear_hosts(hosts, timeout: float = 60, recount=None) -> None:
+def clear_hosts(hosts, timeout: float = 60, recount=None, unstick=None) -> None:
     """Remove every container, then every pyoverlay network, from hosts; again
     until none is left (the catalog, when on, removes and may re-add networks
     on other hosts meanwhile). recount(host, name), if given, is called when
     an engine refuses with "has active endpoints" though no container is
     attached, after every host has had its turn (so the catalog has seen the
-    network withdrawn)."""
+    network withdrawn). unstick(host, error), if given, is called when
+    `docker rm -f` hangs, and raises unless it got the engine going again."""
     for h in hosts:
         containers = h.docker("ps", "-aq").split()
         if containers:
-            h.docker("rm", "-f", *containers, timeout=120)
+            try:
+                h.docker("rm", "-f", *containers, timeout=120)
+            except TimeoutError as e:
+                if unstick is None:
+                    raise
+                unstick(h, e)
+                h.docker("rm", "-f", *h.docker("ps", "-aq").split(), timeout=120)
     why: list[str] = []
 
     def removed() -> bool:
