@@ -168,7 +168,9 @@ def clear_hosts(hosts, timeout: float = 60, recount=None, unstick=None) -> None:
                 if unstick is None:
                     raise
                 unstick(h, e)
-                h.docker("rm", "-f", *h.docker("ps", "-aq").split(), timeout=120)
+                left = h.docker("ps", "-aq").split()
+                if left:
+                    h.docker("rm", "-f", *left, timeout=120)
     why: list[str] = []
 
     def removed() -> bool:
