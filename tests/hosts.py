@@ -40,6 +40,49 @@ LOCK_WAIT = re.compile(r"\[(?:semacquire|sync\.(?:RW)?Mutex\.R?Lock)[^\]]*\]:")
 PLUGIN_EXE = str(Path(sys.executable).with_name("pyoverlay"))
 
 
+# -- the engine under test ------------------------------------------------------
+#: debian (default): the dockerd on PATH (Debian 12's docker.io, 20.10.24);
+#: current: the engine scripts/setup unpacked into .engines/current (Debian's
+#: newest docker.io and containerd). PYOVERLAY_ENGINE_ROOT names such a folder
+#: directly (scripts/setup prints it).
+ENGINE_ENV = "PYOVERLAY_ENGINE"
+ENGINE_ROOT_ENV = "PYOVERLAY_ENGINE_ROOT"
+REPO_DIR = Path(__file__).resolve().parent.parent
+
+
+def engine_root() -> Optional[Path]:
+    """The unpacked engine's root folder, or None for the system's engine."""
+    kind = os.environ.get(ENGINE_ENV, "debian") or "debian"
+    root = os.environ.get(ENGINE_ROOT_ENV)
+    if root:
+        path = Path(root)
+    elif kind == "debian":
+        return None
+    elif kind == "current":
+        path = REPO_DIR / ".engines" / "current"
+    else:
+        raise RuntimeError(f"{ENGINE_ENV}={kind!r}: expected debian or current")
+    if not (path / "usr" / "sbin" / "dockerd").is_file():
+        raise RuntimeError(f"no dockerd under {path}: run `{ENGINE_ENV}={kind} ./scripts/setup` first")
+    return path
+
+
+def engine_env(base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The environment for a dockerd of the engine under test: its usr/sbin
+    (dockerd, docker-proxy, which must match it) and containerd's usr/bin
+    first in PATH; runc and docker-init stay the system's."""
+    env = dict(os.environ if base is None else base)
+    root = engine_root()
+    if root is not None:
+        env["PATH"] = f"{root}/usr/sbin:{root}/usr/bin:" + env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    return env
+
+
+def engine_version() -> str:
+    """`dockerd --version` of the engine under test."""
+    return _run(["dockerd", "--version"], env=engine_env()).stdout.strip()
+
+
 def wait_for(cond: Callable[[], object], timeout: float, what: Union[str, Callable[[], str]],
              interval: float = 0.05):
     """Poll cond until it returns something truthy (and return that), or fail
@@ -347,7 +390,7 @@ class NamespaceHost(Host):
         log = open(self.dir / "dockerd.log", "ab")
         # nsenter without -p execs: the Popen pid is dockerd's.
         self._dockerd = subprocess.Popen(self._dockerd_cmd(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True, env=engine_env())
         log.close()
         dockerd = self._dockerd
 
@@ -677,6 +720,8 @@ class SessionLock:
         self._file = None
 
     def try_acquire(self) -> bool:
+        if self._inherited():
+            return True
         if self._file is None:
             self._file = open(self.path, "a+")
         try:
@@ -684,6 +729,21 @@ class SessionLock:
             return True
         except BlockingIOError:
             return False
+
+    def _inherited(self) -> bool:
+        """Run as `flock /tmp/pyo-e2e.lock pytest ...`: the lock is already
+        ours through a descriptor we inherited (a second open of the file
+        would wait on it forever). Locking that descriptor again succeeds only
+        if it holds the lock; it is never unlocked here."""
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") != self.path or (self._file and int(fd) == self._file.fileno()):
+                    continue
+                fcntl.flock(int(fd), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError:
+                continue
+        return False
 
     def acquire(self) -> None:
         wait_for(self.try_acquire, self.timeout,

@@ -16,6 +16,7 @@ import pytest
 
 from tests.hosts import NamespaceHost, SessionLock, Underlay, build_image_tar, sweep_leftovers, wait_for
 from tests.hosts_ssh import HOSTS_ENV, hosts_from_env
+from tests.hosts import engine_version
 
 HERE = Path(__file__).parent
 FACTORY = pytest.StashKey["HostFactory"]()
@@ -40,6 +41,8 @@ def e2e_workdir(request):
         removed = sweep_leftovers()
         if removed and reporter is not None:
             reporter.write_line(f"e2e: removed leftovers of an earlier run: {', '.join(removed)}")
+        if reporter is not None:
+            reporter.write_line(f"e2e: engine under test: {engine_version()}")
         workdir = Path(tempfile.mkdtemp(prefix="pyo-e2e-"))
         try:
             yield workdir
