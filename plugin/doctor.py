@@ -59,7 +59,9 @@ def _fmt(p: Peer) -> str:
 
 class Doctor:
     def __init__(self, store: Store, host: str, dataplane: Dataplane, *, socket_path: Optional[str] = None,
-                 engine: Optional[Engine] = None, driver: str = "pyoverlay"):
+                 engine: Optional[Engine] = None, driver: str = "pyoverlay",
+                 ip_forward_path: Optional[str] = None):
+        self.ip_forward_path = ip_forward_path  # None: not checked
         self.store = store
         self.host = host
         self.dataplane = dataplane
@@ -78,6 +80,8 @@ class Doctor:
         else:
             for name in ("overlays", "peers", "engine"):
                 checks.append(Check(name, SKIP, "not checked: the store does not answer"))
+        if self.ip_forward_path is not None:
+            checks.append(check_ip_forward(self.ip_forward_path))
         return checks
 
     # -- helpers -----------------------------------------------------------------
@@ -303,6 +307,32 @@ class Doctor:
         return Check("engine", status, summary, problems + notes)
 
 
+# -- IP forwarding -----------------------------------------------------------------
+#: Per network namespace: read by a process in the host's (as doctor runs).
+IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+
+
+def check_ip_forward(path: str = IP_FORWARD) -> Check:
+    """Egress and -p of pyoverlay's containers go through docker_gwbridge and
+    the host's routing. Docker's iptables backend turns forwarding on itself;
+    Docker 29's nftables backend (--firewall-backend=nftables) does not, and
+    then creating docker_gwbridge fails, so no container starts."""
+    try:
+        with open(path) as f:
+            value = f.read().strip()
+    except OSError as e:
+        return Check("ip forwarding", WARN, f"cannot read {path}: {e}")
+    if value == "1":
+        return Check("ip forwarding", OK, "net.ipv4.ip_forward is 1")
+    return Check("ip forwarding", FAIL,
+                 f"net.ipv4.ip_forward is {value}: containers on pyoverlay networks cannot reach outside or "
+                 "be reached through -p, and Docker 29 with --firewall-backend=nftables cannot create "
+                 "docker_gwbridge",
+                 ["turn it on: sysctl -w net.ipv4.ip_forward=1, and keep it across reboots: "
+                  "echo net.ipv4.ip_forward=1 > /etc/sysctl.d/99-pyoverlay.conf",
+                  "(Docker's iptables backend turns it on itself; its nftables backend does not)"])
+
+
 # -- output ----------------------------------------------------------------------
 
 def render(checks: list[Check]) -> str:
@@ -349,7 +379,8 @@ def _run(args) -> int:
     engine = None if args.no_engine else Engine(args.docker_host, timeout=SOCKET_TIMEOUT)
     driver = os.path.basename(args.socket).removesuffix(".sock")
     try:
-        checks = Doctor(store, host, dataplane, socket_path=args.socket, engine=engine, driver=driver).run()
+        checks = Doctor(store, host, dataplane, socket_path=args.socket, engine=engine, driver=driver,
+                        ip_forward_path=IP_FORWARD).run()
     finally:
         dataplane.close()
         store.close()

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from werkzeug.serving import make_server
@@ -18,7 +20,7 @@ from driver.model import Peer
 from driver.state import peer_key
 from driver.store import open_store
 from plugin.app import create_app
-from plugin.doctor import FAIL, OK, SKIP, Doctor, exit_status, render
+from plugin.doctor import FAIL, IP_FORWARD, OK, SKIP, Doctor, exit_status, render
 from tests.conftest import new_id
 from tests.hosts import wait_for
 from tests.test_protocol import make_endpoint, make_network
@@ -157,3 +159,32 @@ def test_wrong_advertise_address(plugin):
     check = Doctor(plugin.store, "192.0.2.77", plugin.dataplane).check_underlay(store_ok=False)
     assert check.status == FAIL
     assert check.summary == "no interface holds 192.0.2.77: pass this host's underlay address as --advertise-addr"
+
+
+# -- IP forwarding: read in the namespace doctor runs in (real kernel) --------------
+REPO_ROOT = Path(__file__).resolve().parent.parent
+READ_IP_FORWARD = "import json, dataclasses, plugin.doctor as d; print(json.dumps(dataclasses.asdict(d.check_ip_forward())))"
+
+
+def ip_forward_check(netns: str) -> dict:
+    out = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", READ_IP_FORWARD],
+                         check=True, capture_output=True, text=True, cwd=REPO_ROOT).stdout
+    return json.loads(out)
+
+
+def test_ip_forward_off_fails_saying_how_to_turn_it_on_then_ok(host_ns):
+    # A new network namespace starts with forwarding off, as a host under
+    # Docker 29's nftables backend may be.
+    subprocess.run(["ip", "netns", "exec", host_ns.name, "sysctl", "-qw", "net.ipv4.ip_forward=0"], check=True)
+    off = ip_forward_check(host_ns.name)
+    assert off["name"] == "ip forwarding" and off["status"] == FAIL, off
+    assert "net.ipv4.ip_forward is 0" in off["summary"] and "docker_gwbridge" in off["summary"], off
+    assert any("sysctl -w net.ipv4.ip_forward=1" in d for d in off["details"]), off
+    subprocess.run(["ip", "netns", "exec", host_ns.name, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
+    assert ip_forward_check(host_ns.name)["status"] == OK
+
+
+def test_cli_doctor_includes_ip_forwarding(plugin, served):
+    checks = Doctor(plugin.store, plugin.host.addr, plugin.dataplane, socket_path=served,
+                    ip_forward_path=IP_FORWARD).run()
+    assert checks[-1].name == "ip forwarding", render(checks)
