@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 OPT_GENERIC = "com.docker.network.generic"
 OPT_IPV6 = "com.docker.network.enable_ipv6"
+#: Docker 28+: false with --ipv4=false, when the engine requests no IPv4 pool.
+OPT_IPV4 = "com.docker.network.enable_ipv4"
 OPT_INTERNAL = "com.docker.network.internal"
 OPT_MTU = "com.docker.network.driver.mtu"
 OPT_VNI = "vni"
@@ -98,6 +100,10 @@ class NetworkDriver:
         if options.get(OPT_IPV6) in (True, "true") or ipv6_data:
             raise DriverError("pyoverlay does not support IPv6 yet; create the network without --ipv6")
         generic = options.get(OPT_GENERIC) or {}
+        if any(v in (False, "false") for v in (options.get(OPT_IPV4), generic.get(OPT_IPV4))):
+            raise DriverError("pyoverlay does not support IPv6-only networks yet: create the network with IPv4 "
+                              "(leave out --ipv4=false and -o com.docker.network.enable_ipv4=false) and a --subnet")
+        generic = {k: v for k, v in generic.items() if k != OPT_IPV4}  # true: what pyoverlay does anyway
         unknown = sorted(set(generic) - set(ACCEPTED_OPTIONS))
         if unknown:
             raise DriverError(

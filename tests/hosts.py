@@ -132,6 +132,7 @@ class Host(abc.ABC):
     """One machine running dockerd, as the tests see it."""
 
     name: str
+    index: int  # 1..N among the hosts of a test run (names of containers tell hosts apart by it)
     addr: str  # underlay address: the VTEP and where published ports answer
     state_dir: str  # a directory on the host for per-host files (the sqlite store)
     python: str  # a Python on the host that has pyoverlay installed
@@ -287,7 +288,7 @@ class NamespaceHost(Host):
     host's, and the tests can reach the socket from here."""
 
     def __init__(self, index: int, underlay: Underlay, root: Union[str, Path], image_tar: Union[str, Path],
-                 mtu: Optional[int] = None, plugin_exe: str = PLUGIN_EXE):
+                 mtu: Optional[int] = None, plugin_exe: str = PLUGIN_EXE, engine_gwbridge: bool = False):
         if not 1 <= index <= 253:
             raise ValueError("host index must be within 1..253 (it is the last octet of the address)")
         self.index = index
@@ -300,6 +301,9 @@ class NamespaceHost(Host):
         self.python = sys.executable
         self.image_tar = str(image_tar)
         self.plugin_exe = plugin_exe
+        # True: nothing makes docker_gwbridge beforehand; the engine creates it
+        # (its own subnet choice) when the first container needs a way out.
+        self.engine_gwbridge = engine_gwbridge
         self.socket_path = self.dir / "plugins" / Path(PLUGIN_SOCKET).name
         self.cgroup_parent = self.name
         self.timings: dict[str, float] = {}
@@ -332,11 +336,12 @@ class NamespaceHost(Host):
         self.timings["engine_start"] = time.monotonic() - t1
 
         t2 = time.monotonic()
-        self.docker("network", "create", "--subnet", f"172.31.{self.index}.0/24",
-                    "-o", "com.docker.network.bridge.name=docker_gwbridge",
-                    "-o", "com.docker.network.bridge.enable_icc=false",
-                    "-o", "com.docker.network.bridge.enable_ip_masquerade=true",
-                    "docker_gwbridge")
+        if not self.engine_gwbridge:
+            self.docker("network", "create", "--subnet", f"172.31.{self.index}.0/24",
+                        "-o", "com.docker.network.bridge.name=docker_gwbridge",
+                        "-o", "com.docker.network.bridge.enable_icc=false",
+                        "-o", "com.docker.network.bridge.enable_ip_masquerade=true",
+                        "docker_gwbridge")
         self.docker("import", "-c", 'CMD ["sh"]', self.image_tar, IMAGE)
         self.timings["gwbridge_and_image"] = time.monotonic() - t2
         self.timings["bring_up"] = time.monotonic() - t0

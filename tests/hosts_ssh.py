@@ -67,7 +67,10 @@ def hosts_from_env(value: Optional[str] = None, **kwargs) -> list["SSHHost"]:
     names = ssh_config_hosts(path)
     if not names:
         raise ValueError(f"{path}: no Host entries; write it with `vagrant ssh-config > {path}`")
-    return [SSHHost(name, path, **kwargs) for name in names]
+    hosts = [SSHHost(name, path, **kwargs) for name in names]
+    for number, host in enumerate(hosts, 1):
+        host.index = number  # as a namespace host's: 1..N, for names that tell hosts apart
+    return hosts
 
 
 class RemoteEtcd:

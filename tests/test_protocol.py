@@ -176,6 +176,16 @@ BAD_DRIVER_CALLS = [
     ("join unknown endpoint", "NetworkDriver.Join", {"NetworkID": new_id(), "EndpointID": new_id(), "SandboxKey": "/x"}, "not known"),
 ]
 
+# Docker 28+: --ipv4=false sends enable_ipv4=false and requests no IPv4 pool;
+# -o com.docker.network.enable_ipv4=false arrives as a generic option.
+BAD_DRIVER_CALLS += [
+    ("IPv4 off", "NetworkDriver.CreateNetwork",
+     _create_network_body(Options={"com.docker.network.enable_ipv4": False, "com.docker.network.generic": {}},
+                          IPv4Data=[]), "IPv6-only"),
+    ("IPv4 off as -o", "NetworkDriver.CreateNetwork",
+     _create_network_body(Options=_generic(**{"com.docker.network.enable_ipv4": "false"})), "IPv6-only"),
+]
+
 BAD_IPAM_CALLS = [
     ("malformed JSON", "IpamDriver.RequestPool", b"{", "not valid JSON"),
     ("missing AddressSpace", "IpamDriver.RequestPool", {"Pool": SUBNET}, "AddressSpace"),
@@ -246,3 +256,12 @@ def test_kernel_failure_leaves_store_unchanged(plugin, host_ns):
     assert status >= 400 and "Err" in answer
     assert plugin.store_snapshot() == store_before
     assert host_ns.kernel_snapshot() == kernel_before
+
+
+@pytest.mark.parametrize("options", [
+    {"com.docker.network.enable_ipv4": True, "com.docker.network.generic": {}},
+    _generic(**{"com.docker.network.enable_ipv4": "true"}),
+], ids=["engine", "-o"])
+def test_enable_ipv4_true_is_accepted(plugin, options):
+    status, answer = plugin.call("NetworkDriver.CreateNetwork", _create_network_body(Options=options))
+    assert (status, answer) == (200, {})

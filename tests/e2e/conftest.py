@@ -22,10 +22,44 @@ HERE = Path(__file__).parent
 FACTORY = pytest.StashKey["HostFactory"]()
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     for item in items:
         if HERE in Path(item.path).parents:
             item.add_marker(pytest.mark.e2e)
+            if "vm" not in item.keywords:
+                # Only the `vm` slice claims to run on VMs; the rest needs namespace hosts.
+                item.add_marker(pytest.mark.namespace_only)
+    if os.environ.get(HOSTS_ENV):
+        # On VMs (or the sshd "VMs"): what cannot run there is left out, and said so.
+        skipped = [i for i in items if "namespace_only" in i.keywords]
+        if skipped:
+            config.hook.pytest_deselected(items=skipped)
+            items[:] = [i for i in items if "namespace_only" not in i.keywords]
+            reporter = config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                reporter.write_line(f"e2e: {HOSTS_ENV} is set: {len(skipped)} test(s) marked namespace_only "
+                                    "(they need namespace hosts) deselected")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sshd_vms(request):
+    """PYOVERLAY_E2E_HOSTS=sshd: three namespace hosts running sshd, set up as
+    the Vagrantfile sets up VMs (tests/sshd_vms.py); the tests then reach
+    them as vagrant:<their ssh-config>, through SSHHost."""
+    if os.environ.get(HOSTS_ENV) != "sshd":
+        yield None
+        return
+    from tests.sshd_vms import SshdVMs
+
+    vms = SshdVMs(request.getfixturevalue("underlay"), request.getfixturevalue("e2e_workdir"),
+                  request.getfixturevalue("image_tar"))
+    try:
+        vms.start()
+        os.environ[HOSTS_ENV] = f"vagrant:{vms.ssh_config}"
+        yield vms
+    finally:
+        os.environ[HOSTS_ENV] = "sshd"
+        vms.close()
 
 
 @pytest.fixture(scope="session")
@@ -76,12 +110,14 @@ class HostFactory:
         self.image_tar = image_tar
         self.hosts: list[NamespaceHost] = []
 
-    def __call__(self, n: int, mtu: int | None = None) -> list[NamespaceHost]:
+    def __call__(self, n: int, mtu: int | None = None, engine_gwbridge: bool = False) -> list[NamespaceHost]:
+        """engine_gwbridge: the engine makes docker_gwbridge itself (on VMs it always does)."""
         if os.environ.get(HOSTS_ENV):
             return self._vms(n, mtu)
         made = []
         for _ in range(n):
-            host = NamespaceHost(len(self.hosts) + 1, self.underlay, self.workdir, self.image_tar, mtu=mtu)
+            host = NamespaceHost(len(self.hosts) + 1, self.underlay, self.workdir, self.image_tar, mtu=mtu,
+                                 engine_gwbridge=engine_gwbridge)
             self.hosts.append(host)  # registered first: a half-started host is torn down too
             host.start()
             made.append(host)

@@ -28,6 +28,9 @@ from tests.etcdserver import EtcdServer
 from tests.hosts_ssh import HOSTS_ENV, RemoteEtcd
 from tests.hosts import IMAGE, UNDERLAY_ADDR, NamespaceHost, wait_for
 
+#: Also run on VMs over SSH (PYOVERLAY_E2E_HOSTS), but for the tests marked namespace_only.
+pytestmark = pytest.mark.vm
+
 STORE_PREFIX = "/pyoverlay/"
 #: Key families of networks, endpoints and addresses (driver/state.py's layout).
 OVERLAY_KEYS = ("overlays/", "subnets/", "networks/", "endpoints/", "peers/", "pools/", "addresses/")
@@ -61,7 +64,8 @@ def cluster(underlay, e2e_workdir, image_tar):
         t0 = time.monotonic()
         if etcd is not None:
             etcd.start()
-        hosts = factory(3)
+        # Nothing makes docker_gwbridge beforehand: each engine makes its own on first use.
+        hosts = factory(3, engine_gwbridge=True)
         if etcd is None:  # the VMs share the etcd the Vagrantfile runs on the first one
             etcd = RemoteEtcd(hosts[0].configured_env()["PYOVERLAY_STORE"], via=hosts[0])
         for h in hosts:
@@ -420,3 +424,29 @@ def test_freed_address_reused_on_another_host_is_reachable_at_once(hosts, to):
         assert got == (new_mac.lower(), {new_host.addr}), (
             f"{h.name} maps {ip} to {got}, not ({new_mac}, {new_host.addr})\n{kernel_dump(h, vni)}")
     assert ip not in peers_on(new_host, vni), f"{new_host.name} programs its own container as a peer"
+
+
+@pytest.mark.namespace_only  # the underlay's web server
+def test_egress_and_published_port_on_the_engines_own_gwbridge(hosts, underlay_http):
+    """Each engine made docker_gwbridge itself when its first container
+    needed a way out. They all pick the same subnet (the first of Docker's
+    default pools free on the host); that must not matter: it is NATed per
+    host, and across hosts only the overlay and the underlay carry traffic."""
+    url, token = underlay_http
+    h1, h2 = hosts[:2]
+    create_everywhere(hosts[:2], "gw", "10.40.9.0/24", 4109)
+    run(h1, "www", "gw", "-p", "8089:80")
+    h1.docker("exec", "www", "sh", "-c", "mkdir -p /www && echo published-gw > /www/index.html && "
+              "(httpd -p 80 -h /www &)")
+    run(h2, "cli", "gw")
+    subnets = {h.name: h.docker("network", "inspect", "-f", "{{(index .IPAM.Config 0).Subnet}}", "docker_gwbridge")
+               for h in (h1, h2)}
+    print(f"\ndocker_gwbridge as the engines made it: {subnets}")
+    for h, c in ((h1, "www"), (h2, "cli")):
+        assert h.docker("exec", c, "wget", "-qO-", url) == token, f"{c}@{h.name}: no way out"
+    # -p on h1, from a container on h2 (through h2's gwbridge, the underlay, h1's gwbridge).
+    published = f"http://{h1.addr}:8089/"
+    wait_for(lambda: h2.docker_proc("exec", "cli", "wget", "-qO-", published, check=False).stdout == "published-gw\n",
+             10, f"{published} from a container on {h2.name}")
+    # And the overlay between them still works beside two gwbridges of one subnet.
+    assert reach(h2, "cli", [ip_of(h1, "www", "gw")]) == {ip_of(h1, "www", "gw"): True}

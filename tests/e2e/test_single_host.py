@@ -8,12 +8,18 @@ the store keeps.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import re
 
 import pytest
 
 from tests.hosts import IMAGE, Host, wait_for
+from tests.hosts_ssh import HOSTS_ENV
+
+#: Also run on VMs over SSH (PYOVERLAY_E2E_HOSTS), but for the tests marked namespace_only.
+pytestmark = pytest.mark.vm
 
 UNDERLAY_MTU = 1400
 VXLAN_OVERHEAD = 50
@@ -37,7 +43,9 @@ def store_db(host: Host) -> str:
 
 @pytest.fixture
 def host(make_hosts):
-    (h,) = make_hosts(1, mtu=UNDERLAY_MTU)
+    # As on a fresh machine: nothing made docker_gwbridge, the engine does on first use.
+    # A VM's underlay MTU is its own (the MTU test is namespace_only).
+    (h,) = make_hosts(1, mtu=None if os.environ.get(HOSTS_ENV) else UNDERLAY_MTU, engine_gwbridge=True)
     h.start_plugin(f"sqlite://{store_db(h)}")
     return h
 
@@ -49,7 +57,8 @@ def baseline(host):
 
 
 def kernel_state(host: Host) -> tuple[list[str], list[str]]:
-    return sorted(host.links()), host.netns_names()
+    # docker_gwbridge is the engine's: made on first use, it stays, as on any Docker host.
+    return sorted(set(host.links()) - {"docker_gwbridge"}), host.netns_names()
 
 
 def store_keys(host: Host) -> list[str]:
@@ -129,6 +138,7 @@ def test_two_containers_ping_then_nothing_is_left(host, baseline):
     assert_clean(host, baseline)
 
 
+@pytest.mark.namespace_only  # the underlay's MTU, or the underlay as the far end
 def test_mtu_derived_from_underlay_and_overridden(host):
     assert host.links()["eth0"]["mtu"] == UNDERLAY_MTU
     create_network(host, "web", SUBNET)
@@ -150,6 +160,7 @@ def test_mtu_derived_from_underlay_and_overridden(host):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.namespace_only  # the underlay's MTU, or the underlay as the far end
 def test_published_port_reachable(host, underlay):
     create_network(host, "web", SUBNET)
     run(host, "www", "--network", "web", "-p", "8080:80",
@@ -163,17 +174,30 @@ def test_published_port_reachable(host, underlay):
     assert fetched(underlay), f"{url} not reachable from the underlay"
 
 
+def gwbridge(host: Host) -> tuple[str, str]:
+    """docker_gwbridge's subnet and gateway, as the engine chose them."""
+    return tuple(host.docker("network", "inspect", "-f", "{{(index .IPAM.Config 0).Subnet}} "
+                             "{{(index .IPAM.Config 0).Gateway}}", "docker_gwbridge").split())
+
+
+@pytest.mark.namespace_only  # the underlay's MTU, or the underlay as the far end
 def test_outbound_through_gwbridge(host, underlay_http):
     url, token = underlay_http
+    assert host.docker_proc("network", "inspect", "docker_gwbridge", check=False).returncode != 0, \
+        "docker_gwbridge existed before the first container: the engine's own is not what is tested"
     create_network(host, "web", SUBNET)
     run(host, "c1", "--network", "web")
-    gw_ifname = [name for ip, name in interfaces(host, "c1").items() if ip.startswith(f"172.31.{host.index}.")]
-    assert gw_ifname == ["eth1"], f"expected eth1 on docker_gwbridge, got {interfaces(host, 'c1')}"
+    subnet, gateway = gwbridge(host)  # made by the engine for c1
+    print(f"\nthe engine made docker_gwbridge {subnet} (gateway {gateway})")
+    net = ipaddress.ip_network(subnet)
+    gw_ifname = [name for ip, name in interfaces(host, "c1").items() if ipaddress.ip_address(ip) in net]
+    assert gw_ifname == ["eth1"], f"expected eth1 on docker_gwbridge {subnet}, got {interfaces(host, 'c1')}"
     routes = host.docker("exec", "c1", "ip", "route")
-    assert re.search(rf"^default via 172\.31\.{host.index}\.1 dev eth1", routes, re.M), routes
+    assert re.search(rf"^default via {re.escape(gateway)} dev eth1", routes, re.M), routes
     assert host.docker("exec", "c1", "wget", "-qO-", url) == token
 
 
+@pytest.mark.namespace_only  # the underlay's MTU, or the underlay as the far end
 def test_internal_network_has_no_way_out(host, underlay):
     create_network(host, "inner", "10.20.2.0/24", "--internal")
     run(host, "c1", "--network", "inner")
@@ -267,4 +291,35 @@ def test_plugin_killed_and_restarted(host, baseline):
     assert "c1" not in host.docker("ps", "-a", "--format", "{{.Names}}").split()
     assert_pings(host, "c3", ip2)
     remove(host, "c2", "c3", networks=["web"])
+    assert_clean(host, baseline)
+
+
+def engine_api(host: Host, method: str, path: str, body: dict) -> tuple[int, dict]:
+    """The engine's HTTP API through the CLI's socket, for what Debian 12's CLI cannot send."""
+    out = host.run(["curl", "-sS", "--unix-socket", "/var/run/docker.sock", "-X", method,
+                    "-H", "Content-Type: application/json", "--data-binary", "@-", "-w", "\n%{http_code}",
+                    f"http://engine{path}"], input=json.dumps(body)).stdout
+    raw, _, status = out.rpartition("\n")
+    return int(status), json.loads(raw or "{}")
+
+
+def test_enable_ipv4_option_accepted_when_true_and_ipv6_only_refused(host, baseline):
+    # -o com.docker.network.enable_ipv4=true is what pyoverlay does anyway.
+    create_network(host, "v4", SUBNET, "-o", "com.docker.network.enable_ipv4=true")
+    run(host, "c1", "--network", "v4")
+    assert ip_on(host, "c1", "v4").startswith("10.20.0.")
+    remove(host, "c1", networks=["v4"])
+    proc = host.docker_proc("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet",
+                            "10.20.5.0/24", "-o", "com.docker.network.enable_ipv4=false", "nov4", check=False)
+    assert proc.returncode != 0 and "IPv6-only" in proc.stderr, proc.stderr
+    # Docker 28+ (API 1.47): --ipv4=false requests no IPv4 pool at all.
+    api = host.docker("version", "-f", "{{.Server.APIVersion}}")
+    if tuple(map(int, api.split("."))) >= (1, 47):
+        status, answer = engine_api(host, "POST", f"/v{api}/networks/create",
+                                    {"Name": "v6only", "Driver": "pyoverlay", "EnableIPv4": False,
+                                     "IPAM": {"Driver": "pyoverlay"}})
+        assert status >= 400 and "IPv6-only" in answer.get("message", ""), (status, answer)
+    else:
+        print(f"\nengine API {api}: no EnableIPv4 (Docker 28+), --ipv4=false not tried")
+    assert not {"nov4", "v6only"} & set(host.docker("network", "ls", "--format", "{{.Name}}").split())
     assert_clean(host, baseline)

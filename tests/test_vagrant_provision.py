@@ -1,0 +1,145 @@
+"""The Vagrantfile's provisioning scripts, run for real in a fresh Debian 12
+root filesystem (no VM: qemu is not needed for what they do).
+
+A debootstrap'd bookworm (minbase, cached as a tarball in packaging/build,
+like packaging/build-plugin's) is unpacked afresh; the checkout goes to
+/vagrant as the Vagrantfile's rsync puts it; then, in a chroot, the ETCD
+script and the PROVISION script run with pyo1's arguments, as `vagrant up`
+runs them on pyo1: they apt-get the engine, etcd and the rest of
+scripts/setup's packages, pip-install pyoverlay into /opt/pyoverlay/.venv,
+install the unit and /etc/default/pyoverlay. (In a chroot systemctl enables
+units but starts none, which a VM's boot would do.) Then the provisioned
+pyoverlay is started in the chroot, in a network namespace of its own, and
+must answer Plugin.Activate on its socket.
+
+Slow (several minutes, mostly apt and pip): it runs when the cached rootfs
+exists (`.venv/bin/python -m tests.test_vagrant_provision` makes it, about a
+minute) or PYOVERLAY_VAGRANT_TEST=1 asks for it (it then makes the cache);
+otherwise it is skipped saying so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from plugin.client import call
+from tests.hosts import REPO_DIR, wait_for
+from tests.sshd_vms import vagrantfile_script
+
+CACHE = REPO_DIR / "packaging" / "build" / "vagrant-rootfs-bookworm.tar"
+ADDR, ETCD = "192.168.56.11", "192.168.56.11"  # pyo1's, from the Vagrantfile
+NETNS = f"pyo-vagrant-{os.getpid()}"
+
+
+def mirror() -> str:
+    text = ""
+    for f in [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]:
+        if f.is_file():
+            text += f.read_text()
+    found = [u for u in re.findall(r"https?://\S+", text) if "security" not in u]
+    return found[0] if found else "http://deb.debian.org/debian"
+
+
+def build_cache() -> float:
+    t0 = time.monotonic()
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="pyo-vagrant-base-", dir=CACHE.parent))
+    try:
+        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(tmp), mirror()], check=True,
+                       capture_output=True, timeout=900)
+        subprocess.run(["tar", "-C", str(tmp), "-cf", f"{CACHE}.tmp", "."], check=True)
+        os.replace(f"{CACHE}.tmp", CACHE)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return time.monotonic() - t0
+
+
+def chroot_sh(root: Path, script: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """script in the chroot, in a mount namespace of its own (/proc, /sys, /dev bound there only)."""
+    wrapper = (f'mount -t proc proc "$0/proc" && mount --rbind /sys "$0/sys" && mount --rbind /dev "$0/dev" && '
+               f'exec chroot "$0" /bin/sh -s "$@"')
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive",
+           "HOME": "/root"}
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", wrapper, str(root), *args],
+                          input=script, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_vagrant_provisioning_in_a_fresh_debian_12(tmp_path):
+    if not CACHE.exists():
+        if os.environ.get("PYOVERLAY_VAGRANT_TEST") != "1":
+            pytest.skip(f"no cached Debian 12 rootfs at {CACHE}: make it with `.venv/bin/python -m "
+                        "tests.test_vagrant_provision` (about a minute), or set PYOVERLAY_VAGRANT_TEST=1")
+        print(f"\ndebootstrap of the cached rootfs: {build_cache():.0f}s")
+    times = {}
+    root = tmp_path / "pyo1"
+    root.mkdir()
+    t0 = time.monotonic()
+    subprocess.run(["tar", "-C", str(root), "-xf", str(CACHE)], check=True)
+    # What `vagrant up` puts there: the checkout, rsync'd without these.
+    (root / "vagrant").mkdir()
+    subprocess.run(f"tar -C {REPO_DIR} --exclude=./.venv --exclude=./.git --exclude=./.vagrant --exclude=./.engines "
+                   f"--exclude=./packaging/build -cf - . | tar -C {root}/vagrant -xf -", shell=True, check=True)
+    shutil.copy("/etc/resolv.conf", root / "etc" / "resolv.conf")
+    # As on a VM image: services never start during apt install here (no systemd runs).
+    (root / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
+    (root / "usr/sbin/policy-rc.d").chmod(0o755)
+    times["unpack"] = time.monotonic() - t0
+    try:
+        for name, args in (("ETCD", (ADDR,)), ("PROVISION", (ADDR, ETCD))):
+            t = time.monotonic()
+            done = chroot_sh(root, vagrantfile_script(name), *args)
+            times[name] = time.monotonic() - t
+            assert done.returncode == 0, f"{name} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        print("\n" + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+
+        # What provisioning left: the engine, etcd, pyoverlay and its unit, enabled, configured.
+        version = chroot_sh(root, "dockerd --version; etcd --version | head -1; /opt/pyoverlay/.venv/bin/pyoverlay --help >/dev/null && echo pyoverlay ok")
+        assert version.returncode == 0 and "Docker version" in version.stdout and "pyoverlay ok" in version.stdout, version
+        assert (root / "etc/systemd/system/multi-user.target.wants/pyoverlay.service").is_symlink()
+        env = (root / "etc/default/pyoverlay").read_text()
+        assert f"PYOVERLAY_STORE=etcd://{ETCD}:2379" in env and f"PYOVERLAY_ADVERTISE_ADDR={ADDR}" in env, env
+        assert f"ETCD_LISTEN_CLIENT_URLS=http://{ADDR}:2379" in (root / "etc/default/etcd").read_text()
+
+        # The provisioned plugin answers, in the chroot, in a network namespace of its own
+        # (the embedded store: the VM's etcd does not run here).
+        subprocess.run(["ip", "netns", "add", NETNS], check=True)
+        subprocess.run(["ip", "-n", NETNS, "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "-n", NETNS, "addr", "add", f"{ADDR}/32", "dev", "lo"], check=True)
+        sock = root / "run/docker/plugins/pyoverlay.sock"
+        serve = ("mkdir -p /run/docker/plugins /var/lib/pyoverlay && exec /opt/pyoverlay/.venv/bin/pyoverlay serve "
+                 f"--socket /run/docker/plugins/pyoverlay.sock --store sqlite:///var/lib/pyoverlay/state.db "
+                 f"--advertise-addr {ADDR} --no-catalog")
+        log = open(tmp_path / "plugin.log", "wb")
+        plugin = subprocess.Popen(["ip", "netns", "exec", NETNS, "chroot", str(root), "/bin/sh", "-c", serve],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"})
+        try:
+            def answers():
+                if plugin.poll() is not None:
+                    raise RuntimeError(f"plugin exited {plugin.returncode}: {(tmp_path / 'plugin.log').read_text()}")
+                try:
+                    return call(str(sock), "Plugin.Activate", None)
+                except OSError:
+                    return None
+            status, body = wait_for(answers, 30, "the provisioned plugin to answer Plugin.Activate")
+            assert status == 200 and set(body["Implements"]) == {"NetworkDriver", "IpamDriver"}, body
+        finally:
+            os.killpg(plugin.pid, 9)
+            plugin.wait(10)
+    finally:
+        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(root)], capture_output=True)
+
+
+if __name__ == "__main__":
+    print(f"{CACHE}: made in {build_cache():.0f}s", file=sys.stderr)
