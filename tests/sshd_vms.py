@@ -109,7 +109,7 @@ class SshdVMs:
 
     def _provision(self, host: NamespaceHost, name: str, etcd: str) -> None:
         vm = host.dir / "vm"
-        for sub in ("etc-default", "etc-systemd", "etcd", "opt/pyoverlay"):
+        for sub in ("etc-default", "etc-systemd", "etcd", "var-tmp"):
             (vm / sub).mkdir(parents=True, exist_ok=True)
         # What the Vagrantfile's PROVISION script leaves on a VM.
         for f in Path("/etc/default").iterdir():
@@ -143,7 +143,7 @@ class SshdVMs:
             """))
         # Into the host's mount namespace only: the machine's own files stay as they are.
         binds = [(vm / "etc-default", "/etc/default"), (vm / "etc-systemd", "/etc/systemd/system"),
-                 (vm / "etcd", "/var/lib/etcd"), (vm / "systemctl", "/usr/bin/systemctl"),
+                 (vm / "etcd", "/var/lib/etcd"), (vm / "var-tmp", "/var/tmp"), (vm / "systemctl", "/usr/bin/systemctl"),
                  (vm / "journalctl", "/usr/bin/journalctl")]
         script = ["set -eu", "mount -t tmpfs -o mode=755 tmpfs /opt", "mkdir -p /opt/pyoverlay /run/sshd /run/vm-systemd",
                   f"mount --bind {shlex.quote(str(REPO_DIR))} /opt/pyoverlay"]

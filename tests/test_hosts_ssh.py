@@ -303,3 +303,30 @@ def test_remote_etcd_requests_go_through_the_host(fake):
         etcd.request("POST", "/v3/kv/range", {})
     with pytest.raises(ValueError):
         RemoteEtcd("sqlite:///x.db", via=make_host(fake))
+
+
+def test_vm_systemctl_reads_the_dropin_as_written(tmp_path, monkeypatch):
+    """The sshd "VMs" (tests/sshd_vms.py) run the plugin from the unit file
+    and SSHHost's drop-in through tests/vm_systemctl.py: what it starts is
+    the command line and environment the drop-in says, the unit's
+    EnvironmentFile reset by it."""
+    from tests import vm_systemctl
+
+    etc, run = tmp_path / "etc", tmp_path / "run"
+    (run / "pyoverlay.service.d").mkdir(parents=True)
+    etc.mkdir()
+    shutil.copy(REPO / "packaging" / "pyoverlay.service", etc / "pyoverlay.service")
+    (tmp_path / "default").write_text("PYOVERLAY_STORE=etcd://10.0.0.1:2379\n")
+    unit = (etc / "pyoverlay.service").read_text().replace("/etc/default/pyoverlay", str(tmp_path / "default"))
+    (etc / "pyoverlay.service").write_text(unit)
+    monkeypatch.setattr(vm_systemctl, "UNIT_DIRS", [etc])
+    monkeypatch.setattr(vm_systemctl, "DROPIN_DIRS", [run, etc])
+    assert vm_systemctl.command("pyoverlay.service")[1]["PYOVERLAY_STORE"] == "etcd://10.0.0.1:2379"
+
+    host = SSHHost("pyo1", tmp_path / "cfg", addr="10.0.0.7", control_dir=str(tmp_path))
+    args = ["--log-level", "debug", "--label", 'a "quoted" 50% $HOME \\ word']
+    (run / "pyoverlay.service.d" / DROPIN_NAME).write_text(host.dropin("sqlite:///x y/state.db", args, {"K": "v w"}))
+    argv, env = vm_systemctl.command("pyoverlay.service")
+    assert argv == [host.plugin_exe, "serve", "--socket", PLUGIN_SOCKET, "--store", "sqlite:///x y/state.db",
+                    "--advertise-addr", "10.0.0.7", *args]
+    assert env["K"] == "v w" and "PYOVERLAY_STORE" not in env

@@ -35,7 +35,9 @@ from plugin.client import call
 from tests.hosts import REPO_DIR, wait_for
 from tests.sshd_vms import vagrantfile_script
 
-CACHE = REPO_DIR / "packaging" / "build" / "vagrant-rootfs-bookworm.tar"
+#: What the debian/bookworm64 box has and the provisioning takes for granted (systemctl).
+BOX_PACKAGES = "systemd,systemd-sysv"
+CACHE = REPO_DIR / "packaging" / "build" / "vagrant-rootfs-bookworm-systemd.tar"
 ADDR, ETCD = "192.168.56.11", "192.168.56.11"  # pyo1's, from the Vagrantfile
 NETNS = f"pyo-vagrant-{os.getpid()}"
 
@@ -45,7 +47,8 @@ def mirror() -> str:
     for f in [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]:
         if f.is_file():
             text += f.read_text()
-    found = [u for u in re.findall(r"https?://\S+", text) if "security" not in u]
+    # Debian's archive, as packaging/build-plugin picks it: not the security one, nor a third party's.
+    found = [u for u in re.findall(r"(https?://\S*/debian)/?(?:\s|$)", text) if "security" not in u]
     return found[0] if found else "http://deb.debian.org/debian"
 
 
@@ -54,7 +57,7 @@ def build_cache() -> float:
     CACHE.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="pyo-vagrant-base-", dir=CACHE.parent))
     try:
-        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(tmp), mirror()], check=True,
+        subprocess.run(["debootstrap", "--variant=minbase", f"--include={BOX_PACKAGES}", "bookworm", str(tmp), mirror()], check=True,
                        capture_output=True, timeout=900)
         subprocess.run(["tar", "-C", str(tmp), "-cf", f"{CACHE}.tmp", "."], check=True)
         os.replace(f"{CACHE}.tmp", CACHE)
@@ -68,7 +71,8 @@ def chroot_sh(root: Path, script: str, *args: str, timeout: float = 900) -> subp
     wrapper = (f'mount -t proc proc "$0/proc" && mount --rbind /sys "$0/sys" && mount --rbind /dev "$0/dev" && '
                f'exec chroot "$0" /bin/sh -s "$@"')
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive",
-           "HOME": "/root"}
+           # systemctl enables units offline and starts none (no systemd runs here; a VM's would).
+           "HOME": "/root", "SYSTEMD_OFFLINE": "1"}
     return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", wrapper, str(root), *args],
                           input=script, capture_output=True, text=True, timeout=timeout, env=env)
 

@@ -85,17 +85,22 @@ def env_file(path: str) -> dict[str, str]:
 
 def command(unit: str) -> tuple[list[str], dict[str, str]]:
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-    exec_start = ""
+    exec_start, assignments, env_files = "", [], []
     for key, value in unit_settings(unit):
         value = specifiers(value, unit) if key != "ExecStart" else value
+        # An empty assignment resets the list, as in systemd.
         if key == "Environment":
-            for word in shlex.split(value):
-                k, _, v = word.partition("=")
-                env[k] = v
-        elif key == "EnvironmentFile" and value:
-            env.update(env_file(value))
+            assignments = assignments + [value] if value else []
+        elif key == "EnvironmentFile":
+            env_files = env_files + [value] if value else []
         elif key == "ExecStart":
             exec_start = value
+    for value in assignments:
+        for word in shlex.split(value):
+            k, _, v = word.partition("=")
+            env[k] = v
+    for path in env_files:  # files win over Environment=, as in systemd
+        env.update(env_file(path))
     if not exec_start:
         raise SystemExit(f"{unit}: no ExecStart")
     argv = []
