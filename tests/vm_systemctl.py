@@ -177,7 +177,9 @@ def stop(unit: str) -> None:
         return
     _, exitfile, _ = files(unit)
     exitfile.write_text("stopped")
-    signal_group(pid, signal.SIGTERM)
+    # SIGTERM to the main process only (KillMode=mixed and docker.service's
+    # KillMode=process: dockerd stops its containerd itself), SIGKILL to the rest.
+    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
     while main_pid(unit) and time.monotonic() < deadline:
         time.sleep(0.05)
