@@ -84,7 +84,18 @@ junk = st.one_of(
     st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
 )
 hex64 = st.text("0123456789abcdef", min_size=64, max_size=64)
-ids = st.one_of(hex64, st.from_regex(r"\A[0-9a-zA-Z_.-]{1,128}\Z"), odd_text, junk)
+# IDs the engine never sends (it sends 64 lowercase hex digits): other lengths,
+# upper case, non-hex, dotted quads, negative numbers, padding, lookalikes.
+malformed_ids = st.one_of(
+    st.sampled_from(["999.1.1.1", "-1", "0", "1.2.3.4", "0x" + "a" * 62, "a" * 64 + "\n", " " + "a" * 63, "a" * 63 + " ",
+                     "../" + "a" * 61, "ａ" * 64, "a" * 64 + "\x00"]),
+    st.text("0123456789abcdef", min_size=1, max_size=63),
+    st.text("0123456789abcdef", min_size=65, max_size=130),
+    hex64.filter(lambda h: any(c in "abcdef" for c in h)).map(str.upper),
+    st.builds(lambda h, i, c: h[:i] + c + h[i + 1:], hex64, st.integers(0, 63), st.sampled_from("gGzZ-_.:/ xX")),
+    st.from_regex(r"\A[0-9a-zA-Z_.-]{1,128}\Z").filter(lambda t: not re.fullmatch("[0-9a-f]{64}", t)),
+)
+ids = st.one_of(hex64, malformed_ids, odd_text, junk)
 ipv4 = st.ip_addresses(v=4).map(str)
 ODD_CIDRS = [
     "10.20.0.0/24", "10.20.0.0/33", "10.20.0.1/24", "10.20.0.0/-1", "10.20.0.0/", "/24", "10.20.0/24",
@@ -375,6 +386,59 @@ def test_arbitrary_json_to_any_call(world, call, body):
 @given(call=any_call, raw=raw_bodies)
 def test_arbitrary_bytes_to_any_call(world, call, raw):
     exercise(world, "bytes", call, raw=raw)
+
+
+ID_CALLS = {  # call -> the ID fields it carries
+    "NetworkDriver.CreateNetwork": ("NetworkID",), "NetworkDriver.DeleteNetwork": ("NetworkID",),
+    "NetworkDriver.CreateEndpoint": ("NetworkID", "EndpointID"), "NetworkDriver.Join": ("NetworkID", "EndpointID"),
+    "NetworkDriver.Leave": ("NetworkID", "EndpointID"), "NetworkDriver.DeleteEndpoint": ("NetworkID", "EndpointID"),
+    "NetworkDriver.EndpointOperInfo": ("NetworkID", "EndpointID"),
+    "NetworkDriver.ProgramExternalConnectivity": ("NetworkID", "EndpointID"),
+    "NetworkDriver.RevokeExternalConnectivity": ("NetworkID", "EndpointID"),
+    "NetworkDriver.AllocateNetwork": ("NetworkID",), "NetworkDriver.FreeNetwork": ("NetworkID",),
+    "IpamDriver.RequestAddress": ("PoolID",), "IpamDriver.ReleaseAddress": ("PoolID",), "IpamDriver.ReleasePool": ("PoolID",),
+}
+malformed_pool_ids = st.one_of(malformed_ids, st.sampled_from([
+    "10.30.0.0/33", "10.30.0.0", "10.030.0.0/24", "LocalDefault/10.30.0.0/24", "10.30.0.0/24\n", "fd00::/64", "-1"]))
+
+
+def valid_body(world: World, call: str, fresh: dict) -> dict:
+    """A body that would be accepted (and, for the create calls, stored) as it is."""
+    w = world.ids
+    pool = w[POOL]
+    if call == "NetworkDriver.CreateNetwork":
+        status, pool_answer = world.plugin.call("IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": ""})
+        assert status == 200, pool_answer
+        return {"NetworkID": fresh["NetworkID"], "Options": {"com.docker.network.generic": {}},
+                "IPv4Data": [{"AddressSpace": "pyoverlay", "Pool": pool_answer["Pool"], "Gateway": ""}]}
+    if call == "NetworkDriver.CreateEndpoint":
+        return {"NetworkID": w[NET], "EndpointID": fresh["EndpointID"], "Interface": {"Address": ""}}
+    if call.startswith("IpamDriver."):
+        return {"PoolID": pool, "Address": "" if call == "IpamDriver.RequestAddress" else w[ADDR]}
+    return {"NetworkID": w[NET], "EndpointID": w[EP], "SandboxKey": "/var/run/docker/netns/fuzz"}
+
+
+@fuzz(300)
+@given(call=st.sampled_from(sorted(ID_CALLS)), which=st.integers(0, 1), bad=st.data())
+def test_malformed_ids_are_refused_and_nothing_is_stored(world, call, which, bad):
+    """Each call, otherwise valid, with one of its IDs malformed: refused,
+    with a message naming the field, and neither store nor kernel changes."""
+    w, kernel = world
+    w.ensure()
+    fields = ID_CALLS[call]
+    field = fields[which % len(fields)]
+    value = bad.draw(malformed_pool_ids if field == "PoolID" else malformed_ids, label=field)
+    body = valid_body(w, call, {"NetworkID": new_id(), "EndpointID": new_id()})
+    body[field] = value
+    store_before, kernel_before = w.plugin.store_snapshot(), kernel.snapshot()
+    status, answer = w.plugin.call(call, body)
+    COUNTS["malformed_id"] = COUNTS.get("malformed_id", 0) + 1
+    key = "Error" if call.startswith("IpamDriver.") else "Err"
+    assert set(answer) == {key} and field in answer[key], (call, body, status, answer)
+    assert w.plugin.store_snapshot() == store_before, f"{call} with {field}={value!r} changed the store"
+    assert kernel.snapshot() == kernel_before, f"{call} with {field}={value!r} changed the kernel"
+    if call == "NetworkDriver.CreateNetwork":  # give back the pool valid_body took
+        w.plugin.call("IpamDriver.ReleasePool", {"PoolID": body["IPv4Data"][0]["Pool"]})
 
 
 def test_still_works_after_fuzzing(world):
