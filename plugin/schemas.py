@@ -47,8 +47,10 @@ _ADDRESS = _pattern(f"{_IPV4}(?:{_PREFIX})?", _ADDRESS_MEANING)
 _MAC_OR_EMPTY = _pattern("[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}", "a MAC address such as 02:42:ac:11:00:02",
                          allow_empty=True, null=True)
 # IPv6 is refused by the driver with a message of its own; only the shape is checked here.
-_V6_OR_EMPTY = _pattern("[0-9a-fA-F:.]{2,45}/[0-9]{1,3}", "an IPv6 address with its prefix length",
-                        allow_empty=True, null=True)
+_V6_CIDR = "[0-9a-fA-F:.]{2,45}/[0-9]{1,3}"
+_V6_OR_EMPTY = _pattern(_V6_CIDR, "an IPv6 address with its prefix length", allow_empty=True, null=True)
+# What `--subnet`/`--ip-range` may hold: the driver refuses IPv6 saying so.
+_POOL_REQUEST = _pattern(f"{_IPV4}{_PREFIX}|{_V6_CIDR}", _CIDR_MEANING, allow_empty=True, null=True)
 _SANDBOX_KEY = _pattern(r"/[^\x00]{0,4095}", "an absolute path", allow_empty=True)
 _STR = {"type": "string", "maxLength": 256}
 _BOOL = {"type": ["boolean", "null"]}
@@ -134,7 +136,7 @@ SCHEMAS = {
     "NetworkDriver.DiscoverDelete": _call({"DiscoveryType": {"type": "integer"}}),
     "IpamDriver.RequestPool": _call(
         {"AddressSpace": _STR},
-        {"Pool": _CIDR_OR_EMPTY, "SubPool": _CIDR_OR_EMPTY, "Options": _STRING_MAP, "V6": _BOOL},
+        {"Pool": _POOL_REQUEST, "SubPool": _POOL_REQUEST, "Options": _STRING_MAP, "V6": _BOOL},
     ),
     "IpamDriver.ReleasePool": _call({"PoolID": _POOL_ID_OR_EMPTY}),
     "IpamDriver.RequestAddress": _call({"PoolID": _POOL_ID}, {"Address": _ADDRESS_OR_EMPTY, "Options": _STRING_MAP}),

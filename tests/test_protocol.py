@@ -207,6 +207,7 @@ BAD_IPAM_CALLS = [
     ("bad CIDR", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "10.20.0.1/24"}, "CIDR"),
     ("not a CIDR", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "banana"}, "CIDR"),
     ("IPv6", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "", "V6": True}, "IPv6"),
+    ("IPv6 subnet", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "fd00:20::/64", "V6": True}, "IPv6"),
     ("ip-range", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": SUBNET, "SubPool": "10.20.0.0/25"}, "--ip-range"),
     ("foreign space", "IpamDriver.RequestPool", {"AddressSpace": "LocalDefault", "Pool": SUBNET}, "address space"),
     ("wrong type", "IpamDriver.RequestAddress", {"PoolID": 5}, "PoolID"),
