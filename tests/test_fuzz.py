@@ -468,20 +468,24 @@ class ServedPlugin:
     """`pyoverlay serve` (gunicorn) in a test host namespace, with a private
     mount namespace whose /run/netns is a directory of the test's own."""
 
-    def __init__(self, host: HostNamespace, workdir: Path):
+    def __init__(self, host: HostNamespace, workdir: Path, db: Path | None = None, store: str | None = None,
+                 env: dict | None = None):
+        """db: the SQLite file (default workdir/state.db); store: another store URL
+        instead; env: PYOVERLAY_* settings on top of the test's environment."""
         self.dir = workdir
         self.socket = workdir / "pyoverlay.sock"
-        self.db = workdir / "state.db"
+        self.db = db or workdir / "state.db"
         netns_dir = workdir / "netns"
-        netns_dir.mkdir()
+        netns_dir.mkdir(exist_ok=True)  # a restart in the same workdir finds it
         exe = str(Path(sys.executable).with_name("pyoverlay"))
         script = 'mount --make-rprivate / && mount --bind "$1" /run/netns && shift && exec "$@"'
         self.log = open(workdir / "plugin.log", "ab")
         self.proc = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{host.name}", "unshare", "--mount", "sh", "-euc", script, "sh",
-             str(netns_dir), exe, "serve", "--socket", str(self.socket), "--store", f"sqlite://{self.db}",
+             str(netns_dir), exe, "serve", "--socket", str(self.socket), "--store", store or f"sqlite://{self.db}",
              "--advertise-addr", host.addr, "--log-level", "warning"],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, **(env or {})})
         wait_for(self._answers, 20, lambda: f"the plugin to answer; log:\n{self.log_text()}")
 
     def _answers(self) -> bool:
