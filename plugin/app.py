@@ -147,5 +147,9 @@ def _parse(call: str) -> dict:
         error = next(iter(sorted(validator.iter_errors(body), key=lambda e: e.path)), None)
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "request"
-            raise DriverError(f"{call}: invalid {where}: {error.message}")
+            if error.validator == "pattern" and "description" in error.schema:
+                # The regex means nothing to a user; say what was expected.
+                raise DriverError(f"{call}: invalid {where} {str(error.instance)[:80]!r}: "
+                                  f"expected {error.schema['description']}")
+            raise DriverError(f"{call}: invalid {where}: {error.message[:300]}")
     return body

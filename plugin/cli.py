@@ -25,6 +25,11 @@ def _add_store_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--etcd-cacert", default=_env("ETCD_CACERT"))
     parser.add_argument("--etcd-cert", default=_env("ETCD_CERT"))
     parser.add_argument("--etcd-key", default=_env("ETCD_KEY"))
+    # etcd authentication: a user whose role may touch only pyoverlay's prefix.
+    parser.add_argument("--etcd-user", default=_env("ETCD_USER"),
+                        help="etcd user (etcd with authentication on); its password from --etcd-password")
+    parser.add_argument("--etcd-password", default=_env("ETCD_PASSWORD"),
+                        help="prefer PYOVERLAY_ETCD_PASSWORD: a flag shows in the process list")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +89,7 @@ def _serve(args) -> int:
         etcd_cert=args.etcd_cert, etcd_key=args.etcd_key, log_level=args.log_level,
         log_format=args.log_format, docker_host=args.docker_host, catalog=args.catalog,
         metrics_addr=args.metrics_addr, driver_name=args.driver_name,
+        etcd_user=args.etcd_user, etcd_password=args.etcd_password,
     ))
     return 0
 

@@ -362,7 +362,8 @@ def open_store_from(args):
     from driver.store import open_store
 
     return open_store(args.store, prefix=args.etcd_prefix, cacert=args.etcd_cacert,
-                      cert=args.etcd_cert, key=args.etcd_key)
+                      cert=args.etcd_cert, key=args.etcd_key,
+                      user=args.etcd_user, password=args.etcd_password)
 
 
 def _guarded(fn):

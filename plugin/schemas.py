@@ -1,23 +1,75 @@
 """JSON schemas of the requests the engine sends, checked before any work.
 
-Only what pyoverlay reads is constrained; unknown fields pass, since newer
-engines add some.
+Every field pyoverlay reads is held to what the engine sends: NetworkID and
+EndpointID are 64 lowercase hex digits (libnetwork's stringid), a PoolID is
+pyoverlay's own (the IPv4 subnet it handed out, see driver/ipam.py),
+addresses and CIDRs are dotted IPv4, MACs six colon-separated octets, options
+maps of the types the engine marshals. A request that fails is refused before
+the driver sees it, so it can change nothing.
+
+Unknown fields and unknown option keys pass: newer engines add some
+(com.docker.network.enable_ipv4 in 28.0, com.docker.network.endpoint.ifname,
+sysctls, and in 29.0 com.docker.network.endpoint.name on RequestAddress).
+The clean-up calls (Delete*, Leave, Revoke, Release*) also accept an empty
+ID: the engine's clean-up after a crash may hold one, and there is nothing
+to undo for it.
+
+Patterns are Python `re` (jsonschema uses re.search): `\\Z`, unlike `$`,
+does not match before a trailing newline.
 """
 
-_ID = {"type": "string", "pattern": "^[0-9a-zA-Z_.-]{1,128}$"}
-_STR = {"type": "string"}
-_OPT_STR = {"type": ["string", "null"]}
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_PREFIX = r"/(?:3[0-2]|[12]?[0-9])"
+
+
+def _pattern(regex: str, meaning: str, allow_empty: bool = False, null: bool = False) -> dict:
+    """A string of one shape; `description` is what the refusal says was expected."""
+    body = f"(?:{regex})?" if allow_empty else f"(?:{regex})"
+    if allow_empty:
+        meaning += " or empty"
+    return {"type": ["string", "null"] if null else "string", "pattern": rf"^{body}\Z", "description": meaning}
+
+
+_HEX64 = "[0-9a-f]{64}"
+_ID_MEANING = "an ID of 64 lowercase hexadecimal digits, as Docker sends"
+_POOL_MEANING = "a pool ID that pyoverlay handed out (an IPv4 subnet such as 10.20.0.0/24)"
+_CIDR_MEANING = "an IPv4 address or network in CIDR form such as 10.20.0.0/24"
+_ADDRESS_MEANING = "an IPv4 address such as 10.20.0.5"
+_ID = _pattern(_HEX64, _ID_MEANING)
+_ID_OR_EMPTY = _pattern(_HEX64, _ID_MEANING, allow_empty=True)  # clean-up calls: unknown or empty is "nothing to do"
+_POOL_ID = _pattern(_IPV4 + _PREFIX, _POOL_MEANING)
+_POOL_ID_OR_EMPTY = _pattern(_IPV4 + _PREFIX, _POOL_MEANING, allow_empty=True)
+_CIDR = _pattern(_IPV4 + _PREFIX, _CIDR_MEANING)  # a network or an address with its prefix length
+_CIDR_OR_EMPTY = _pattern(_IPV4 + _PREFIX, _CIDR_MEANING, allow_empty=True, null=True)
+_ADDRESS_OR_EMPTY = _pattern(f"{_IPV4}(?:{_PREFIX})?", _ADDRESS_MEANING, allow_empty=True, null=True)  # "a.b.c.d" or "a.b.c.d/n"
+_ADDRESS = _pattern(f"{_IPV4}(?:{_PREFIX})?", _ADDRESS_MEANING)
+_MAC_OR_EMPTY = _pattern("[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}", "a MAC address such as 02:42:ac:11:00:02",
+                         allow_empty=True, null=True)
+# IPv6 is refused by the driver with a message of its own; only the shape is checked here.
+_V6_CIDR = "[0-9a-fA-F:.]{2,45}/[0-9]{1,3}"
+_V6_OR_EMPTY = _pattern(_V6_CIDR, "an IPv6 address with its prefix length", allow_empty=True, null=True)
+# What `--subnet`/`--ip-range` may hold: the driver refuses IPv6 saying so.
+_POOL_REQUEST = _pattern(f"{_IPV4}{_PREFIX}|{_V6_CIDR}", _CIDR_MEANING, allow_empty=True, null=True)
+_SANDBOX_KEY = _pattern(r"/[^\x00]{0,4095}", "an absolute path", allow_empty=True)
+_STR = {"type": "string", "maxLength": 256}
+_BOOL = {"type": ["boolean", "null"]}
+# The engine sends booleans; a hand-written request may say "true"/"false".
+_FLAG = {"anyOf": [{"type": ["boolean", "null"]}, {"enum": ["true", "false", ""]}]}
 _OPTIONS = {"type": ["object", "null"]}
+# map[string]string on the engine's side (driver -o options, IPAM options).
+_STRING_MAP = {"type": ["object", "null"], "additionalProperties": {"type": "string", "maxLength": 4096}}
 
 _IPAM_DATA = {
     "type": ["array", "null"],
+    "maxItems": 16,
     "items": {
         "type": "object",
         "properties": {
             "AddressSpace": _STR,
-            "Pool": _STR,
-            "Gateway": _OPT_STR,
-            "AuxAddresses": {"type": ["object", "null"]},
+            "Pool": _CIDR,
+            "Gateway": _CIDR_OR_EMPTY,
+            "AuxAddresses": {"type": ["object", "null"], "additionalProperties": _CIDR},
         },
         "required": ["Pool"],
     },
@@ -34,43 +86,59 @@ def _call(required: dict, optional: dict | None = None) -> dict:
 
 _NET = {"NetworkID": _ID}
 _EP = {"NetworkID": _ID, "EndpointID": _ID}
+_NET_CLEANUP = {"NetworkID": _ID_OR_EMPTY}
+_EP_CLEANUP = {"NetworkID": _ID_OR_EMPTY, "EndpointID": _ID_OR_EMPTY}
+
+_NETWORK_OPTIONS = {
+    **_OPTIONS,
+    "properties": {
+        # The -o options: map[string]string on the engine's side.
+        "com.docker.network.generic": _STRING_MAP,
+        "com.docker.network.enable_ipv6": _FLAG,
+        "com.docker.network.enable_ipv4": _FLAG,
+        "com.docker.network.internal": _FLAG,
+    },
+}
+_ENDPOINT_OPTIONS = {
+    **_OPTIONS,
+    "properties": {
+        "com.docker.network.endpoint.ifname": {"type": ["string", "null"], "maxLength": 15},
+        "com.docker.network.portmap": {"type": ["array", "null"]},
+        "com.docker.network.endpoint.exposedports": {"type": ["array", "null"]},
+    },
+}
 
 SCHEMAS = {
     "NetworkDriver.CreateNetwork": _call(
         _NET,
-        {
-            # The -o options: a map, or the driver would iterate a string or number.
-            "Options": {**_OPTIONS, "properties": {"com.docker.network.generic": {"type": ["object", "null"]}}},
-            "IPv4Data": _IPAM_DATA,
-            "IPv6Data": _IPAM_DATA,
-        },
+        {"Options": _NETWORK_OPTIONS, "IPv4Data": _IPAM_DATA, "IPv6Data": {"type": ["array", "null"]}},
     ),
-    "NetworkDriver.DeleteNetwork": _call(_NET),
+    "NetworkDriver.DeleteNetwork": _call(_NET_CLEANUP),
     "NetworkDriver.CreateEndpoint": _call(
         _EP,
         {
-            "Options": _OPTIONS,
+            "Options": _ENDPOINT_OPTIONS,
             "Interface": {
                 "type": ["object", "null"],
-                "properties": {"Address": _OPT_STR, "AddressIPv6": _OPT_STR, "MacAddress": _OPT_STR},
+                "properties": {"Address": _CIDR_OR_EMPTY, "AddressIPv6": _V6_OR_EMPTY, "MacAddress": _MAC_OR_EMPTY},
             },
         },
     ),
-    "NetworkDriver.DeleteEndpoint": _call(_EP),
+    "NetworkDriver.DeleteEndpoint": _call(_EP_CLEANUP),
     "NetworkDriver.EndpointOperInfo": _call(_EP),
-    "NetworkDriver.Join": _call(_EP, {"SandboxKey": _STR, "Options": _OPTIONS}),
-    "NetworkDriver.Leave": _call(_EP),
-    "NetworkDriver.ProgramExternalConnectivity": _call(_EP, {"Options": _OPTIONS}),
-    "NetworkDriver.RevokeExternalConnectivity": _call(_EP),
+    "NetworkDriver.Join": _call(_EP, {"SandboxKey": _SANDBOX_KEY, "Options": _ENDPOINT_OPTIONS}),
+    "NetworkDriver.Leave": _call(_EP_CLEANUP),
+    "NetworkDriver.ProgramExternalConnectivity": _call(_EP, {"Options": _ENDPOINT_OPTIONS}),
+    "NetworkDriver.RevokeExternalConnectivity": _call(_EP_CLEANUP),
     "NetworkDriver.AllocateNetwork": _call(_NET, {"Options": _OPTIONS}),
-    "NetworkDriver.FreeNetwork": _call(_NET),
+    "NetworkDriver.FreeNetwork": _call(_NET_CLEANUP),
     "NetworkDriver.DiscoverNew": _call({"DiscoveryType": {"type": "integer"}}),
     "NetworkDriver.DiscoverDelete": _call({"DiscoveryType": {"type": "integer"}}),
     "IpamDriver.RequestPool": _call(
         {"AddressSpace": _STR},
-        {"Pool": _OPT_STR, "SubPool": _OPT_STR, "Options": _OPTIONS, "V6": {"type": ["boolean", "null"]}},
+        {"Pool": _POOL_REQUEST, "SubPool": _POOL_REQUEST, "Options": _STRING_MAP, "V6": _BOOL},
     ),
-    "IpamDriver.ReleasePool": _call({"PoolID": _STR}),
-    "IpamDriver.RequestAddress": _call({"PoolID": _STR}, {"Address": _OPT_STR, "Options": _OPTIONS}),
-    "IpamDriver.ReleaseAddress": _call({"PoolID": _STR, "Address": _STR}),
+    "IpamDriver.ReleasePool": _call({"PoolID": _POOL_ID_OR_EMPTY}),
+    "IpamDriver.RequestAddress": _call({"PoolID": _POOL_ID}, {"Address": _ADDRESS_OR_EMPTY, "Options": _STRING_MAP}),
+    "IpamDriver.ReleaseAddress": _call({"PoolID": _POOL_ID_OR_EMPTY, "Address": _ADDRESS}),
 }

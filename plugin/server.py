@@ -53,6 +53,8 @@ class Config:
     catalog: bool = True  # cluster-wide network names, through the engine's API
     metrics_addr: str | None = None  # HOST:PORT for Prometheus; None: no metrics
     driver_name: str | None = None  # as the engine knows it; None: the socket's basename
+    etcd_user: str | None = None  # etcd authentication (with etcd_password)
+    etcd_password: str | None = None
 
     @property
     def name(self) -> str:
@@ -73,6 +75,7 @@ class Runtime:
         self.store = open_store(
             config.store, prefix=config.etcd_prefix,
             cacert=config.etcd_cacert, cert=config.etcd_cert, key=config.etcd_key,
+            user=config.etcd_user, password=config.etcd_password,
         )
         if self.metrics is not None:
             self.store = self.metrics.wrap_store(self.store)

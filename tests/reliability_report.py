@@ -101,7 +101,7 @@ def render(records: list[dict], cases: list[tuple], status: int, took: float) ->
         "## Knobs",
         "",
         "`PYO_FUZZ_EXAMPLES` (multiplies the fuzz inputs, default 1), `PYO_KILL_ROUNDS` (default 60),",
-        "`PYO_KILL_SEED`, `PYO_OUTAGE_SECONDS` (default 10), `PYO_CONCURRENT_RUNS` (per host, default 30).",
+        "`PYOVERLAY_TEST_SEED` (every randomised test prints the seed it used), `PYO_OUTAGE_SECONDS` (default 10), `PYO_CONCURRENT_RUNS` (per host, default 30).",
         "",
     ]
     return "\n".join(lines)

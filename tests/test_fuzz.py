@@ -15,7 +15,8 @@ For every answer:
 A shorter run drives the real `pyoverlay serve` (gunicorn) over its unix
 socket, adding malformed HTTP, and checks the process never dies.
 
-Example counts: PYO_FUZZ_EXAMPLES scales them (default 1: about 3,000 inputs in 45 s).
+Example counts: PYO_FUZZ_EXAMPLES scales them (default 1: about 3,300 inputs in 75 s).
+Inputs follow from PYOVERLAY_TEST_SEED (tests/seed.py), printed by every test.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from pyroute2 import IPRoute
 
@@ -44,6 +45,7 @@ from tests.conftest import HostNamespace, PluginUnderTest, new_id
 from plugin.client import UnixHTTPConnection
 from tests.hosts import wait_for
 from tests.reliability import record
+from tests.seed import ENV as SEED_ENV, SEED, announce
 
 SCALE = float(os.environ.get("PYO_FUZZ_EXAMPLES", "1"))
 from unittest.mock import Mock  # noqa: E402
@@ -54,16 +56,23 @@ COUNTS: dict[str, int] = {}
 
 FUZZ = settings(
     deadline=None,
-    # CI replays the same inputs every run, so a red run is reproducible and
-    # not luck; a developer's run explores new ones.
-    derandomize=bool(os.environ.get("CI")),
+    # The inputs follow from PYOVERLAY_TEST_SEED (tests/seed.py; fixed in CI,
+    # fresh on a developer's run), printed by each test, so any run replays.
     database=None,  # nothing written into the checkout; failures print their reproduction
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
 
 
-def fuzz(n: int) -> settings:
-    return settings(FUZZ, max_examples=max(10, int(n * SCALE)))
+def fuzz(n: int):
+    """max_examples scaled by PYO_FUZZ_EXAMPLES, inputs drawn from the test seed."""
+    def apply(test):
+        return seed(SEED)(settings(FUZZ, max_examples=max(10, int(n * SCALE)))(test))
+    return apply
+
+
+@pytest.fixture(autouse=True)
+def _print_seed(request):
+    announce(request.node.name)
 
 
 # -- strategies -----------------------------------------------------------------
@@ -84,7 +93,18 @@ junk = st.one_of(
     st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
 )
 hex64 = st.text("0123456789abcdef", min_size=64, max_size=64)
-ids = st.one_of(hex64, st.from_regex(r"\A[0-9a-zA-Z_.-]{1,128}\Z"), odd_text, junk)
+# IDs the engine never sends (it sends 64 lowercase hex digits): other lengths,
+# upper case, non-hex, dotted quads, negative numbers, padding, lookalikes.
+malformed_ids = st.one_of(
+    st.sampled_from(["999.1.1.1", "-1", "0", "1.2.3.4", "0x" + "a" * 62, "a" * 64 + "\n", " " + "a" * 63, "a" * 63 + " ",
+                     "../" + "a" * 61, "ａ" * 64, "a" * 64 + "\x00"]),
+    st.text("0123456789abcdef", min_size=1, max_size=63),
+    st.text("0123456789abcdef", min_size=65, max_size=130),
+    hex64.filter(lambda h: any(c in "abcdef" for c in h)).map(str.upper),
+    st.builds(lambda h, i, c: h[:i] + c + h[i + 1:], hex64, st.integers(0, 63), st.sampled_from("gGzZ-_.:/ xX")),
+    st.from_regex(r"\A[0-9a-zA-Z_.-]{1,128}\Z").filter(lambda t: not re.fullmatch("[0-9a-f]{64}", t)),
+)
+ids = st.one_of(hex64, malformed_ids, odd_text, junk)
 ipv4 = st.ip_addresses(v=4).map(str)
 ODD_CIDRS = [
     "10.20.0.0/24", "10.20.0.0/33", "10.20.0.1/24", "10.20.0.0/-1", "10.20.0.0/", "/24", "10.20.0/24",
@@ -377,6 +397,59 @@ def test_arbitrary_bytes_to_any_call(world, call, raw):
     exercise(world, "bytes", call, raw=raw)
 
 
+ID_CALLS = {  # call -> the ID fields it carries
+    "NetworkDriver.CreateNetwork": ("NetworkID",), "NetworkDriver.DeleteNetwork": ("NetworkID",),
+    "NetworkDriver.CreateEndpoint": ("NetworkID", "EndpointID"), "NetworkDriver.Join": ("NetworkID", "EndpointID"),
+    "NetworkDriver.Leave": ("NetworkID", "EndpointID"), "NetworkDriver.DeleteEndpoint": ("NetworkID", "EndpointID"),
+    "NetworkDriver.EndpointOperInfo": ("NetworkID", "EndpointID"),
+    "NetworkDriver.ProgramExternalConnectivity": ("NetworkID", "EndpointID"),
+    "NetworkDriver.RevokeExternalConnectivity": ("NetworkID", "EndpointID"),
+    "NetworkDriver.AllocateNetwork": ("NetworkID",), "NetworkDriver.FreeNetwork": ("NetworkID",),
+    "IpamDriver.RequestAddress": ("PoolID",), "IpamDriver.ReleaseAddress": ("PoolID",), "IpamDriver.ReleasePool": ("PoolID",),
+}
+malformed_pool_ids = st.one_of(malformed_ids, st.sampled_from([
+    "10.30.0.0/33", "10.30.0.0", "10.030.0.0/24", "LocalDefault/10.30.0.0/24", "10.30.0.0/24\n", "fd00::/64", "-1"]))
+
+
+def valid_body(world: World, call: str, fresh: dict) -> dict:
+    """A body that would be accepted (and, for the create calls, stored) as it is."""
+    w = world.ids
+    pool = w[POOL]
+    if call == "NetworkDriver.CreateNetwork":
+        status, pool_answer = world.plugin.call("IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": ""})
+        assert status == 200, pool_answer
+        return {"NetworkID": fresh["NetworkID"], "Options": {"com.docker.network.generic": {}},
+                "IPv4Data": [{"AddressSpace": "pyoverlay", "Pool": pool_answer["Pool"], "Gateway": ""}]}
+    if call == "NetworkDriver.CreateEndpoint":
+        return {"NetworkID": w[NET], "EndpointID": fresh["EndpointID"], "Interface": {"Address": ""}}
+    if call.startswith("IpamDriver."):
+        return {"PoolID": pool, "Address": "" if call == "IpamDriver.RequestAddress" else w[ADDR]}
+    return {"NetworkID": w[NET], "EndpointID": w[EP], "SandboxKey": "/var/run/docker/netns/fuzz"}
+
+
+@fuzz(300)
+@given(call=st.sampled_from(sorted(ID_CALLS)), which=st.integers(0, 1), bad=st.data())
+def test_malformed_ids_are_refused_and_nothing_is_stored(world, call, which, bad):
+    """Each call, otherwise valid, with one of its IDs malformed: refused,
+    with a message naming the field, and neither store nor kernel changes."""
+    w, kernel = world
+    w.ensure()
+    fields = ID_CALLS[call]
+    field = fields[which % len(fields)]
+    value = bad.draw(malformed_pool_ids if field == "PoolID" else malformed_ids, label=field)
+    body = valid_body(w, call, {"NetworkID": new_id(), "EndpointID": new_id()})
+    body[field] = value
+    store_before, kernel_before = w.plugin.store_snapshot(), kernel.snapshot()
+    status, answer = w.plugin.call(call, body)
+    COUNTS["malformed_id"] = COUNTS.get("malformed_id", 0) + 1
+    key = "Error" if call.startswith("IpamDriver.") else "Err"
+    assert set(answer) == {key} and field in answer[key], (call, body, status, answer)
+    assert w.plugin.store_snapshot() == store_before, f"{call} with {field}={value!r} changed the store"
+    assert kernel.snapshot() == kernel_before, f"{call} with {field}={value!r} changed the kernel"
+    if call == "NetworkDriver.CreateNetwork":  # give back the pool valid_body took
+        w.plugin.call("IpamDriver.ReleasePool", {"PoolID": body["IPv4Data"][0]["Pool"]})
+
+
 def test_still_works_after_fuzzing(world):
     """The process did not die and is not wedged: a fresh network life cycle works."""
     w, kernel = world
@@ -395,20 +468,24 @@ class ServedPlugin:
     """`pyoverlay serve` (gunicorn) in a test host namespace, with a private
     mount namespace whose /run/netns is a directory of the test's own."""
 
-    def __init__(self, host: HostNamespace, workdir: Path):
+    def __init__(self, host: HostNamespace, workdir: Path, db: Path | None = None, store: str | None = None,
+                 env: dict | None = None):
+        """db: the SQLite file (default workdir/state.db); store: another store URL
+        instead; env: PYOVERLAY_* settings on top of the test's environment."""
         self.dir = workdir
         self.socket = workdir / "pyoverlay.sock"
-        self.db = workdir / "state.db"
+        self.db = db or workdir / "state.db"
         netns_dir = workdir / "netns"
-        netns_dir.mkdir()
+        netns_dir.mkdir(exist_ok=True)  # a restart in the same workdir finds it
         exe = str(Path(sys.executable).with_name("pyoverlay"))
         script = 'mount --make-rprivate / && mount --bind "$1" /run/netns && shift && exec "$@"'
         self.log = open(workdir / "plugin.log", "ab")
         self.proc = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{host.name}", "unshare", "--mount", "sh", "-euc", script, "sh",
-             str(netns_dir), exe, "serve", "--socket", str(self.socket), "--store", f"sqlite://{self.db}",
+             str(netns_dir), exe, "serve", "--socket", str(self.socket), "--store", store or f"sqlite://{self.db}",
              "--advertise-addr", host.addr, "--log-level", "warning"],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, **(env or {})})
         wait_for(self._answers, 20, lambda: f"the plugin to answer; log:\n{self.log_text()}")
 
     def _answers(self) -> bool:

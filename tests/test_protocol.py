@@ -131,8 +131,15 @@ def test_unknown_ids_succeed(plugin):
         ("IpamDriver.ReleaseAddress", {"PoolID": "10.99.99.0/24", "Address": "10.99.99.7"}),
         ("IpamDriver.ReleasePool", {"PoolID": "10.99.99.0/24"}),
         ("NetworkDriver.RevokeExternalConnectivity", {"NetworkID": nid, "EndpointID": eid}),
+        # Empty IDs in clean-up calls: nothing to undo, not an error.
+        ("NetworkDriver.Leave", {"NetworkID": "", "EndpointID": ""}),
+        ("NetworkDriver.DeleteEndpoint", {"NetworkID": nid, "EndpointID": ""}),
+        ("NetworkDriver.DeleteNetwork", {"NetworkID": ""}),
+        ("IpamDriver.ReleasePool", {"PoolID": ""}),
+        ("IpamDriver.ReleaseAddress", {"PoolID": "", "Address": "10.99.99.7"}),
     ]:
         assert plugin.call(method, body) == (200, {}), method
+    assert plugin.store_snapshot() == {}
 
 
 def _create_network_body(**over):
@@ -174,6 +181,24 @@ BAD_DRIVER_CALLS = [
     ("endpoint on unknown network", "NetworkDriver.CreateEndpoint",
      {"NetworkID": new_id(), "EndpointID": new_id(), "Interface": {"Address": "10.20.0.5/24"}}, "not known"),
     ("join unknown endpoint", "NetworkDriver.Join", {"NetworkID": new_id(), "EndpointID": new_id(), "SandboxKey": "/x"}, "not known"),
+    ("NetworkID not hex", "NetworkDriver.DeleteNetwork", {"NetworkID": "999.1.1.1"}, "64 lowercase hexadecimal"),
+    ("EndpointID -1", "NetworkDriver.Leave", {"NetworkID": new_id(), "EndpointID": "-1"}, "64 lowercase hexadecimal"),
+    ("MAC", "NetworkDriver.CreateEndpoint",
+     {"NetworkID": new_id(), "EndpointID": new_id(), "Interface": {"Address": "10.30.0.9/24", "MacAddress": "02:42:zz:00:00:01"}},
+     "MAC address"),
+    ("endpoint address", "NetworkDriver.CreateEndpoint",
+     {"NetworkID": new_id(), "EndpointID": new_id(), "Interface": {"Address": "10.30.0.999/24"}}, "CIDR form"),
+    ("gateway", "NetworkDriver.CreateNetwork",
+     _create_network_body(IPv4Data=[{"AddressSpace": "pyoverlay", "Pool": SUBNET, "Gateway": "10.20.0.1"}]), "CIDR form"),
+    ("aux address", "NetworkDriver.CreateNetwork",
+     _create_network_body(IPv4Data=[{"AddressSpace": "pyoverlay", "Pool": SUBNET, "AuxAddresses": {"a": 5}}]), "AuxAddresses"),
+    ("-o value not a string", "NetworkDriver.CreateNetwork", _create_network_body(Options=_generic(vni=5000)), "vni"),
+    ("enable_ipv6 not a flag", "NetworkDriver.CreateNetwork",
+     _create_network_body(Options={"com.docker.network.enable_ipv6": "yes"}), "enable_ipv6"),
+    ("SandboxKey relative", "NetworkDriver.Join", {"NetworkID": new_id(), "EndpointID": new_id(), "SandboxKey": "x/y"},
+     "absolute path"),
+    ("ifname too long", "NetworkDriver.Join",
+     {"NetworkID": new_id(), "EndpointID": new_id(), "Options": {"com.docker.network.endpoint.ifname": "e" * 16}}, "ifname"),
 ]
 
 # Docker 28+: --ipv4=false sends enable_ipv4=false and requests no IPv4 pool;
@@ -192,11 +217,22 @@ BAD_IPAM_CALLS = [
     ("bad CIDR", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "10.20.0.1/24"}, "CIDR"),
     ("not a CIDR", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "banana"}, "CIDR"),
     ("IPv6", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "", "V6": True}, "IPv6"),
+    ("IPv6 subnet", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "fd00:20::/64", "V6": True}, "IPv6"),
     ("ip-range", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": SUBNET, "SubPool": "10.20.0.0/25"}, "--ip-range"),
     ("foreign space", "IpamDriver.RequestPool", {"AddressSpace": "LocalDefault", "Pool": SUBNET}, "address space"),
     ("wrong type", "IpamDriver.RequestAddress", {"PoolID": 5}, "PoolID"),
     ("unknown pool", "IpamDriver.RequestAddress", {"PoolID": "10.55.0.0/24", "Address": ""}, "not held"),
+    ("PoolID not ours", "IpamDriver.RequestAddress", {"PoolID": "LocalDefault/10.30.0.0/24", "Address": ""}, "pool ID that pyoverlay"),
+    ("PoolID newline", "IpamDriver.ReleasePool", {"PoolID": "10.30.0.0/24\n"}, "pool ID that pyoverlay"),
+    ("address not IPv4", "IpamDriver.RequestAddress", {"PoolID": "10.30.0.0/24", "Address": "10.30.0.300"}, "IPv4 address"),
+    ("release address", "IpamDriver.ReleaseAddress", {"PoolID": "10.30.0.0/24", "Address": ""}, "IPv4 address"),
+    ("IPAM option not a string", "IpamDriver.RequestAddress",
+     {"PoolID": "10.30.0.0/24", "Options": {"RequestAddressType": 1}}, "RequestAddressType"),
 ]
+
+# IDs the engine never sends: each refused where the same call with a good ID works.
+MALFORMED_IDS = ["999.1.1.1", "-1", "", "0" * 63, "0" * 65, "A" * 64, "g" * 64, "0" * 64 + "\n", " " + "0" * 63,
+                 "../" + "0" * 61, "0x" + "0" * 62, "０" * 64]
 
 
 @pytest.mark.parametrize("what,method,body,says", BAD_DRIVER_CALLS + BAD_IPAM_CALLS, ids=[c[0] + " " + c[1] for c in BAD_DRIVER_CALLS + BAD_IPAM_CALLS])
@@ -265,3 +301,66 @@ def test_kernel_failure_leaves_store_unchanged(plugin, host_ns):
 def test_enable_ipv4_true_is_accepted(plugin, options):
     status, answer = plugin.call("NetworkDriver.CreateNetwork", _create_network_body(Options=options))
     assert (status, answer) == (200, {})
+
+
+def _refused_and_nothing_changed(plugin, host_ns, method, body):
+    store_before, kernel_before = plugin.store_snapshot(), host_ns.kernel_snapshot()
+    status, answer = plugin.call(method, body)
+    key = "Error" if method.startswith("IpamDriver.") else "Err"
+    assert set(answer) == {key} and "ID" in answer[key], (body, answer)
+    assert plugin.store_snapshot() == store_before, f"refused {method} with {body} changed the store"
+    assert host_ns.kernel_snapshot() == kernel_before
+
+
+@pytest.mark.parametrize("bad", MALFORMED_IDS, ids=repr)
+def test_malformed_ids_are_refused_where_good_ones_work(plugin, host_ns, bad):
+    status, pool = plugin.call("IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": SUBNET})
+    assert status == 200, pool
+    network = _create_network_body(NetworkID=bad)
+    _refused_and_nothing_changed(plugin, host_ns, "NetworkDriver.CreateNetwork", network)
+    network["NetworkID"] = new_id()
+    assert plugin.call("NetworkDriver.CreateNetwork", network) == (200, {})
+
+    status, addr = plugin.call("IpamDriver.RequestAddress", {"PoolID": pool["PoolID"], "Address": ""})
+    assert status == 200, addr
+    endpoint = {"NetworkID": network["NetworkID"], "EndpointID": bad, "Interface": {"Address": addr["Address"]}}
+    _refused_and_nothing_changed(plugin, host_ns, "NetworkDriver.CreateEndpoint", endpoint)
+    _refused_and_nothing_changed(plugin, host_ns, "NetworkDriver.CreateEndpoint",
+                                 {**endpoint, "NetworkID": bad, "EndpointID": new_id()})
+    endpoint["EndpointID"] = new_id()
+    status, answer = plugin.call("NetworkDriver.CreateEndpoint", endpoint)
+    assert status == 200, answer
+
+    join = {"NetworkID": network["NetworkID"], "EndpointID": endpoint["EndpointID"], "SandboxKey": "/var/run/docker/netns/x"}
+    for method in ("NetworkDriver.Join", "NetworkDriver.EndpointOperInfo", "NetworkDriver.ProgramExternalConnectivity"):
+        _refused_and_nothing_changed(plugin, host_ns, method, {**join, "EndpointID": bad})
+        _refused_and_nothing_changed(plugin, host_ns, method, {**join, "NetworkID": bad})
+    if bad:  # an empty ID in a clean-up call is "nothing to do" (test_unknown_ids_succeed)
+        for method in ("NetworkDriver.Leave", "NetworkDriver.DeleteEndpoint", "NetworkDriver.RevokeExternalConnectivity"):
+            _refused_and_nothing_changed(plugin, host_ns, method, {**join, "EndpointID": bad})
+        _refused_and_nothing_changed(plugin, host_ns, "NetworkDriver.DeleteNetwork", {"NetworkID": bad})
+    status, answer = plugin.call("NetworkDriver.Join", join)
+    assert status == 200, answer
+
+
+def test_what_newer_engines_send_is_accepted(plugin, host_ns):
+    """Option keys added by engines 28 and 29 (docs: engines.md) pass the schemas."""
+    status, pool = plugin.call("IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": SUBNET, "Options": None,
+                                                         "V6": False})
+    assert status == 200, pool
+    network = _create_network_body(Options={"com.docker.network.enable_ipv4": True, "com.docker.network.enable_ipv6": False,
+                                            "com.docker.network.generic": {}})
+    assert plugin.call("NetworkDriver.CreateNetwork", network) == (200, {})
+    status, addr = plugin.call("IpamDriver.RequestAddress", {
+        "PoolID": pool["PoolID"], "Address": "", "Options": {"com.docker.network.endpoint.name": "web-1"}})
+    assert status == 200 and "Error" not in addr, addr
+    endpoint_id = new_id()
+    options = {"com.docker.network.endpoint.ifname": "eth7", "com.docker.network.endpoint.sysctls": "net.ipv4.conf.IFNAME.forwarding=1",
+               "com.docker.network.portmap": [], "com.docker.network.endpoint.exposedports": []}
+    status, answer = plugin.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": network["NetworkID"], "EndpointID": endpoint_id, "Options": options,
+        "Interface": {"Address": addr["Address"], "AddressIPv6": "", "MacAddress": "02:42:AC:11:00:09"}})
+    assert status == 200, answer
+    status, answer = plugin.call("NetworkDriver.Join", {"NetworkID": network["NetworkID"], "EndpointID": endpoint_id,
+                                                        "SandboxKey": "/var/run/docker/netns/abc", "Options": options})
+    assert status == 200, answer

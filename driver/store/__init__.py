@@ -51,9 +51,12 @@ def open_store(
     cacert: Optional[str] = None,
     cert: Optional[str] = None,
     key: Optional[str] = None,
+    user: Optional[str] = None,
+    password: Optional[str] = None,
 ) -> Store:
     """The store at url. prefix is the key prefix in a shared etcd (the other
-    backends hold only pyoverlay's keys and ignore it)."""
+    backends hold only pyoverlay's keys and ignore it); user and password log
+    in to an etcd with authentication on."""
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     if not sep:
@@ -76,6 +79,6 @@ def open_store(
         hosts = rest.split("/", 1)[0]
         return EtcdStore(
             _etcd_endpoints(hosts, "https" if tls else "http"),
-            prefix=prefix, cacert=cacert, cert=cert, key=key,
+            prefix=prefix, cacert=cacert, cert=cert, key=key, user=user, password=password,
         )
     raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r}; accepted forms: {ACCEPTED}")

@@ -11,24 +11,32 @@ one), so the reader can poll `stop` and notice a silent stream. A stream with
 no bytes for `watch_idle_timeout` is checked with a probe request: if etcd does
 not answer, the watch raises StoreError (the caller resumes elsewhere); if it
 does, the stream was merely idle. TCP keepalive catches a dead peer.
+
+With etcd authentication on, user and password buy a token from
+/v3/auth/authenticate; it travels as the Authorization header (the gateway
+hands it to etcd as the gRPC token) and is bought again when etcd says it is
+no longer valid (its TTL ran out, or the member restarted and forgot it).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import socket
 import ssl
 import threading
 import time
 from typing import Iterable, Iterator, Mapping, Optional
-from urllib.parse import urlsplit
 
 import requests
 import urllib3
 
 from .base import Compacted, Event, KeyValue, Store, StoreError
+from .etcd_watch import _Idle, _WatchStream
 from .memory import check_txn
+
+log = logging.getLogger(__name__)
 
 #: Seconds to set up a TCP (and TLS) connection to one endpoint.
 CONNECT_TIMEOUT = 1.0
@@ -36,11 +44,10 @@ CONNECT_TIMEOUT = 1.0
 REQUEST_TIMEOUT = 3.0
 #: Seconds of silence on a watch stream before etcd is probed.
 WATCH_IDLE_TIMEOUT = 10.0
-#: How often a blocked watch read looks at its stop event.
-_STOP_POLL = 0.1
 
 # gRPC status codes the gateway returns in {"code": N}.
-_NOT_FOUND, _UNAVAILABLE = 5, 14
+_INVALID_ARGUMENT, _NOT_FOUND, _PERMISSION_DENIED, _UNAVAILABLE, _UNAUTHENTICATED = 3, 5, 7, 14, 16
+_AUTH_FLAGS = "--etcd-user and --etcd-password (PYOVERLAY_ETCD_USER, PYOVERLAY_ETCD_PASSWORD)"
 
 
 def _b64(data: bytes) -> str:
@@ -83,108 +90,6 @@ def _describe(e: BaseException, timeouts: tuple[float, float]) -> str:
     return text or type(e).__name__
 
 
-class _Idle(Exception):
-    """No byte on the watch stream for the idle timeout."""
-
-
-class _WatchStream:
-    """One streaming POST /v3/watch on its own socket, decoded message by message."""
-
-    def __init__(self, endpoint: str, body: dict, ctx: Optional[ssl.SSLContext], timeouts: tuple[float, float]):
-        self.endpoint = endpoint
-        url = urlsplit(endpoint)
-        self.sock = socket.create_connection((url.hostname, url.port), timeout=timeouts[0])
-        try:
-            # Notice a vanished peer (host down, state dropped in between) within ~15 s.
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 5)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 3)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-            if ctx is not None:
-                self.sock = ctx.wrap_socket(self.sock, server_hostname=url.hostname)
-            payload = json.dumps(body).encode()
-            host = url.netloc.rsplit("@", 1)[-1]
-            self.sock.settimeout(timeouts[1])
-            self.sock.sendall(
-                b"POST /v3/watch HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
-                b"Content-Type: application/json\r\n"
-                # The gateway passes this on as gRPC metadata: etcd then cancels
-                # the watch if its member loses the cluster leader, instead of
-                # leaving a stream that will never carry another event.
-                b"Grpc-Metadata-Hasleader: true\r\n"
-                b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
-            )
-            self._raw = b""
-            while b"\r\n\r\n" not in self._raw:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise ConnectionError("connection closed before a response")
-                self._raw += data
-            head, self._raw = self._raw.split(b"\r\n\r\n", 1)
-            lines = head.decode("latin-1").split("\r\n")
-            status = lines[0].split(" ", 2)
-            headers = {k.strip().lower(): v.strip() for k, v in (l.split(":", 1) for l in lines[1:] if ":" in l)}
-            self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-            self._payload = b""
-            if len(status) < 2 or status[1] != "200":
-                raise StoreError(f"etcd at {endpoint}: watch refused: {lines[0]} {self._raw[:300]!r}")
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def _recv(self, stop: threading.Event, idle: float) -> bool:
-        """Read more bytes; False if stop was set."""
-        self.sock.settimeout(_STOP_POLL)
-        quiet_since = time.monotonic()
-        while not stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except (socket.timeout, ssl.SSLWantReadError):
-                if time.monotonic() - quiet_since >= idle:
-                    raise _Idle()
-                continue
-            if not data:
-                raise ConnectionError("etcd closed the watch stream")
-            self._raw += data
-            return True
-        return False
-
-    def _dechunk(self) -> None:
-        if not self._chunked:
-            self._payload += self._raw
-            self._raw = b""
-            return
-        while True:
-            eol = self._raw.find(b"\r\n")
-            if eol < 0:
-                return
-            size = int(self._raw[:eol].split(b";", 1)[0], 16)
-            if size == 0:
-                raise ConnectionError("etcd ended the watch stream")
-            if len(self._raw) < eol + 2 + size + 2:
-                return
-            self._payload += self._raw[eol + 2 : eol + 2 + size]
-            self._raw = self._raw[eol + 2 + size + 2 :]
-
-    def messages(self, stop: threading.Event, idle: float) -> Iterator[dict]:
-        """Decoded messages until stop is set; raises _Idle after `idle` silent seconds."""
-        while True:
-            self._dechunk()
-            # The gateway ends every message with a newline; JSON text has none.
-            while b"\n" in self._payload:
-                line, self._payload = self._payload.split(b"\n", 1)
-                if line.strip():
-                    yield json.loads(line)
-            if not self._recv(stop, idle):
-                return
-
-
 class EtcdStore(Store):
     def __init__(
         self,
@@ -196,6 +101,8 @@ class EtcdStore(Store):
         connect_timeout: float = CONNECT_TIMEOUT,
         request_timeout: float = REQUEST_TIMEOUT,
         watch_idle_timeout: float = WATCH_IDLE_TIMEOUT,
+        user: Optional[str] = None,
+        password: Optional[str] = None,
     ):
         if not endpoints:
             raise ValueError("etcd store needs at least one endpoint")
@@ -211,6 +118,11 @@ class EtcdStore(Store):
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
         self._ssl: Optional[ssl.SSLContext] = None
+        if bool(user) != (password is not None):
+            raise StoreError(f"{self.url}: give both {_AUTH_FLAGS}, or neither")
+        self.user, self._password = user, password
+        self._token: Optional[str] = None
+        self._token_lock = threading.Lock()
         if any(e.startswith("https://") for e in self.endpoints):
             try:
                 self._ssl = ssl.create_default_context(cafile=cacert)
@@ -240,6 +152,41 @@ class EtcdStore(Store):
                 self._sessions.append(s)
         return s
 
+    # Authentication.
+
+    def _headers(self) -> dict:
+        token = self._current_token() if self.user else ""
+        return {"Authorization": token} if token else {}
+
+    def _current_token(self) -> str:
+        with self._token_lock:
+            if self._token is None:
+                self._token = self._authenticate()
+            return self._token
+
+    def _token_expired(self, token: Optional[str]) -> None:
+        with self._token_lock:
+            if self._token == token:
+                self._token = None
+
+    def _authenticate(self) -> str:
+        try:
+            data = self._post("/v3/auth/authenticate", {"name": self.user, "password": self._password},
+                              retry=True, auth=False)
+        except _GatewayError as e:
+            if e.code == _INVALID_ARGUMENT:  # "authentication failed, invalid user ID or password"
+                raise StoreError(
+                    f"{e}: etcd refused user {self.user!r}; check {_AUTH_FLAGS} against the etcd user "
+                    "(etcdctl user get " + self.user + ")") from None
+            if "not enabled" in str(e):  # an etcd without authentication: nothing to log in to
+                log.warning("%s: authentication is off in etcd; --etcd-user is not needed", self.url)
+                return ""
+            raise
+        token = data.get("token")
+        if not token:  # authentication is off in etcd: no token needed
+            return ""
+        return token
+
     def _order(self) -> list[int]:
         n = len(self.endpoints)
         return [(self._current + i) % n for i in range(n)]
@@ -250,15 +197,29 @@ class EtcdStore(Store):
             f"etcd at {where} is unreachable: {'; '.join(errors)}; check --store and that etcd is running"
         )
 
-    def _post(self, path: str, body: dict, *, retry: bool, endpoint: Optional[int] = None) -> dict:
+    def _post(self, path: str, body: dict, *, retry: bool, endpoint: Optional[int] = None, auth: bool = True) -> dict:
         """POST to the first endpoint that answers. retry: the call may be sent
         again to another endpoint even if the first one may have applied it (reads,
         leases). A write is only moved on when it surely never reached etcd."""
+        if not (auth and self.user):
+            return self._post_once(path, body, retry=retry, endpoint=endpoint, headers={})
+        token = self._current_token()
+        try:
+            return self._post_once(path, body, retry=retry, endpoint=endpoint,
+                                   headers={"Authorization": token} if token else {})
+        except _GatewayError as e:
+            # A token etcd no longer knows was refused before any work: buy a new one and send again.
+            if e.code != _UNAUTHENTICATED:
+                raise
+            self._token_expired(token)
+            return self._post_once(path, body, retry=retry, endpoint=endpoint, headers=self._headers())
+
+    def _post_once(self, path: str, body: dict, *, retry: bool, endpoint: Optional[int], headers: dict) -> dict:
         errors = []
         for i in self._order() if endpoint is None else [endpoint]:
             ep = self.endpoints[i]
             try:
-                r = self._session().post(ep + path, json=body, timeout=self._timeouts)
+                r = self._session().post(ep + path, json=body, timeout=self._timeouts, headers=headers)
             except requests.RequestException as e:
                 why = _describe(e, self._timeouts)
                 if not retry and not _not_sent(e):
@@ -279,13 +240,29 @@ class EtcdStore(Store):
                 code, msg = err.get("grpc_code"), err.get("message")
             else:
                 code, msg = data.get("code"), data.get("message") or err
+            if not msg and "CommonName of client" in r.text:
+                # etcd 3.4's gateway would act as its own certificate's user, so with
+                # authentication on it refuses any client certificate that has a CN.
+                msg = (f"{r.text.strip()}: with authentication on, etcd's JSON gateway cannot log in by "
+                       "certificate name; use a client certificate without a common name (CN) and "
+                       f"log in with {_AUTH_FLAGS}")
             if not msg:  # not an etcd gateway error: say what did answer
                 msg = f"unexpected answer HTTP {r.status_code} {r.text[:200]!r} (is this etcd's client URL?)"
             if code == _UNAVAILABLE and retry:
                 errors.append(f"{ep}: {msg}")
                 continue
-            raise _GatewayError(f"etcd at {ep}: {msg}", code)
+            raise _GatewayError(f"etcd at {ep}: {msg}{self._auth_hint(code, msg)}", code)
         raise self._unreachable(errors)
+
+    def _auth_hint(self, code: Optional[int], msg: str) -> str:
+        """What to do about an authentication or permission error."""
+        if code == _PERMISSION_DENIED:
+            who = f"user {self.user!r}" if self.user else "the client certificate's user"
+            return (f"; {who} needs a role with readwrite on the prefix {self.prefix.decode()!r} "
+                    f"(etcdctl role grant-permission ROLE --prefix readwrite {self.prefix.decode()})")
+        if "user name is empty" in str(msg):
+            return f"; etcd has authentication on: pass {_AUTH_FLAGS}"
+        return ""
 
     def _key(self, key: str) -> str:
         return _b64(self.prefix + key.encode())
@@ -356,9 +333,10 @@ class EtcdStore(Store):
             request = {"create_request": {"key": _b64(start), "range_end": _b64(end), "progress_notify": True}}
             if nxt > 0:
                 request["create_request"]["start_revision"] = str(nxt)
+            token = self._current_token() if self.user else None
             for i in self._order():
                 try:
-                    stream = _WatchStream(self.endpoints[i], request, self._ssl, self._timeouts)
+                    stream = _WatchStream(self.endpoints[i], request, self._ssl, self._timeouts, token)
                     break
                 except (OSError, ssl.SSLError, StoreError) as e:  # StoreError: e.g. "no leader"
                     errors.append(f"{self.endpoints[i]}: {_describe(e, self._timeouts)}")
@@ -367,6 +345,8 @@ class EtcdStore(Store):
             try:
                 for msg in self._messages(stream, stop):
                     if "error" in msg:
+                        if "auth token" in json.dumps(msg["error"]):
+                            self._token_expired(token)  # the next attempt buys a new one
                         raise StoreError(f"etcd at {stream.endpoint}: watch failed: {msg['error']}")
                     result = msg.get("result", {})
                     revision = int(result.get("header", {}).get("revision", 0))

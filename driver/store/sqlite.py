@@ -16,6 +16,7 @@ touches the store first after a deadline deletes the lease's keys.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -25,6 +26,8 @@ from typing import Iterable, Iterator, Mapping, Optional
 
 from .base import Compacted, Event, KeyValue, Store, StoreError
 from .memory import DEFAULT_HISTORY, check_txn, prefix_end
+
+log = logging.getLogger(__name__)
 
 #: How often a watch looks for writes made by other processes. An idle poll is
 #: one PRAGMA data_version; measured: a median cross-process watch latency of
@@ -91,11 +94,18 @@ class SqliteStore(Store):
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         self._signal = _signal_for(self.path)
+        # A damaged file or a full disk must not stop the plugin from starting
+        # (a service manager would restart it in a loop): the store opens
+        # anyway, every call fails with what to do, and the first call after
+        # the operator fixed it finds it good.
+        self._ready = False
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        except OSError as e:
-            raise StoreError(f"{self.url}: cannot create its directory: {e}") from e
-        db = self._conn()
+            self._conn()
+        except StoreError as e:
+            log.error("%s", e)
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        """The directory and the schema, once per store (retried until it works)."""
         try:
             # Under the write lock, so processes opening a new file at once agree.
             db.execute("BEGIN IMMEDIATE")
@@ -107,13 +117,21 @@ class SqliteStore(Store):
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise self._error(e) from e
+        self._ready = True
 
     # Connections and transactions.
 
     def _conn(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is not None and self._local.pid == os.getpid():
+            if not self._ready:
+                self._prepare_or_forget(db)
             return db
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{self.url}: cannot create its directory: {e}; "
+                             f"check that {os.path.dirname(self.path)} can be made and written by root") from e
         try:
             db = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
@@ -124,11 +142,29 @@ class SqliteStore(Store):
             # loss may drop the last commits but never corrupts the file.
             db.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error as e:
-            raise StoreError(f"{self.url}: cannot open: {e}") from e
+            try:
+                db.close()
+            except (sqlite3.Error, UnboundLocalError):
+                pass
+            raise self._error(e, "cannot open") from e
         self._local.db, self._local.pid = db, os.getpid()
         with self._conns_lock:
             self._conns.append(db)
+        if not self._ready:
+            self._prepare_or_forget(db)
         return db
+
+    def _prepare_or_forget(self, db: sqlite3.Connection) -> None:
+        try:
+            self._prepare(db)
+        except StoreError:
+            # Open the path again next time: the operator may have moved a damaged file aside.
+            self._local.db = None
+            with self._conns_lock:
+                if db in self._conns:
+                    self._conns.remove(db)
+            db.close()
+            raise
 
     def _wal(self, db: sqlite3.Connection) -> None:
         # Switching a new file to WAL fails at once with "database is locked"
@@ -145,8 +181,23 @@ class SqliteStore(Store):
                     raise
             time.sleep(0.005)
 
-    def _error(self, e: Exception) -> StoreError:
-        return StoreError(f"{self.url}: {e}")
+    def _error(self, e: Exception, doing: str = "") -> StoreError:
+        """The failure, with what the operator should do about it."""
+        text, folder = str(e), os.path.dirname(self.path)
+        if "not a database" in text or "malformed" in text:
+            advice = (f"the file is damaged: stop pyoverlay, move it aside (mv {self.path} {self.path}.damaged, "
+                      f"and its -wal and -shm files) and start pyoverlay again; it starts with an empty store, so "
+                      "remove and create the pyoverlay networks again (or put back a backup of the file)")
+        elif "full" in text:
+            advice = (f"the disk holding it is full: free space in {folder}; nothing of this request was "
+                      "written, and pyoverlay carries on by itself once there is room")
+        elif "readonly" in text or "unable to open" in text:
+            advice = f"pyoverlay cannot write it: check that {folder} is writable by root and not mounted read-only"
+        elif "disk I/O error" in text:
+            advice = f"the disk failed a write: check the free space in {folder} and the kernel log"
+        else:
+            return StoreError(f"{self.url}: {doing + ': ' if doing else ''}{text}")
+        return StoreError(f"{self.url}: {doing + ': ' if doing else ''}{text}; {advice}")
 
     @contextmanager
     def _write(self):
@@ -176,7 +227,11 @@ class SqliteStore(Store):
     def _read(self):
         """A read transaction: one consistent snapshot for several SELECTs."""
         db = self._conn()
-        if self._expired(db):
+        try:
+            expired = self._expired(db)
+        except sqlite3.Error as e:
+            raise self._error(e) from e
+        if expired:
             with self._write():
                 pass  # the write transaction sweeps
         try:
@@ -312,7 +367,10 @@ class SqliteStore(Store):
             seen = self._signal.seq  # read before looking, so no wake-up is missed
             # data_version moves when another connection (thread or process)
             # commits; the signal covers commits by this thread's own connection.
-            version = self._conn().execute("PRAGMA data_version").fetchone()[0]
+            try:
+                version = self._conn().execute("PRAGMA data_version").fetchone()[0]
+            except sqlite3.Error as e:
+                raise self._error(e) from e
             due = next_deadline is not None and next_deadline <= self._clock()
             if (version, seen) == last and not due:
                 self._signal.wait(seen, POLL_INTERVAL)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import random
 import re
 import threading
 import time
@@ -33,6 +32,7 @@ from tests.e2e.conftest import FACTORY, HostFactory, clear_hosts, ensure_network
 from tests.etcdserver import EtcdServer
 from tests.hosts import IMAGE, LOCK_WAIT, UNDERLAY_ADDR, NamespaceHost, wait_for
 from tests.reliability import record
+from tests.seed import rng as seeded
 
 pytestmark = pytest.mark.slow
 
@@ -193,14 +193,14 @@ def test_sigkill_at_random_points_loses_and_leaks_nothing(hosts, cluster):
     overlay = f"pyo-{vni}"
     kept_bridge_ports = plugin_links(h1, overlay)
 
-    rng = random.Random(int(os.environ.get("PYO_KILL_SEED", time.time_ns())))
+    rng = seeded("test_sigkill_at_random_points_loses_and_leaks_nothing")
     killed_in: dict[str, int] = {s: 0 for s in STEPS}
     answered_before_kill = 0
     restart_seconds = []
     for round_ in range(KILL_ROUNDS):
         step = STEPS[round_ % len(STEPS)]  # every call gets its share of kills
         delay = rng.uniform(0, KILL_WINDOW[step])
-        endpoint_id = os.urandom(32).hex()
+        endpoint_id = rng.randbytes(32).hex()
         ep = {"NetworkID": network_id, "EndpointID": endpoint_id}
         address = None
         bodies = {

@@ -1,4 +1,6 @@
-"""Fixtures for the store tests: one conformance suite, three backends.
+"""Fixtures for the store tests: one conformance suite, every backend
+(memory, sqlite, etcd, and etcd with authentication on, as a user whose role
+may touch only the tests' prefixes).
 
 The etcd backend runs against a real etcd started once per session on free
 loopback ports; each test gets its own key prefix in it, so tests never see
@@ -19,7 +21,7 @@ from driver.store.memory import MemoryStore
 from driver.store.sqlite import SqliteStore
 from tests.etcdserver import EtcdServer
 
-BACKENDS = ["memory", "sqlite", "etcd"]
+BACKENDS = ["memory", "sqlite", "etcd", "etcd-auth"]
 
 
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01, what: str = "condition"):
@@ -175,6 +177,53 @@ def etcd_store(server: EtcdServer, **kw) -> EtcdStore:
     return EtcdStore([server.endpoint], **kw)
 
 
+# etcd with authentication on: root, and a user whose role may read and
+# write only keys under /test- (every test's prefix), by password.
+AUTH_USER, AUTH_PASSWORD, AUTH_PREFIX = "pyoverlay", "s3cret-pw", "/test-"
+#: A short token TTL, so that tests run across token expiry and renewal.
+AUTH_TOKEN_TTL = 2
+
+
+def _b64(text: str) -> str:
+    import base64
+    return base64.b64encode(text.encode()).decode()
+
+
+def enable_auth(server: EtcdServer, user: str, password: str | None, prefix: str) -> None:
+    """root, a role with readwrite on prefix, user in it; then auth on.
+    password None: a user with no password (client certificate name only)."""
+    calls = [
+        ("/v3/auth/user/add", {"name": "root", "password": "root-pw"}),
+        ("/v3/auth/role/add", {"name": "root"}),
+        ("/v3/auth/user/grant", {"user": "root", "role": "root"}),
+        ("/v3/auth/role/add", {"name": "pyo-rw"}),
+        ("/v3/auth/role/grant", {"name": "pyo-rw", "perm": {
+            "key": _b64(prefix), "range_end": _b64(prefix[:-1] + chr(ord(prefix[-1]) + 1)), "permType": "READWRITE"}}),
+        ("/v3/auth/user/add", {"name": user, "password": password or "", "options": {"no_password": password is None}}),
+        ("/v3/auth/user/grant", {"user": user, "role": "pyo-rw"}),
+        ("/v3/auth/enable", {}),
+    ]
+    for path, body in calls:
+        answer = server.request("POST", path, body)
+        assert "error" not in answer and "code" not in answer, (path, answer)
+
+
+@pytest.fixture(scope="session")
+def etcd_auth_server():
+    server = EtcdServer(extra_args=("--auth-token-ttl", str(AUTH_TOKEN_TTL)))
+    server.start()
+    enable_auth(server, AUTH_USER, AUTH_PASSWORD, AUTH_PREFIX)
+    yield server
+    server.close()
+
+
+def etcd_auth_store(server: EtcdServer, **kw) -> EtcdStore:
+    kw.setdefault("prefix", f"{AUTH_PREFIX}{uuid.uuid4().hex[:8]}/")
+    kw.setdefault("user", AUTH_USER)
+    kw.setdefault("password", AUTH_PASSWORD)
+    return EtcdStore([server.endpoint], **kw)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
@@ -186,6 +235,8 @@ def store(backend, request, tmp_path):
         s = MemoryStore()
     elif backend == "sqlite":
         s = SqliteStore(str(tmp_path / "state.db"))
+    elif backend == "etcd-auth":
+        s = etcd_auth_store(request.getfixturevalue("etcd_auth_server"))
     else:
         s = etcd_store(request.getfixturevalue("etcd_server"))
     yield s
