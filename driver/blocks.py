@@ -78,6 +78,9 @@ class _Pool:
         self.unsure: dict[int, float] = {}  # offset -> when a claim of ours on it failed
         self.pending: set[int] = set()  # offsets this process is claiming right now
         self.blocks: dict[int, list] = {}  # start offset -> [holder, mod_revision (0: ours, not seen yet), prefixlen]
+        # One block claim at a time per host: callers that find the blocks full
+        # together wait for one new block rather than each claiming one.
+        self.claiming = threading.Lock()
 
     def usable(self, off: int) -> bool:
         return 0 < off < self.last or self.net.num_addresses <= 2
@@ -272,9 +275,14 @@ class BlockAllocator:
                 off = pool.pick_own(self.host, self.clock())
             borrowed = False
             if off is None:
-                claimed = self._claim_block(key, pool, prefixlen)
-                if claimed is not None:
+                with pool.claiming:
+                    with self._lock:
+                        off = pool.pick_own(self.host, self.clock())
+                    # Still full after waiting for another caller's claim: claim one.
+                    claimed = self._claim_block(key, pool, prefixlen) if off is None else None
+                if off is None and claimed is not None:
                     continue  # won (room now) or lost (the cache learnt of it): look again
+            if off is None:
                 with self._lock:
                     off = pool.pick_any(self._first % pool.net.num_addresses, self.clock())
                 if off is None:
@@ -317,7 +325,9 @@ class BlockAllocator:
         won = self.store.txn({key: rev}, put={key: Block(host=self.host, claimed=time.time()).to_json()})
         with self._lock:
             if won:
-                pool.blocks[start] = [self.host, 0, prefixlen]
+                current = pool.blocks.get(start)
+                if current is None or current[0] != self.host:  # the watch may have told us first
+                    pool.blocks[start] = [self.host, 0, prefixlen]
             elif pool.blocks.get(start, [None, rev])[1] == rev:
                 pool.blocks[start] = ["?", -1, prefixlen]  # the watch will name the winner
         self._count("block_claim" if won else "cas_retry")
