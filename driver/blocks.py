@@ -95,6 +95,11 @@ class _Pool:
     def span(self, start: int, prefixlen: int) -> range:
         return range(start, start + (1 << (32 - prefixlen)))
 
+    def empty(self, start: int, prefixlen: int) -> bool:
+        """No address in use but the gateway (the pool's, not a host's), none being claimed."""
+        return not any(off in self.pending or self.used.get(off, GATEWAY_HOLDER) != GATEWAY_HOLDER
+                       for off in self.span(start, prefixlen))
+
     def pick_own(self, host: str, now: float) -> Optional[int]:
         for start in sorted(self.blocks):
             holder, _, prefixlen = self.blocks[start]
@@ -125,7 +130,16 @@ class _Pool:
         also an empty block of a host no longer alive."""
         count = 1 << (prefixlen - self.net.prefixlen)
         size = 1 << (32 - prefixlen)
+        if not self.blocks:
+            # The pool's first block is its lowest, as a single host (or Docker's
+            # own IPAM) would hand out .2 first; hosts that lose that race learn
+            # of the winner and move on to their own starting points.
+            first = 0
         busy = self.busy(prefixlen)
+        # Preferred: blocks no other host has addresses in (the gateway and this
+        # host's own addresses do not count).
+        shift = 32 - prefixlen
+        foreign = Counter(off >> shift for off, holder in self.used.items() if holder not in (GATEWAY_HOLDER, host))
         roomy = None
         for i in range(count):
             j = (first + i) % count
@@ -133,11 +147,12 @@ class _Pool:
             block = self.blocks.get(start)
             if block is None:
                 room = size - busy[j] - (j == 0) - (j == count - 1)
-                if busy[j] == 0 and room > 0:
+                if foreign[j] == 0 and room > 0:
                     return start, 0
                 if roomy is None and room > 0:
                     roomy = (start, 0)
-            elif alive is not None and block[0] not in alive and block[0] != host and block[1] > 0 and busy[j] == 0:
+            elif alive is not None and block[0] not in alive and block[0] != host and block[1] > 0 \
+                    and self.empty(start, prefixlen):
                 return start, block[1]
         return roomy
 
@@ -359,7 +374,7 @@ class BlockAllocator:
         with self._lock:
             for subnet, pool in self._pools.items():
                 for start, (holder, rev, prefixlen) in list(pool.blocks.items()):
-                    empty = not any(off in pool.used or off in pool.pending for off in pool.span(start, prefixlen))
+                    empty = pool.empty(start, prefixlen)
                     if holder != self.host:
                         foreign = foreign or (empty and rev > 0 and holder != "?")
                         continue
@@ -395,7 +410,7 @@ class BlockAllocator:
                 for start, (holder, rev, prefixlen) in pool.blocks.items():
                     if holder in alive or holder == "?" or rev <= 0:
                         continue
-                    if not any(off in pool.used or off in pool.pending for off in pool.span(start, prefixlen)):
+                    if pool.empty(start, prefixlen):
                         dead.append((subnet, pool, start, rev, prefixlen))
         for item in dead:
             self._drop(*item, restore=False)

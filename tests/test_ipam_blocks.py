@@ -172,7 +172,9 @@ def test_empty_block_is_released_after_the_grace_period(fresh):
     last = got[-1]
     second = holder_of({blk: blk for blk in blocks}, last)
     first = next(blk for blk in blocks if blk != second)
-    a.release_address(pool, last)
+    for ip in got:
+        if ipaddress.ip_address(ip) in ipaddress.ip_network(second):
+            a.release_address(pool, ip)
     wait_for(lambda: second not in fresh.blocks(subnet), 15, f"empty block {second} to be released")
     # The block still in use stays, though the sweeper has run many times since.
     assert fresh.blocks(subnet) == {first: a.addr}
