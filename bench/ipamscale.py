@@ -86,8 +86,8 @@ def _burst_slice(job: tuple[list[tuple[str, str]], int, int, float]) -> tuple[li
     return lat, got, errors
 
 
-def burst(cluster: Cluster, per_host: int, callers: int, workers: int) -> dict:
-    hosts = [(str(h.socket_path), cluster.nets[h.name].pool_id) for h in cluster.hosts]
+def burst(cluster: Cluster, per_host: int, callers: int, workers: int, only=None) -> dict:
+    hosts = [(str(h.socket_path), cluster.nets[h.name].pool_id) for h in (only or cluster.hosts)]
     start_at = time.time() + 3.0  # the workers start and connect first
     jobs = [(hosts[i::workers], per_host, callers, start_at) for i in range(workers) if hosts[i::workers]]
     with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
@@ -164,8 +164,18 @@ def measure(ctx, n_hosts: int, per_host: int, probes: int, workers: int) -> dict
         ctx.log(f"{n_hosts} hosts: RequestAddress alone p50 {fmt(result['alone']['p50'])} ms, "
                 f"p99 {fmt(result['alone']['p99'])} ms")
 
+        # One host's burst while the others are idle: what a host's own CPU costs
+        # (on real machines every host has its own; here all share 2 cores).
+        one = burst(cluster, BURST_PER_HOST, BURST_CALLERS, 1, only=cluster.hosts[-1:])
+        result["burst_one_host"] = {**summary(one["lat"]), "duplicates": one["duplicates"], "errors": len(one["errors"])}
+        ctx.log(f"{n_hosts} hosts: one host's burst of {BURST_PER_HOST}: p50 {fmt(result['burst_one_host']['p50'])} ms, "
+                f"p99 {fmt(result['burst_one_host']['p99'])} ms")
+        from bench.env import cpu_seconds
+        pids = cluster.plugin_pids() + [cluster.etcd.pid]
+        cpu0 = cpu_seconds(pids)
         m0 = etcd_metrics(cluster.etcd)
         b = burst(cluster, BURST_PER_HOST, BURST_CALLERS, workers)
+        cpu_per_request = (cpu_seconds(pids) - cpu0) * 1000 / max(1, len(b["addresses"]))
         m1 = etcd_metrics(cluster.etcd)
         stored = store_addresses(cluster.etcd)
         blocks = store_blocks(cluster.etcd)
@@ -174,7 +184,9 @@ def measure(ctx, n_hosts: int, per_host: int, probes: int, workers: int) -> dict
                            "duplicates": b["duplicates"],
                            "stored_duplicates": len(stored) - len(set(stored)),
                            "etcd_rps": rate(m0, m1), "etcd_requests": m1["handled"] - m0["handled"],
-                           "blocks": sum(blocks.values()), "hosts_with_blocks": len(blocks)}
+                           "blocks": sum(blocks.values()), "hosts_with_blocks": len(blocks),
+                           "seconds": b["seconds"], "per_second": len(b["addresses"]) / max(1e-6, b["seconds"]),
+                           "cpu_ms_per_request": cpu_per_request}
         ctx.log(f"{n_hosts} hosts: burst {n_hosts}x{BURST_PER_HOST}: p50 {fmt(result['burst']['p50'])} ms, "
                 f"p99 {fmt(result['burst']['p99'])} ms, {b['duplicates']} duplicates, {len(b['errors'])} errors, "
                 f"{sum(blocks.values())} blocks")
@@ -218,15 +230,17 @@ def measure(ctx, n_hosts: int, per_host: int, probes: int, workers: int) -> dict
 # -- report ------------------------------------------------------------------------
 
 def report(results: list[dict], command: str) -> str:
-    rows = ["| hosts | endpoints | RequestAddress alone p50 / p99 | burst (hosts x 25, 4 callers each) p50 / p99 | "
+    rows = ["| hosts | endpoints | RequestAddress alone p50 / p99 | one host's burst (25, 4 callers) p50 / p99 | "
+            "burst (hosts x 25, 4 callers each) p50 / p99 | burst rate, CPU per request (plugins + etcd) | "
             "duplicates | burst errors | blocks after burst | convergence p50 / p99 | CPU per peer event | "
             "restart (flushed), all peers back | PSS per plugin median / max | etcd req/s idle / burst / fill | etcd DB |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        b, c = r["burst"], r["convergence"]
+        b, c, o = r["burst"], r["convergence"], r["burst_one_host"]
         rows.append(
             f"| {r['hosts']} | {r['hosts'] * r['endpoints_per_host']} | {fmt(r['alone']['p50'])} / {fmt(r['alone']['p99'])} ms | "
-            f"{fmt(b['p50'])} / {fmt(b['p99'])} ms | {b['duplicates']} (etcd: {b['stored_duplicates']}) | {b['errors']} | "
+            f"{fmt(o['p50'])} / {fmt(o['p99'])} ms | "
+            f"{fmt(b['p50'])} / {fmt(b['p99'])} ms | {b['per_second']:.0f}/s, {fmt(b['cpu_ms_per_request'])} ms | {b['duplicates']} (etcd: {b['stored_duplicates']}) | {b['errors']} | "
             f"{b['blocks']} on {b['hosts_with_blocks']} hosts | {fmt(c['p50'])} / {fmt(c['p99'])} ms | "
             f"{fmt(c['cpu_ms_per_event'], 2)} ms | {fmt(r['restart']['restored_s'], 2)} s ({r['restart']['peers']} peers) | "
             f"{fmt(r['pss_mb']['median'])} / {fmt(r['pss_mb']['max'])} MB | "

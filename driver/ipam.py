@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from typing import Callable, Iterable, Optional
 
 from .blocks import DEFAULT_GRACE, BlockAllocator, default_block_size
@@ -66,7 +67,7 @@ class Ipam:
         self.host_routes = host_routes
         # Started on first use (or by start()): its watches feed the fast path.
         self.blocks = BlockAllocator(state.store, host, self.block_size, grace=block_grace, metrics=metrics)
-        self._sizes: dict[str, int] = {}  # subnet -> block prefix length, from its overlay
+        self._sizes: dict[str, tuple[int, float]] = {}  # subnet -> (block prefix length, valid until)
         self._held: set[str] = set()  # pools this host's engine holds (checked once)
 
     def start(self) -> None:
@@ -80,13 +81,16 @@ class Ipam:
         the subnet while no overlay uses it yet (only the gateway is asked for
         before CreateNetwork, and it is not allocated from a block)."""
         key = str(subnet)
-        size = self._sizes.get(key)
-        if size is None:
+        size, until = self._sizes.get(key, (0, 0.0))
+        if not size or time.monotonic() > until:
             claim = self.state.get(subnet_index_key(key), SubnetClaim)
             overlay = self.state.get(overlay_key(claim.vni), Overlay) if claim else None
             if overlay is None or overlay.subnet != key:
-                return default_block_size(subnet)
-            size = self._sizes[key] = overlay.block_size or default_block_size(subnet)
+                # No overlay yet: the default, looked up again in a while.
+                size, until = default_block_size(subnet), time.monotonic() + 5.0
+            else:  # fixed for the overlay's life
+                size, until = overlay.block_size or default_block_size(subnet), float("inf")
+            self._sizes[key] = (size, until)
         return size
 
     @staticmethod
