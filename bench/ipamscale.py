@@ -183,7 +183,8 @@ def measure(ctx, n_hosts: int, per_host: int, probes: int, workers: int) -> dict
                            "errors": len(b["errors"]), "error_sample": b["errors"][:3],
                            "duplicates": b["duplicates"],
                            "stored_duplicates": len(stored) - len(set(stored)),
-                           "etcd_rps": rate(m0, m1), "etcd_requests": m1["handled"] - m0["handled"],
+                           "etcd_rps": (m1["handled"] - m0["handled"]) / max(1e-6, b["seconds"]),
+                           "etcd_requests": m1["handled"] - m0["handled"],
                            "blocks": sum(blocks.values()), "hosts_with_blocks": len(blocks),
                            "seconds": b["seconds"], "per_second": len(b["addresses"]) / max(1e-6, b["seconds"]),
                            "cpu_ms_per_request": cpu_per_request}
@@ -263,7 +264,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ipamscale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hosts", default="20,50,100", help="host counts, comma-separated (default %(default)s)")
-    parser.add_argument("--endpoints", type=int, default=100, help="endpoints per host (default %(default)s)")
+    parser.add_argument("--endpoints", default="100",
+                        help="endpoints per host, one count for every size or one per --hosts entry (default %(default)s)")
     parser.add_argument("--probes", type=int, default=20, help="convergence probes per size (default %(default)s)")
     parser.add_argument("--workers", type=int, default=4, help="processes that drive the burst (default %(default)s)")
     parser.add_argument("--json", help="write the raw figures to this file")
@@ -271,13 +273,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     if os.geteuid() != 0:
         parser.error("run as root: hosts are network namespaces")
     sizes = [int(x) for x in args.hosts.split(",") if x]
+    per_host = [int(x) for x in args.endpoints.split(",") if x]
+    if len(per_host) == 1:
+        per_host *= len(sizes)
+    if len(per_host) != len(sizes):
+        parser.error("--endpoints: one count, or one per --hosts entry")
     if any(not 1 < n <= 200 for n in sizes):
         parser.error("--hosts: each count from 2 to 200 (the underlay is a /24)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     command = f"python -m bench.ipamscale --hosts {args.hosts} --endpoints {args.endpoints}"
     results = []
     from bench.env import PLUGIN_EXE
-    for n in sizes:
+    for n, endpoints in zip(sizes, per_host):
         sweep_leftovers()
         workdir = make_workdir()
         underlay = Underlay(workdir / "underlay")
@@ -287,7 +294,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 ctx.stack.callback(shutil.rmtree, workdir, ignore_errors=True)
                 ctx.stack.callback(underlay.close)
                 underlay.setup()
-                results.append(measure(ctx, n, args.endpoints, args.probes, args.workers))
+                results.append(measure(ctx, n, endpoints, args.probes, args.workers))
         except BenchError as e:
             print(f"{n} hosts: FAILED: {e}", file=sys.stderr)
             results.append({"hosts": n, "error": str(e)})
