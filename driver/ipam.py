@@ -3,17 +3,20 @@
 Every host's engine asks for the same pool when the same overlay is created
 on it, so a pool is shared and held per host. An address is a key created
 only if absent, so two hosts racing for one address never both get it.
+Which free address a host tries comes from its address blocks (blocks.py).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from typing import Callable, Iterable, Optional
 
+from .blocks import DEFAULT_GRACE, BlockAllocator, default_block_size
 from .errors import DriverError
-from .model import Address, Pool
-from .state import State, address_key, address_prefix, pool_key
+from .model import Address, Overlay, Pool, SubnetClaim
+from .state import State, address_key, address_prefix, block_prefix, overlay_key, pool_key, subnet_index_key
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +57,41 @@ class Ipam:
         default_pool: str = "10.213.0.0/16",
         default_prefixlen: int = 24,
         host_routes: Callable[[], Iterable[str]] = lambda: (),
+        block_grace: float = DEFAULT_GRACE,
+        metrics=None,
     ):
         self.state = state
         self.host = host
         self.default_pool = ipaddress.ip_network(default_pool)
         self.default_prefixlen = default_prefixlen
         self.host_routes = host_routes
+        # Started on first use (or by start()): its watches feed the fast path.
+        self.blocks = BlockAllocator(state.store, host, self.block_size, grace=block_grace, metrics=metrics)
+        self._sizes: dict[str, tuple[int, float]] = {}  # subnet -> (block prefix length, valid until)
+        self._held: set[str] = set()  # pools this host's engine holds (checked once)
+
+    def start(self) -> None:
+        self.blocks.start()
+
+    def close(self) -> None:
+        self.blocks.stop()
+
+    def block_size(self, subnet: ipaddress.IPv4Network) -> int:
+        """The overlay's -o block_size, the same on every host; the default for
+        the subnet while no overlay uses it yet (only the gateway is asked for
+        before CreateNetwork, and it is not allocated from a block)."""
+        key = str(subnet)
+        size, until = self._sizes.get(key, (0, 0.0))
+        if not size or time.monotonic() > until:
+            claim = self.state.get(subnet_index_key(key), SubnetClaim)
+            overlay = self.state.get(overlay_key(claim.vni), Overlay) if claim else None
+            if overlay is None or overlay.subnet != key:
+                # No overlay yet: the default, looked up again in a while.
+                size, until = default_block_size(subnet), time.monotonic() + 5.0
+            else:  # fixed for the overlay's life
+                size, until = overlay.block_size or default_block_size(subnet), float("inf")
+            self._sizes[key] = (size, until)
+        return size
 
     @staticmethod
     def capabilities() -> dict:
@@ -92,6 +124,8 @@ class Ipam:
         subnet = self._known_subnet(pool_id)
         if subnet is None:
             return
+        self._held.discard(subnet)
+        self._sizes.pop(subnet, None)
 
         def drop_host(current: Optional[Pool]) -> Optional[Pool]:
             if current is None:
@@ -103,6 +137,9 @@ class Ipam:
             # Last holder gone: its addresses (the gateway, any leftovers) go too.
             kvs, _ = self.state.store.list(address_prefix(subnet))
             self.state.delete(kv.key for kv in kvs)
+            kvs, _ = self.state.store.list(block_prefix(subnet))
+            self.state.delete(kv.key for kv in kvs)
+            self.blocks.forget(subnet)
 
     def _hold(self, subnet: ipaddress.IPv4Network) -> None:
         def add_host(current: Optional[Pool]) -> Pool:
@@ -148,14 +185,17 @@ class Ipam:
         except ValueError:
             return None
 
-    def _pool(self, pool_id: str) -> tuple[Pool, ipaddress.IPv4Network]:
+    def _pool(self, pool_id: str) -> tuple[Optional[Pool], ipaddress.IPv4Network]:
         subnet = self._known_subnet(pool_id)
+        if subnet in self._held:  # held pools are only released by this host: no read needed
+            return None, ipaddress.ip_network(subnet)
         pool = self.state.get(pool_key(subnet), Pool) if subnet else None
         if pool is None or self.host not in pool.hosts:
             raise DriverError(
                 f"pool {pool_id!r} is not held by pyoverlay on this host; "
                 "remove the network and create it again"
             )
+        self._held.add(subnet)
         return pool, ipaddress.ip_network(subnet)
 
     # Addresses
@@ -187,7 +227,8 @@ class Ipam:
                 return current
             return None
 
-        self.state.update(key, Address, release)
+        if self.state.update(key, Address, release) is None:
+            self.blocks.released(subnet, ip)
 
     def _in_subnet(self, subnet: ipaddress.IPv4Network, address: str) -> ipaddress.IPv4Address:
         ip = parse_ip(address)
@@ -233,16 +274,4 @@ class Ipam:
         raise DriverError(f"address {ip} is {what}{where}; choose another --ip or leave it out")
 
     def _claim_free(self, subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
-        prefix = address_prefix(str(subnet))
-        for _ in range(8):
-            kvs, _ = self.state.store.list(prefix)
-            used = {kv.key[len(prefix):] for kv in kvs}
-            for ip in subnet.hosts():
-                if str(ip) in used:
-                    continue
-                if self.state.create({prefix + str(ip): Address(kind="container", host=self.host)}):
-                    return ip
-                used.add(str(ip))  # another host won it: move on
-        raise DriverError(
-            f"no free address left in {subnet}; remove unused containers or use a larger --subnet"
-        )
+        return self.blocks.allocate(subnet)

@@ -19,7 +19,12 @@ class Record:
 
     @classmethod
     def from_json(cls, text: str):
-        return cls(**json.loads(text))
+        data = json.loads(text)
+        # Fields a newer version added are ignored, so hosts can be upgraded one at a time.
+        known = getattr(cls, "__dataclass_fields__", None)
+        if known is not None:
+            data = {k: v for k, v in data.items() if k in known}
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,14 @@ class Overlay(Record):
     subnet: str
     mtu: int
     networks: dict[str, str] = field(default_factory=dict)  # host -> NetworkID
+    block_size: int = 0  # prefix length of the IPAM blocks (-o block_size); 0: the default for the subnet
+
+    def to_json(self) -> str:
+        # Left out when unset, so hosts still running the previous version read it.
+        data = asdict(self)
+        if not data["block_size"]:
+            del data["block_size"]
+        return json.dumps(data, sort_keys=True)
 
 
 @dataclass
@@ -93,3 +106,14 @@ class SubnetClaim(Record):
     """Which overlay uses a subnet: hosts that give no VNI join that one."""
 
     vni: int
+
+
+@dataclass
+class Block(Record):
+    """A run of a pool's addresses that one host allocates from without
+    contention (key blocks/<subnet>/<block>). It is an affinity, not a fence:
+    every address is still claimed on its own key, so a host may borrow
+    from another's block and --ip may land anywhere."""
+
+    host: str
+    claimed: float = 0.0  # wall clock, for status

@@ -13,6 +13,7 @@ import threading
 from collections import defaultdict
 from typing import Optional, Protocol
 
+from .blocks import check_block_size, default_block_size
 from .errors import DriverError
 from .ipam import ADDRESS_SPACE, parse_ip, parse_subnet
 from .model import Address, Endpoint, Network, Overlay, Pool, SubnetClaim
@@ -36,7 +37,8 @@ OPT_IPV4 = "com.docker.network.enable_ipv4"
 OPT_INTERNAL = "com.docker.network.internal"
 OPT_MTU = "com.docker.network.driver.mtu"
 OPT_VNI = "vni"
-ACCEPTED_OPTIONS = (OPT_VNI, OPT_MTU)
+OPT_BLOCK_SIZE = "block_size"  # prefix length of the per-host address blocks (driver/blocks.py)
+ACCEPTED_OPTIONS = (OPT_VNI, OPT_MTU, OPT_BLOCK_SIZE)
 
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
 MIN_MTU = 576  # the smallest datagram every IPv4 host must accept
@@ -108,16 +110,20 @@ class NetworkDriver:
         if unknown:
             raise DriverError(
                 f"unknown option {', '.join('-o ' + u for u in unknown)}; pyoverlay accepts "
-                f"-o {OPT_VNI}=<{VNI_MIN}-{VNI_MAX}> and -o {OPT_MTU}=<bytes>"
+                f"-o {OPT_VNI}=<{VNI_MIN}-{VNI_MAX}>, -o {OPT_MTU}=<bytes> and "
+                f"-o {OPT_BLOCK_SIZE}=<prefix length>"
             )
         subnet = self._subnet(ipv4_data)
+        block_size = None
+        if OPT_BLOCK_SIZE in generic:
+            block_size = check_block_size(ipaddress.ip_network(subnet), generic[OPT_BLOCK_SIZE])
         max_mtu = self.dataplane.underlay_mtu() - VXLAN_OVERHEAD
         vni = _int_option(generic, OPT_VNI, VNI_MIN, VNI_MAX, "the VXLAN network identifier")
         mtu = _int_option(generic, OPT_MTU, MIN_MTU, max_mtu, f"the MTU (the underlay carries at most {max_mtu} inside VXLAN)")
 
         if self.state.network(network_id):
             return  # the engine repeated itself
-        vni = self._join_overlay(network_id, subnet, vni, mtu, max_mtu)
+        vni = self._join_overlay(network_id, subnet, vni, mtu, max_mtu, block_size)
         with self._locks[vni]:
             overlay = self.state.get(overlay_key(vni), Overlay)
             network = Network(
@@ -146,7 +152,8 @@ class NetworkDriver:
             )
         return str(parse_subnet(data.get("Pool", "")))
 
-    def _join_overlay(self, network_id: str, subnet: str, vni: Optional[int], mtu: Optional[int], max_mtu: int) -> int:
+    def _join_overlay(self, network_id: str, subnet: str, vni: Optional[int], mtu: Optional[int], max_mtu: int,
+                      block_size: Optional[int] = None) -> int:
         """Find or make the overlay for this subnet/VNI and record this host on it."""
         for _ in range(20):
             claim = self.state.get(subnet_index_key(subnet), SubnetClaim)
@@ -158,7 +165,8 @@ class NetworkDriver:
             target = vni if vni is not None else (claim.vni if claim else self._free_vni())
             overlay = self.state.get(overlay_key(target), Overlay)
             if overlay is None:
-                overlay = Overlay(vni=target, subnet=subnet, mtu=mtu or max_mtu, networks={self.host: network_id})
+                overlay = Overlay(vni=target, subnet=subnet, mtu=mtu or max_mtu, networks={self.host: network_id},
+                                  block_size=block_size or 0)
                 records = {overlay_key(target): overlay}
                 if claim is None:
                     records[subnet_index_key(subnet)] = SubnetClaim(vni=target)
@@ -178,6 +186,12 @@ class NetworkDriver:
                     raise DriverError(
                         f"the pyoverlay network with VNI {target} uses MTU {current.mtu} on other "
                         f"hosts; use -o {OPT_MTU}={current.mtu} or leave the option out"
+                    )
+                used = current.block_size or default_block_size(ipaddress.ip_network(subnet))
+                if block_size is not None and block_size != used:
+                    raise DriverError(
+                        f"the pyoverlay network with VNI {target} uses address blocks of "
+                        f"/{used} on other hosts; use -o {OPT_BLOCK_SIZE}={used} or leave the option out"
                     )
                 if current.mtu > max_mtu:
                     raise DriverError(

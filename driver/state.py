@@ -7,6 +7,7 @@
     peers/<vni>/<endpoint_id>        Peer (watched by every host)
     pools/<subnet>                   Pool
     addresses/<subnet>/<ip>          Address
+    blocks/<subnet>/<block>          Block (the host allocating in that part of the pool)
     hosts/<host>                     Host (under a lease: gone when the host is)
     seen/<host>                      LastSeen (kept: when a host was last alive)
     catalog/<name>                   NamedNetwork (a network name every host's engine gets)
@@ -72,6 +73,24 @@ def address_prefix(subnet: str) -> str:
 
 def address_key(subnet: str, ip: str) -> str:
     return address_prefix(subnet) + ip
+
+
+ADDRESSES = "addresses/"
+BLOCKS = "blocks/"
+
+
+def block_prefix(subnet: str) -> str:
+    return f"{BLOCKS}{subnet_key(subnet)}/"
+
+
+def block_key(subnet: str, block: str) -> str:
+    return block_prefix(subnet) + subnet_key(block)
+
+
+def parse_pool_key(key: str, prefix: str) -> tuple[str, str]:
+    """addresses/<subnet>/<ip> or blocks/<subnet>/<block> -> (subnet, ip or block), in CIDR."""
+    subnet, rest = key[len(prefix):].split("/", 1)
+    return subnet.replace("_", "/"), rest.replace("_", "/")
 
 
 def host_key(host: str) -> str:

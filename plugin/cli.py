@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(through the engine's API; on unless --no-catalog or PYOVERLAY_CATALOG=0)")
     serve.add_argument("--metrics-addr", default=_env("METRICS_ADDR"),
                        help="HOST:PORT to serve Prometheus metrics on (default: no metrics)")
+    # Per-host address blocks (driver/blocks.py).
+    serve.add_argument("--block-grace", type=float, default=float(_env("BLOCK_GRACE", "120")),
+                       help="seconds an empty address block stays with this host before it is given back "
+                            "(default %(default)s)")
     add_operator_commands(commands, _add_store_flags)
     return parser
 
@@ -90,6 +94,7 @@ def _serve(args) -> int:
         log_format=args.log_format, docker_host=args.docker_host, catalog=args.catalog,
         metrics_addr=args.metrics_addr, driver_name=args.driver_name,
         etcd_user=args.etcd_user, etcd_password=args.etcd_password,
+        block_grace=args.block_grace,
     ))
     return 0
 

@@ -290,7 +290,8 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
         "mac": ep.mac,
         "endpoint_id": ep.endpoint_id,
     } for ep in sorted(endpoints, key=lambda e: (_host_order(e.host), e.vni, ipaddress.ip_address(e.ip)))]
-    return {"hosts": hosts, "networks": networks, "endpoints": endpoint_rows}
+    return {"hosts": hosts, "networks": networks, "endpoints": endpoint_rows,
+            "blocks": collect_blocks(store, set(alive))}
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -320,7 +321,44 @@ def render_status(status: dict, now: Optional[float] = None) -> str:
     parts = ["HOSTS", hosts, "", "NETWORKS", networks]
     if notes:
         parts += ["notes:"] + notes
-    return "\n".join(parts + ["", "ENDPOINTS", endpoints]) + "\n"
+    return "\n".join(parts + ["", "ENDPOINTS", endpoints] + render_blocks(status.get("blocks", []))) + "\n"
+
+
+# -- status: address blocks (issue 13) ---------------------------------------------
+
+def collect_blocks(store: Store, alive: set) -> list[dict]:
+    """Every address block: its pool, holder, whether the holder is alive, and
+    how many of its addresses are in use (by anyone: others may borrow)."""
+    from driver.model import Block
+    from driver.state import ADDRESSES, BLOCKS, parse_pool_key
+
+    used: dict[str, list[ipaddress.IPv4Address]] = defaultdict(list)
+    for kv in store.list(ADDRESSES)[0]:
+        subnet, ip = parse_pool_key(kv.key, ADDRESSES)
+        used[subnet].append(ipaddress.ip_address(ip))
+    rows = []
+    for kv in store.list(BLOCKS)[0]:
+        subnet, cidr = parse_pool_key(kv.key, BLOCKS)
+        block, record = ipaddress.ip_network(cidr), Block.from_json(kv.value)
+        rows.append({"subnet": subnet, "block": cidr, "host": record.host, "alive": record.host in alive,
+                     "used": sum(ip in block for ip in used[subnet]), "size": block.num_addresses})
+    rows.sort(key=lambda r: (_host_order(r["host"]), ipaddress.ip_network(r["block"])))
+    return rows
+
+
+def render_blocks(blocks: list[dict]) -> list[str]:
+    if not blocks:  # a store without blocks (single host, nothing allocated yet): nothing to show
+        return []
+    per_host: dict[str, list[dict]] = defaultdict(list)
+    for b in blocks:
+        per_host[b["host"]].append(b)
+    summary = table(["HOST", "BLOCKS", "ADDRESSES IN USE"], [
+        (host + ("" if rows[0]["alive"] else " (down)"), len(rows),
+         f"{sum(r['used'] for r in rows)} of {sum(r['size'] for r in rows)}")
+        for host, rows in per_host.items()])
+    detail = table(["HOST", "SUBNET", "BLOCK", "USED"], [
+        (b["host"], b["subnet"], b["block"], f"{b['used']}/{b['size']}") for b in blocks])
+    return ["", "ADDRESS BLOCKS", summary, "", detail]
 
 
 # -- argparse glue -----------------------------------------------------------------

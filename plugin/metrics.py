@@ -61,7 +61,14 @@ class Metrics:
                                        ["action"], registry=r)
         self.engine_up = Gauge("pyoverlay_engine_connected", "1 while the catalog follows the local "
                                "engine's events", registry=r)
+        # Address blocks (driver/blocks.py): claims, borrows, compare-and-set retries.
+        self.ipam_events = Counter("pyoverlay_ipam_events", "Address block events: block_claim, block_adopt, "
+                                   "block_release, borrow (an address from another host's block), cas_retry "
+                                   "(a claim another host won first)", ["event"], registry=r)
         self._server = None
+
+    def ipam_event(self, event: str) -> None:
+        self.ipam_events.labels(event).inc()
 
     # The HTTP face (create_app's observe hook).
 

@@ -55,6 +55,7 @@ class Config:
     driver_name: str | None = None  # as the engine knows it; None: the socket's basename
     etcd_user: str | None = None  # etcd authentication (with etcd_password)
     etcd_password: str | None = None
+    block_grace: float = 120.0  # seconds an empty address block stays with this host
 
     @property
     def name(self) -> str:
@@ -87,7 +88,8 @@ class Runtime:
         self.peers.on_vteps = self.firewall.allow
         state = State(self.store)
         self.network = NetworkDriver(state, self.dataplane, self.peers, host=host, vtep=host, name=config.name)
-        self.ipam = Ipam(state, host, default_pool=config.default_pool, host_routes=self.dataplane.routes)
+        self.ipam = Ipam(state, host, default_pool=config.default_pool, host_routes=self.dataplane.routes,
+                         block_grace=config.block_grace, metrics=self.metrics)
         self.membership = Membership(self.store, host, config.advertise_addr, VERSION)
         self.last_seen = LastSeenWriter(self.store, host, config.advertise_addr)
         self.catalog = None
@@ -105,6 +107,7 @@ class Runtime:
                 log.error("metrics: cannot listen on %s (%s); running without metrics", self.config.metrics_addr, exc)
         self.firewall.install()  # before peer sync: it keeps the set a previous run left
         self.peers.start()
+        self.ipam.start()  # its watches fill the address cache before the first RequestAddress
         self.membership.start()
         self.last_seen.start()
         if self.catalog is not None:
@@ -136,6 +139,7 @@ class Runtime:
         if self.metrics is not None:
             self.metrics.close()
         self.peers.stop()
+        self.ipam.close()
         self.firewall.close()
         self.membership.stop()
         self.dataplane.close()

@@ -108,6 +108,7 @@ class PluginUnderTest:
 
     def close(self) -> None:
         self.peers.stop()
+        self.ipam.close()
         self.dataplane.close()
         self.store.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 
 import pytest
@@ -60,21 +61,24 @@ def test_gateway_is_one_per_overlay(store):
         c.request_address("10.20.0.0/24", "10.20.0.1", GW)
 
 
-def test_addresses_unique_sequential_and_reusable(store):
+def test_addresses_unique_per_host_block_and_reusable(store):
+    # Each host allocates from a block of its own (issue 13), not sequentially across hosts.
     a, b, _ = hosts(store)
     for h in (a, b):
         h.request_pool("pyoverlay", "10.20.0.0/24", "", False)
         h.request_address("10.20.0.0/24", "", GW)
     got = [a.request_address("10.20.0.0/24", "", None), b.request_address("10.20.0.0/24", "", None)]
-    assert got == ["10.20.0.2/24", "10.20.0.3/24"]
-    with pytest.raises(DriverError, match=r"10.20.0.3 is already in use \(host 10.99.0.2\)"):
-        a.request_address("10.20.0.0/24", "10.20.0.3", None)
-    a.release_address("10.20.0.0/24", "10.20.0.3")  # not a's to free
+    assert len(set(got)) == 2 and all(ipaddress.ip_interface(g) in ipaddress.ip_network("10.20.0.0/24") for g in got)
+    assert ipaddress.ip_interface(got[0]).network.prefixlen == 24
+    b_ip = got[1].split("/")[0]
+    with pytest.raises(DriverError, match=rf"{b_ip} is already in use \(host 10.99.0.2\)"):
+        a.request_address("10.20.0.0/24", b_ip, None)
+    a.release_address("10.20.0.0/24", b_ip)  # not a's to free
     with pytest.raises(DriverError, match="already in use"):
-        a.request_address("10.20.0.0/24", "10.20.0.3", None)
-    b.release_address("10.20.0.0/24", "10.20.0.3")
-    b.release_address("10.20.0.0/24", "10.20.0.3")  # idempotent
-    assert a.request_address("10.20.0.0/24", "10.20.0.3", None) == "10.20.0.3/24"
+        a.request_address("10.20.0.0/24", b_ip, None)
+    b.release_address("10.20.0.0/24", b_ip)
+    b.release_address("10.20.0.0/24", b_ip)  # idempotent
+    assert a.request_address("10.20.0.0/24", b_ip, None) == f"{b_ip}/24"
 
 
 def test_exhaustion(store):

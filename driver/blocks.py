@@ -1,0 +1,465 @@
+"""Per-host address blocks: what keeps hosts from racing for the same addresses.
+
+A pool is cut into blocks (a /26 by default, see default_block_size). A host
+claims a block with one create-if-absent and then hands out its addresses
+itself; each address is still its own key, created only if absent, so blocks
+only spread the writes and never decide who owns an address. When its blocks
+are full a host claims another, starting from a point derived from its name
+so hosts do not all try the same one; when no block is free it borrows a free
+address from anyone's block.
+
+The fast path reads nothing from the store: every host follows addresses/
+and blocks/ with a watch (store/follow.py) and keeps each pool's used
+addresses and blocks in memory, so RequestAddress is one transaction.
+
+A sweeper gives back a block that stayed empty for the grace period, removes
+empty blocks of hosts whose lease expired, and adopts unclaimed blocks holding
+only this host's addresses (a store written before blocks existed).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+import zlib
+from collections import Counter
+from typing import Callable, Iterable, Optional
+
+from .errors import DriverError
+from .model import Address, Block, Host
+from .state import ADDRESSES, BLOCKS, address_key, block_key, host_key, parse_pool_key
+from .store.base import KeyValue, Store, StoreError
+from .store.follow import follow
+
+log = logging.getLogger(__name__)
+
+#: Attempts at one RequestAddress (each failed compare-and-set teaches the cache something).
+ATTEMPTS = 64
+#: Seconds an empty block stays with its host before it is given back.
+DEFAULT_GRACE = 120.0
+#: A claim this process lost without the watch telling it the winner yet is
+#: taken as in use for this long (the watch normally answers in milliseconds).
+UNSURE_FOR = 10.0
+GATEWAY_HOLDER = ""  # the gateway belongs to the pool, not to a host
+
+
+def default_block_size(subnet: ipaddress.IPv4Network) -> int:
+    """64 addresses (a /26, Calico's default): one claim per 62 containers on
+    a host, 1,024 blocks in a /16. A smaller pool still gets at least 16
+    blocks (a /24: /28s), so 16 hosts each hold one before anyone borrows;
+    never smaller than 4 addresses."""
+    return min(30, max(26, subnet.prefixlen + 4))
+
+
+def check_block_size(subnet: ipaddress.IPv4Network, value) -> int:
+    low, high = subnet.prefixlen, 30
+    try:
+        size = int(str(value), 10)
+    except ValueError:
+        size = None
+    if size is None or not low <= size <= high:
+        raise DriverError(
+            f"-o block_size={value} is not valid: the address block size is a prefix length from "
+            f"{low} (the whole {subnet}) to {high} (4 addresses); leave it out for /{default_block_size(subnet)}"
+        )
+    return size
+
+
+class _Pool:
+    """One subnet as this host's cache knows it (offsets from its network address)."""
+
+    def __init__(self, subnet: ipaddress.IPv4Network):
+        self.net = subnet
+        self.base = int(subnet.network_address)
+        self.last = subnet.num_addresses - 1  # the broadcast address
+        self.used: dict[int, str] = {}  # offset -> holder host (GATEWAY_HOLDER for the gateway)
+        self.unsure: dict[int, float] = {}  # offset -> when a claim of ours on it failed
+        self.pending: set[int] = set()  # offsets this process is claiming right now
+        self.blocks: dict[int, list] = {}  # start offset -> [holder, mod_revision (0: ours, not seen yet), prefixlen]
+        # One block claim at a time per host: callers that find the blocks full
+        # together wait for one new block rather than each claiming one.
+        self.claiming = threading.Lock()
+
+    def usable(self, off: int) -> bool:
+        return 0 < off < self.last or self.net.num_addresses <= 2
+
+    def taken(self, off: int, now: float) -> bool:
+        if off in self.pending:
+            return True
+        if off in self.used:
+            return not (self.used[off] == "?" and now - self.unsure.get(off, now) > UNSURE_FOR)
+        return False
+
+    def span(self, start: int, prefixlen: int) -> range:
+        return range(start, start + (1 << (32 - prefixlen)))
+
+    def empty(self, start: int, prefixlen: int) -> bool:
+        """No address in use but the gateway (the pool's, not a host's), none being claimed."""
+        return not any(off in self.pending or self.used.get(off, GATEWAY_HOLDER) != GATEWAY_HOLDER
+                       for off in self.span(start, prefixlen))
+
+    def pick_own(self, host: str, now: float) -> Optional[int]:
+        for start in sorted(self.blocks):
+            holder, _, prefixlen = self.blocks[start]
+            if holder != host:
+                continue
+            for off in self.span(start, prefixlen):
+                if self.usable(off) and not self.taken(off, now):
+                    self.pending.add(off)
+                    return off
+        return None
+
+    def pick_any(self, first: int, now: float) -> Optional[int]:
+        n = self.net.num_addresses
+        for i in range(n):
+            off = (first + i) % n
+            if self.usable(off) and not self.taken(off, now):
+                self.pending.add(off)
+                return off
+        return None
+
+    def busy(self, prefixlen: int) -> Counter:
+        shift = 32 - prefixlen
+        return Counter(off >> shift for off in (*self.used, *self.pending))
+
+    def free_block(self, prefixlen: int, first: int, host: str, alive: Optional[set]) -> Optional[tuple[int, int]]:
+        """(start, mod_revision to compare) of a block to claim: an unclaimed
+        empty one first, then an unclaimed one with room; with alive given,
+        also an empty block of a host no longer alive."""
+        count = 1 << (prefixlen - self.net.prefixlen)
+        size = 1 << (32 - prefixlen)
+        if not self.blocks:
+            # The pool's first block is its lowest, as a single host (or Docker's
+            # own IPAM) would hand out .2 first; hosts that lose that race learn
+            # of the winner and move on to their own starting points.
+            first = 0
+        busy = self.busy(prefixlen)
+        # Preferred: blocks no other host has addresses in (the gateway and this
+        # host's own addresses do not count).
+        shift = 32 - prefixlen
+        foreign = Counter(off >> shift for off, holder in self.used.items() if holder not in (GATEWAY_HOLDER, host))
+        roomy = None
+        for i in range(count):
+            j = (first + i) % count
+            start = j * size
+            block = self.blocks.get(start)
+            if block is None:
+                room = size - busy[j] - (j == 0) - (j == count - 1)
+                if foreign[j] == 0 and room > 0:
+                    return start, 0
+                if roomy is None and room > 0:
+                    roomy = (start, 0)
+            elif alive is not None and block[0] not in alive and block[0] != host and block[1] > 0 \
+                    and self.empty(start, prefixlen):
+                return start, block[1]
+        return roomy
+
+
+class BlockAllocator:
+    def __init__(
+        self,
+        store: Store,
+        host: str,
+        block_size: Callable[[ipaddress.IPv4Network], int],
+        grace: float = DEFAULT_GRACE,
+        metrics=None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.store = store
+        self.host = host
+        self.block_size = block_size
+        self.grace = grace
+        self.metrics = metrics
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._pools: dict[str, _Pool] = {}
+        self._have = {ADDRESSES: threading.Event(), BLOCKS: threading.Event()}
+        self._stop = threading.Event()
+        self._started = False
+        self._empty_since: dict[tuple[str, int], float] = {}
+        self._first = zlib.crc32(host.encode())  # where this host starts looking
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        for prefix in (ADDRESSES, BLOCKS):
+            threading.Thread(target=follow, name=f"ipam-{prefix[:-1]}", daemon=True, args=(
+                self.store, prefix, self._stop,
+                lambda kvs, rev, p=prefix: self._snapshot(p, kvs),
+                lambda events, p=prefix: self._events(p, events),
+                lambda exc, p=prefix: self._watch_error(p, exc),
+            )).start()
+        threading.Thread(target=self._sweeper, name="ipam-sweeper", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def ready(self, timeout: float = 10.0) -> None:
+        self.start()
+        deadline = time.monotonic() + timeout
+        for have in self._have.values():
+            if not have.wait(max(0.0, deadline - time.monotonic())):
+                raise DriverError(
+                    f"pyoverlay's IPAM has not read the store's addresses yet ({self.store.url or 'store'} "
+                    "not answering?); retry in a moment"
+                )
+
+    def _watch_error(self, prefix: str, exc: Exception) -> None:
+        log.warning("following %s: %s", prefix, exc)
+        if self.metrics is not None:
+            self.metrics.watch_error("ipam-" + prefix[:-1], exc)
+
+    # -- the cache, fed by the watches ---------------------------------------------
+
+    def _pool(self, subnet: str) -> _Pool:
+        pool = self._pools.get(subnet)
+        if pool is None:
+            pool = self._pools[subnet] = _Pool(ipaddress.ip_network(subnet))
+        return pool
+
+    def _apply(self, prefix: str, key: str, value: Optional[str], revision: int) -> None:
+        try:
+            subnet, item = parse_pool_key(key, prefix)
+            pool = self._pool(subnet)
+            if prefix == ADDRESSES:
+                off = int(ipaddress.ip_address(item)) - pool.base
+                if value is None:
+                    pool.used.pop(off, None)
+                else:
+                    address = Address.from_json(value)
+                    pool.used[off] = GATEWAY_HOLDER if address.kind == "gateway" else address.host
+                pool.unsure.pop(off, None)
+            else:
+                block = ipaddress.ip_network(item)
+                start = int(block.network_address) - pool.base
+                if value is None:
+                    pool.blocks.pop(start, None)
+                else:
+                    pool.blocks[start] = [Block.from_json(value).host, revision, block.prefixlen]
+        except (ValueError, TypeError, KeyError) as e:
+            log.warning("ignoring %s in the store: %s", key, e)
+
+    def _snapshot(self, prefix: str, kvs: list[KeyValue]) -> None:
+        with self._lock:
+            for pool in self._pools.values():
+                if prefix == ADDRESSES:
+                    pool.used.clear()
+                    pool.unsure.clear()
+                else:
+                    pool.blocks.clear()
+            for kv in kvs:
+                self._apply(prefix, kv.key, kv.value, kv.mod_revision)
+        self._have[prefix].set()
+
+    def _events(self, prefix: str, events) -> None:
+        with self._lock:
+            for e in events:
+                self._apply(prefix, e.key, e.value, e.revision)
+
+    def released(self, subnet: str, ip: ipaddress.IPv4Address) -> None:
+        """This host freed ip: usable again at once, before the watch says so."""
+        with self._lock:
+            pool = self._pools.get(subnet)
+            if pool is not None:
+                pool.used.pop(int(ip) - pool.base, None)
+
+    def forget(self, subnet: str) -> None:
+        with self._lock:
+            self._pools.pop(subnet, None)
+
+    # -- allocation -------------------------------------------------------------
+
+    def _count(self, what: str) -> None:
+        if self.metrics is not None:
+            self.metrics.ipam_event(what)
+
+    def allocate(self, subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+        """A free address of subnet, claimed for this host."""
+        self.ready()
+        key = str(subnet)
+        prefixlen = self.block_size(subnet)
+        for _ in range(ATTEMPTS):
+            with self._lock:
+                pool = self._pool(key)
+                off = pool.pick_own(self.host, self.clock())
+            borrowed = False
+            if off is None:
+                with pool.claiming:
+                    with self._lock:
+                        off = pool.pick_own(self.host, self.clock())
+                    # Still full after waiting for another caller's claim: claim one.
+                    claimed = self._claim_block(key, pool, prefixlen) if off is None else None
+                if off is None and claimed is not None:
+                    continue  # won (room now) or lost (the cache learnt of it): look again
+            if off is None:
+                with self._lock:
+                    off = pool.pick_any(self._first % pool.net.num_addresses, self.clock())
+                if off is None:
+                    raise DriverError(
+                        f"no free address left in {subnet}; remove unused containers or use a larger --subnet"
+                    )
+                borrowed = True
+            ip = subnet.network_address + off
+            won = self.store.txn({address_key(key, str(ip)): 0},
+                                 put={address_key(key, str(ip)): Address(kind="container", host=self.host).to_json()})
+            with self._lock:
+                pool.pending.discard(off)
+                if won:
+                    pool.used[off] = self.host
+                elif off not in pool.used or pool.used[off] == "?":
+                    pool.used[off] = "?"  # someone has it; the watch will say who
+                    pool.unsure[off] = self.clock()
+            if won:
+                if borrowed:
+                    self._count("borrow")
+                return ip
+            self._count("cas_retry")
+        raise DriverError(f"too much contention for addresses of {subnet} in the store; retry")
+
+    def _claim_block(self, subnet: str, pool: _Pool, prefixlen: int) -> Optional[bool]:
+        """Claim a block: True if won, False if another host got there first,
+        None if no block is free (or could be taken over)."""
+        count = 1 << (prefixlen - pool.net.prefixlen)
+        with self._lock:
+            found = pool.free_block(prefixlen, self._first % count, self.host, None)
+        if found is None:
+            alive = self._alive()
+            with self._lock:
+                found = pool.free_block(prefixlen, self._first % count, self.host, alive)
+        if found is None:
+            return None
+        start, rev = found
+        block = ipaddress.ip_network((int(pool.net.network_address) + start, prefixlen))
+        key = block_key(subnet, str(block))
+        won = self.store.txn({key: rev}, put={key: Block(host=self.host, claimed=time.time()).to_json()})
+        with self._lock:
+            if won:
+                current = pool.blocks.get(start)
+                if current is None or current[0] != self.host:  # the watch may have told us first
+                    pool.blocks[start] = [self.host, 0, prefixlen]
+            elif pool.blocks.get(start, [None, rev])[1] == rev:
+                pool.blocks[start] = ["?", -1, prefixlen]  # the watch will name the winner
+        self._count("block_claim" if won else "cas_retry")
+        if won:
+            log.info("claimed address block %s%s", block, f" (taken over, rev {rev})" if rev else "")
+        return won
+
+    def _alive(self) -> set[str]:
+        kvs, _ = self.store.list("hosts/")
+        return {Host.from_json(kv.value).host for kv in kvs} | {self.host}
+
+    # -- the sweeper ------------------------------------------------------------
+
+    def _sweeper(self) -> None:
+        interval = max(0.05, min(self.grace / 4, 5.0))
+        while not self._stop.wait(interval):
+            if not all(h.is_set() for h in self._have.values()):
+                continue
+            try:
+                self.sweep()
+            except (StoreError, DriverError) as e:
+                log.warning("address blocks: %s", e)
+            except Exception:
+                log.exception("address blocks sweep")
+
+    def sweep(self) -> None:
+        now = self.clock()
+        release, foreign = [], False
+        with self._lock:
+            for subnet, pool in self._pools.items():
+                for start, (holder, rev, prefixlen) in list(pool.blocks.items()):
+                    empty = pool.empty(start, prefixlen)
+                    if holder != self.host:
+                        foreign = foreign or (empty and rev > 0 and holder != "?")
+                        continue
+                    mark = (subnet, start)
+                    if not empty:
+                        self._empty_since.pop(mark, None)
+                    elif now - self._empty_since.setdefault(mark, now) >= self.grace and rev > 0:
+                        del pool.blocks[start]  # no pick may land in it while it goes
+                        release.append((subnet, pool, start, rev, prefixlen))
+        for subnet, pool, start, rev, prefixlen in release:
+            self._drop(subnet, pool, start, rev, prefixlen, restore=True)
+            self._empty_since.pop((subnet, start), None)
+        if foreign:
+            self._reap()
+        self._adopt()
+
+    def _drop(self, subnet: str, pool: _Pool, start: int, rev: int, prefixlen: int, restore: bool) -> None:
+        block = ipaddress.ip_network((int(pool.net.network_address) + start, prefixlen))
+        key = block_key(subnet, str(block))
+        if self.store.txn({key: rev}, delete=[key]):
+            self._count("block_release")
+            log.info("released empty address block %s", block)
+        elif restore:
+            with self._lock:  # it changed meanwhile: the watch has (or will have) the news
+                pool.blocks.setdefault(start, [self.host, rev, prefixlen])
+
+    def _reap(self) -> None:
+        """Empty blocks of hosts whose lease expired go back to the pool."""
+        alive = self._alive()
+        dead = []
+        with self._lock:
+            for subnet, pool in self._pools.items():
+                for start, (holder, rev, prefixlen) in pool.blocks.items():
+                    if holder in alive or holder == "?" or rev <= 0:
+                        continue
+                    if pool.empty(start, prefixlen):
+                        dead.append((subnet, pool, start, rev, prefixlen))
+        for item in dead:
+            self._drop(*item, restore=False)
+
+    def _adopt(self) -> None:
+        """Unclaimed blocks whose addresses are all this host's become its own:
+        a store from before blocks (or a block lost while down) is taken over
+        with every address kept."""
+        wanted = []
+        with self._lock:
+            pools = list(self._pools.items())
+        for subnet, pool in pools:
+            mine = [off for off, holder in list(pool.used.items()) if holder == self.host]
+            if not mine:
+                continue
+            prefixlen = self.block_size(pool.net)
+            shift = 32 - prefixlen
+            with self._lock:
+                claimed = {start >> shift for start, b in pool.blocks.items()}
+                holders: dict[int, set] = {}
+                for off, holder in pool.used.items():
+                    if holder != GATEWAY_HOLDER:
+                        holders.setdefault(off >> shift, set()).add(holder)
+                for j, who in holders.items():
+                    if j not in claimed and who == {self.host}:
+                        wanted.append((subnet, pool, j << shift, prefixlen))
+        for subnet, pool, start, prefixlen in wanted:
+            block = ipaddress.ip_network((int(pool.net.network_address) + start, prefixlen))
+            key = block_key(subnet, str(block))
+            if self.store.txn({key: 0}, put={key: Block(host=self.host, claimed=time.time()).to_json()}):
+                with self._lock:
+                    pool.blocks.setdefault(start, [self.host, 0, prefixlen])
+                self._count("block_adopt")
+                log.info("adopted address block %s (it holds only this host's addresses)", block)
+
+    # -- for status and tests ---------------------------------------------------
+
+    def blocks_of(self, subnet: str) -> dict[str, tuple[str, int]]:
+        """block -> (holder, addresses in use), as this host's cache has it."""
+        with self._lock:
+            pool = self._pools.get(subnet)
+            if pool is None:
+                return {}
+            out = {}
+            for start, (holder, _, prefixlen) in sorted(pool.blocks.items()):
+                block = ipaddress.ip_network((int(pool.net.network_address) + start, prefixlen))
+                out[str(block)] = (holder, sum(off in pool.used for off in pool.span(start, prefixlen)))
+            return out
+
+
+def blocks_in_use(block: ipaddress.IPv4Network, addresses: Iterable[str]) -> int:
+    return sum(ipaddress.ip_address(a) in block for a in addresses)
