@@ -27,7 +27,9 @@ from tests.reliability import LOG_ENV
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "reliability.md"
 TESTS = ["tests/test_fuzz.py", "tests/test_isolation.py", "tests/e2e/test_isolation.py", "tests/e2e/test_faults.py",
-         "tests/e2e/test_concurrency.py"]
+         "tests/e2e/test_concurrency.py",
+         # issue 15: the embedded store under trouble, etcd with authentication, the soak
+         "tests/test_sqlite_trouble.py", "tests/store/test_etcd_auth.py", "tests/e2e/test_soak.py"]
 
 
 def _cell(text: str) -> str:
@@ -101,7 +103,8 @@ def render(records: list[dict], cases: list[tuple], status: int, took: float) ->
         "## Knobs",
         "",
         "`PYO_FUZZ_EXAMPLES` (multiplies the fuzz inputs, default 1), `PYO_KILL_ROUNDS` (default 60),",
-        "`PYOVERLAY_TEST_SEED` (every randomised test prints the seed it used), `PYO_OUTAGE_SECONDS` (default 10), `PYO_CONCURRENT_RUNS` (per host, default 30).",
+        "`PYOVERLAY_TEST_SEED` (every randomised test prints the seed it used), `PYO_OUTAGE_SECONDS` (default 10), `PYO_CONCURRENT_RUNS` (per host, default 30),",
+        "`PYO_SQLITE_KILL_CYCLES` (default 8), `PYO_SOAK_SECONDS` (default 120; `python -m bench.soak` runs 10 minutes).",
         "",
     ]
     return "\n".join(lines)
