@@ -223,6 +223,17 @@ def measure(ctx, n_hosts: int, per_host: int, probes: int, workers: int) -> dict
         result["restart"] = {"peers": r["peers"], "answering_s": r["answering_s"], "restored_s": r["reconciled_s"]}
         ctx.log(f"{n_hosts} hosts: restart (flushed) {r['peers']} peers back in {fmt(r['reconciled_s'], 2)} s; "
                 f"PSS median {fmt(median(pss))} MB")
+    except Exception:
+        # What the plugins said about it (their logs go with the work directory).
+        for h in cluster.hosts:
+            try:
+                lines = [l for l in h.log_path.read_text(errors="replace").splitlines()
+                         if " ERROR " in l or " WARNING " in l or "refused" in l or "Error" in l]
+            except OSError:
+                continue
+            if lines:
+                ctx.log(f"{h.name} log:\n  " + "\n  ".join(lines[-5:]))
+        raise
     finally:
         cluster.close()
     return result
@@ -295,9 +306,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 ctx.stack.callback(underlay.close)
                 underlay.setup()
                 results.append(measure(ctx, n, endpoints, args.probes, args.workers))
-        except BenchError as e:
-            print(f"{n} hosts: FAILED: {e}", file=sys.stderr)
-            results.append({"hosts": n, "error": str(e)})
+        except Exception as e:  # noqa: BLE001 - the next size still runs
+            print(f"{n} hosts: FAILED: {e!r}", file=sys.stderr)
+            results.append({"hosts": n, "error": repr(e)})
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)
