@@ -180,6 +180,9 @@ class BlockAllocator:
         self._started = False
         self._empty_since: dict[tuple[str, int], float] = {}
         self._first = zlib.crc32(host.encode())  # where this host starts looking
+        # The revision of the first read of addresses/: every claim this process
+        # makes comes after it (requests wait for that read).
+        self.first_revision = 0
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -191,7 +194,7 @@ class BlockAllocator:
         for prefix in (ADDRESSES, BLOCKS):
             threading.Thread(target=follow, name=f"ipam-{prefix[:-1]}", daemon=True, args=(
                 self.store, prefix, self._stop,
-                lambda kvs, rev, p=prefix: self._snapshot(p, kvs),
+                lambda kvs, rev, p=prefix: self._snapshot(p, kvs, rev),
                 lambda events, p=prefix: self._events(p, events),
                 lambda exc, p=prefix: self._watch_error(p, exc),
             )).start()
@@ -245,8 +248,10 @@ class BlockAllocator:
         except (ValueError, TypeError, KeyError) as e:
             log.warning("ignoring %s in the store: %s", key, e)
 
-    def _snapshot(self, prefix: str, kvs: list[KeyValue]) -> None:
+    def _snapshot(self, prefix: str, kvs: list[KeyValue], revision: int = 0) -> None:
         with self._lock:
+            if prefix == ADDRESSES and not self.first_revision:
+                self.first_revision = revision
             for pool in self._pools.values():
                 if prefix == ADDRESSES:
                     pool.used.clear()
