@@ -178,10 +178,12 @@ def store_blocks(etcd) -> Counter:
 
 # -- one size ----------------------------------------------------------------------
 
-def measure(ctx, n_hosts: int, per_host: int, probes: int, workers: int) -> dict:
+def measure(ctx, n_hosts: int, per_host: int, probes: int, workers: int, result: Optional[dict] = None) -> dict:
+    """result (given): filled in as figures come, so a late failure keeps the earlier ones."""
     t0 = time.monotonic()
     cluster = Cluster(ctx, n_hosts)
-    result: dict = {"hosts": n_hosts, "endpoints_per_host": per_host}
+    result = {} if result is None else result
+    result.update(hosts=n_hosts, endpoints_per_host=per_host)
     # etcd stands for a cluster's own etcd machines: ahead of the 100 plugins for CPU.
     os.setpriority(os.PRIO_PROCESS, cluster.etcd.pid, -10)
     try:
@@ -344,15 +346,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         workdir = make_workdir()
         underlay = Underlay(workdir / "underlay")
         ctx = Context(False, workdir, underlay, PLUGIN_EXE)
+        partial = {}
         try:
             with ctx.stack:
                 ctx.stack.callback(shutil.rmtree, workdir, ignore_errors=True)
                 ctx.stack.callback(underlay.close)
                 underlay.setup()
-                results.append(measure(ctx, n, endpoints, args.probes, args.workers))
+                partial: dict = {}
+                results.append(measure(ctx, n, endpoints, args.probes, args.workers, partial))
         except Exception as e:  # noqa: BLE001 - the next size still runs
             print(f"{n} hosts: FAILED: {e!r}", file=sys.stderr)
-            results.append({"hosts": n, "error": repr(e)})
+            results.append({**partial, "hosts": n, "error": repr(e)})
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)
