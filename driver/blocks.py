@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Optional
 
 from .errors import DriverError
 from .model import Address, Block, Host
-from .state import ADDRESSES, BLOCKS, address_key, block_key, host_key, parse_pool_key
+from .state import ADDRESSES, BLOCKS, address_key, block_key, block_prefix, parse_pool_key
 from .store.base import KeyValue, Store, StoreError
 from .store.follow import follow
 
@@ -180,6 +180,9 @@ class BlockAllocator:
         self._started = False
         self._empty_since: dict[tuple[str, int], float] = {}
         self._first = zlib.crc32(host.encode())  # where this host starts looking
+        # The revision of the first read of addresses/: every claim this process
+        # makes comes after it (requests wait for that read).
+        self.first_revision = 0
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -191,7 +194,7 @@ class BlockAllocator:
         for prefix in (ADDRESSES, BLOCKS):
             threading.Thread(target=follow, name=f"ipam-{prefix[:-1]}", daemon=True, args=(
                 self.store, prefix, self._stop,
-                lambda kvs, rev, p=prefix: self._snapshot(p, kvs),
+                lambda kvs, rev, p=prefix: self._snapshot(p, kvs, rev),
                 lambda events, p=prefix: self._events(p, events),
                 lambda exc, p=prefix: self._watch_error(p, exc),
             )).start()
@@ -245,8 +248,10 @@ class BlockAllocator:
         except (ValueError, TypeError, KeyError) as e:
             log.warning("ignoring %s in the store: %s", key, e)
 
-    def _snapshot(self, prefix: str, kvs: list[KeyValue]) -> None:
+    def _snapshot(self, prefix: str, kvs: list[KeyValue], revision: int = 0) -> None:
         with self._lock:
+            if prefix == ADDRESSES and not self.first_revision:
+                self.first_revision = revision
             for pool in self._pools.values():
                 if prefix == ADDRESSES:
                     pool.used.clear()
@@ -346,9 +351,29 @@ class BlockAllocator:
             elif pool.blocks.get(start, [None, rev])[1] == rev:
                 pool.blocks[start] = ["?", -1, prefixlen]  # the watch will name the winner
         self._count("block_claim" if won else "cas_retry")
+        if not won:
+            self._catch_up(subnet, pool)
         if won:
             log.info("claimed address block %s%s", block, f" (taken over, rev {rev})" if rev else "")
         return won
+
+    def _catch_up(self, subnet: str, pool: _Pool) -> None:
+        """After a lost claim, read the pool's blocks: when many hosts claim at
+        once (or this host is starved of CPU) the watch may lag by more blocks
+        than a request has attempts. Only adds what is newer than the cache
+        knows: a watch event still on its way may be older than this read."""
+        kvs, _ = self.store.list(block_prefix(subnet))
+        with self._lock:
+            for kv in kvs:
+                try:
+                    block = ipaddress.ip_network(parse_pool_key(kv.key, BLOCKS)[1])
+                    holder = Block.from_json(kv.value).host
+                except (ValueError, TypeError, KeyError):
+                    continue
+                start = int(block.network_address) - pool.base
+                current = pool.blocks.get(start)
+                if current is None or (current[1] < kv.mod_revision and current[1] != 0):
+                    pool.blocks[start] = [holder, kv.mod_revision, block.prefixlen]
 
     def _alive(self) -> set[str]:
         kvs, _ = self.store.list("hosts/")

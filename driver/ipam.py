@@ -200,7 +200,14 @@ class Ipam:
 
     # Addresses
 
+    def claims_from(self) -> int:
+        """A store revision no address claimed by this process is older than
+        (restore's orphan release must leave newer ones alone)."""
+        self.blocks.ready()
+        return self.blocks.first_revision
+
     def request_address(self, pool_id: str, address: str, options: Optional[dict]) -> str:
+        self.blocks.ready()  # every claim of this process after its first read (claims_from)
         pool, subnet = self._pool(pool_id)
         if (options or {}).get(REQUEST_ADDRESS_TYPE) == GATEWAY_REQUEST:
             ip = self._claim_gateway(pool, subnet, address)

@@ -11,7 +11,7 @@ import ipaddress
 import logging
 import threading
 from collections import defaultdict
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 from .blocks import check_block_size, default_block_size
 from .errors import DriverError
@@ -89,6 +89,8 @@ class NetworkDriver:
         # Endpoints whose veth Leave deleted: their DeleteEndpoint need not wait
         # for the netlink worker (behind every other container's veth, in a burst).
         self._left: set[str] = set()
+        # The store revision before which this process claimed no address (Ipam.claims_from).
+        self.claims_from: Optional[Callable[[], int]] = None
 
     @staticmethod
     def capabilities() -> dict:
@@ -369,6 +371,9 @@ class NetworkDriver:
         engine never learnt of, so it can never release it. (One the engine
         did get, and uses in a CreateEndpoint after the restart, is claimed
         again there: _hold_address.)"""
+        # Claims this process made (requests answered while restore ran) are
+        # newer than the IPAM's first read of the addresses: never orphans.
+        before = self.claims_from() if self.claims_from is not None else None
         used = {(str(ipaddress.ip_interface(e.address).network), e.ip) for e in self.state.list("endpoints/", Endpoint)}
         released = 0
         for pool in self.state.list("pools/", Pool):
@@ -377,6 +382,8 @@ class NetworkDriver:
             prefix = address_prefix(pool.subnet)
             for kv in self.state.store.list(prefix)[0]:
                 address, ip = Address.from_json(kv.value), kv.key[len(prefix):]
+                if before is not None and kv.mod_revision > before:
+                    continue
                 if address.kind == "container" and address.host == self.host and (pool.subnet, ip) not in used:
                     # Only if unchanged since read: a claim made meanwhile is live.
                     released += self.state.store.txn({kv.key: kv.mod_revision}, delete=[kv.key])

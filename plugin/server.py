@@ -90,6 +90,7 @@ class Runtime:
         self.network = NetworkDriver(state, self.dataplane, self.peers, host=host, vtep=host, name=config.name)
         self.ipam = Ipam(state, host, default_pool=config.default_pool, host_routes=self.dataplane.routes,
                          block_grace=config.block_grace, metrics=self.metrics)
+        self.network.claims_from = self.ipam.claims_from  # restore never frees what this process just claimed
         self.membership = Membership(self.store, host, config.advertise_addr, VERSION)
         self.last_seen = LastSeenWriter(self.store, host, config.advertise_addr)
         self.catalog = None

@@ -91,6 +91,7 @@ class PluginUnderTest:
         state = State(self.store)
         self.network = NetworkDriver(state, self.dataplane, self.peers, host=host.addr, vtep=host.addr)
         self.ipam = Ipam(state, host.addr, host_routes=self.dataplane.routes)
+        self.network.claims_from = self.ipam.claims_from  # as plugin/server.py wires it
         self.client = create_app(self.network, self.ipam).test_client()
         self.peers.start()
         assert self.peers.synced.wait(5), "peer sync never took its first snapshot"

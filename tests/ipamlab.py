@@ -164,7 +164,13 @@ class Lab:
         return self.prefix
 
     def host(self, index: int) -> LabHost:
-        h = LabHost(self, index)
+        try:
+            h = LabHost(self, index)
+        except Exception:  # half made: leave no namespace behind
+            _ip("-n", self.ul, "link", "del", f"h{index}", check=False)
+            _ip("netns", "del", f"{self.ul}-{index}", check=False)
+            shutil.rmtree(self.dir / f"h{index}", ignore_errors=True)
+            raise
         self.hosts.append(h)
         return h
 

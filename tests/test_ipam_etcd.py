@@ -49,7 +49,10 @@ def prefix():
 def cluster(etcd, prefix):
     """Three Ipam instances, one store connection each, as three plugins have."""
     stores = [open_store(etcd.url, prefix=prefix) for _ in HOSTS]
-    yield [Ipam(State(s), host) for s, host in zip(stores, HOSTS)]
+    ipams = [Ipam(State(s), host) for s, host in zip(stores, HOSTS)]
+    yield ipams
+    for ipam in ipams:
+        ipam.close()  # its watches
     for s in stores:
         s.close()
 
