@@ -35,7 +35,8 @@ import textwrap
 from pathlib import Path
 from typing import Union
 
-from tests.hosts import REPO_DIR, NamespaceHost, Underlay, _run, engine_env, tail, wait_for
+from tests.engines import REPO_DIR, engine_env
+from tests.hosts import NamespaceHost, Underlay, _run, tail, wait_for
 
 VM_NAMES = ("pyo1", "pyo2", "pyo3")
 SSHD = "/usr/sbin/sshd"

@@ -33,7 +33,8 @@ from pathlib import Path
 import pytest
 
 from plugin.client import call
-from tests.hosts import REPO_DIR, _sweep_netns, wait_for
+from tests.engines import REPO_DIR
+from tests.hosts import _sweep_netns, wait_for
 from tests.sshd_vms import vagrantfile_script
 
 #: What the debian/bookworm64 box has and the provisioning takes for granted (systemctl).
@@ -74,8 +75,8 @@ def chroot_sh(root: Path, script: str, *args: str, timeout: float = 900,
               netns: str = "") -> subprocess.CompletedProcess:
     """script in the chroot, in a mount namespace of its own (/proc, /sys, /dev bound there only)
     and, given netns, in that network namespace."""
-    wrapper = (f'mount -t proc proc "$0/proc" && mount --rbind /sys "$0/sys" && mount --rbind /dev "$0/dev" && '
-               f'exec chroot "$0" /bin/sh -s "$@"')
+    wrapper = ('mount -t proc proc "$0/proc" && mount --rbind /sys "$0/sys" && mount --rbind /dev "$0/dev" && '
+               'exec chroot "$0" /bin/sh -s "$@"')
     env = {"PATH": "/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive",
            # systemctl enables units offline and starts none (no systemd runs here; a VM's would).
            "HOME": "/root", "SYSTEMD_OFFLINE": "1"}

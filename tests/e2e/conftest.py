@@ -16,7 +16,7 @@ import pytest
 
 from tests.hosts import NamespaceHost, SessionLock, Underlay, build_image_tar, sweep_leftovers, wait_for
 from tests.hosts_ssh import HOSTS_ENV, hosts_from_env
-from tests.hosts import engine_version
+from tests.engines import engine_version
 
 HERE = Path(__file__).parent
 FACTORY = pytest.StashKey["HostFactory"]()
