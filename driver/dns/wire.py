@@ -137,7 +137,7 @@ def answer(query: Query, rcode: int, records: Sequence[str], ttl: int, max_size:
         try:
             rrset = dns.rrset.from_text_list(q.name, ttl, q.rdclass, q.rdtype,
                                              [_absolute(query.qtype, t) for t in records],
-                                             origin=dns.name.root)
+                                             origin=dns.name.root, relativize=False)
         except Exception as e:  # noqa: BLE001 - dnspython's syntax errors have several types
             raise ValueError(f"records {list(records)!r} are not {dns.rdatatype.to_text(q.rdtype)} "
                              f"data: {e}") from e
