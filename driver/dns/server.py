@@ -87,7 +87,12 @@ class Resolver:
     def __init__(self, lookup: Lookup, upstreams: Sequence[tuple[str, int]],
                  metrics=None, timeout: float = 2.0):
         self._lookup = lookup
-        self.upstreams = [fwd.Upstream.resolve(host, port) for host, port in upstreams]
+        self.upstreams = []
+        for host, port in upstreams:
+            try:
+                self.upstreams.append(fwd.Upstream.resolve(host, port))
+            except (OSError, ValueError) as e:  # e.g. fe80::1%eth9, no such interface
+                log.warning("dns: leaving out upstream %s port %s: %s", host, port, e)
         self._metrics = metrics
         self.timeout = timeout
         self._loop = asyncio.new_event_loop()

@@ -283,3 +283,21 @@ def test_listener_in_another_network_namespace(serve, netns):
         return True
 
     assert in_netns(netns, refused)
+
+
+def test_prometheus_series_follow_queries(serve, upstream):
+    from plugin.metrics import Metrics
+
+    metrics = Metrics()
+    s = serve(upstreams=[upstream.address], metrics=metrics)
+    s.udp("db")
+    s.tcp("secret")
+    s.udp("example.org")
+
+    def sample(name, outcome):
+        return metrics.registry.get_sample_value(name, {"outcome": outcome}) or 0
+
+    wait_for(lambda: sample("pyoverlay_dns_queries_total", "forwarded") == 1, 3, "the forward counted")
+    assert sample("pyoverlay_dns_queries_total", "answered") == 1
+    assert sample("pyoverlay_dns_queries_total", "nxdomain") == 1
+    assert sample("pyoverlay_dns_query_duration_seconds_count", "answered") == 1
