@@ -8,6 +8,7 @@ aim at it through the real sockets.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -19,6 +20,7 @@ import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdata
 import dns.rrset
 
 HEADER = 12
@@ -70,23 +72,20 @@ def _header_error(header: dns.message.Message, rcode: int) -> bytes:
 
 
 def read_query(wire: bytes) -> Query | Rejected:
-    header = _header(wire)
-    if header is None:
-        return Rejected(None, "", "shorter than a DNS header")
-    if header.flags & dns.flags.QR:
-        # Never answer an answer: two servers would bounce errors forever.
-        return Rejected(None, "", "a response (QR set), not a query")
-    opcode = header.opcode()
-    if opcode != dns.opcode.QUERY:
-        return Rejected(_header_error(header, dns.rcode.NOTIMP), "refused",
-                        f"opcode {dns.opcode.to_text(opcode)}")
     try:
         message = dns.message.from_wire(wire)
     except Exception as e:  # noqa: BLE001 - dnspython raises many kinds on bad input
-        return Rejected(_header_error(header, dns.rcode.FORMERR), "formerr",
-                        f"unreadable: {type(e).__name__}")
+        # Only now read the header alone: most queries parse, and reading twice costs.
+        return _unreadable(wire, f"unreadable: {type(e).__name__}")
+    if message.flags & dns.flags.QR:
+        # Never answer an answer: two servers would bounce errors forever.
+        return Rejected(None, "", "a response (QR set), not a query")
+    opcode = message.opcode()
+    if opcode != dns.opcode.QUERY:
+        return Rejected(_header_error(message, dns.rcode.NOTIMP), "refused",
+                        f"opcode {dns.opcode.to_text(opcode)}")
     if len(message.question) != 1:
-        return Rejected(_header_error(header, dns.rcode.FORMERR), "formerr",
+        return Rejected(_header_error(message, dns.rcode.FORMERR), "formerr",
                         f"{len(message.question)} questions")
     if message.edns > 0:
         return Rejected(error(message, dns.rcode.BADVERS), "formerr", f"EDNS version {message.edns}")
@@ -99,6 +98,19 @@ def read_query(wire: bytes) -> Query | Rejected:
                         f"qtype {dns.rdatatype.to_text(q.rdtype)} in a question")
     qname = "" if q.name == dns.name.root else q.name.to_text(omit_final_dot=True).lower()
     return Query(message, wire, qname, q.rdtype, q.rdclass)
+
+
+def _unreadable(wire: bytes, reason: str) -> Rejected:
+    header = _header(wire)
+    if header is None:
+        return Rejected(None, "", "shorter than a DNS header")
+    if header.flags & dns.flags.QR:
+        return Rejected(None, "", "a response (QR set), not a query")
+    opcode = header.opcode()
+    if opcode != dns.opcode.QUERY:
+        return Rejected(_header_error(header, dns.rcode.NOTIMP), "refused",
+                        f"opcode {dns.opcode.to_text(opcode)}")
+    return Rejected(_header_error(header, dns.rcode.FORMERR), "formerr", reason)
 
 
 def max_udp_size(query: dns.message.Message) -> int:
@@ -134,22 +146,25 @@ def answer(query: Query, rcode: int, records: Sequence[str], ttl: int, max_size:
     r.flags |= dns.flags.AA
     if records:
         q = query.message.question[0]
-        try:
-            rrset = dns.rrset.from_text_list(q.name, ttl, q.rdclass, q.rdtype,
-                                             [_absolute(query.qtype, t) for t in records],
-                                             origin=dns.name.root, relativize=False)
-        except Exception as e:  # noqa: BLE001 - dnspython's syntax errors have several types
-            raise ValueError(f"records {list(records)!r} are not {dns.rdatatype.to_text(q.rdtype)} "
-                             f"data: {e}") from e
+        rrset = dns.rrset.RRset(q.name, q.rdclass, q.rdtype)
+        rrset.update_ttl(ttl)
+        for text in records:
+            rrset.add(_rdata(q.rdclass, q.rdtype, text))
         r.answer.append(rrset)
     return _to_wire(r, max_size)
 
 
-def _absolute(qtype: int, text: str) -> str:
-    # The lookup gives names without the trailing dot.
-    if qtype in (dns.rdatatype.PTR, dns.rdatatype.CNAME) and not text.endswith("."):
-        return text + "."
-    return text
+@functools.lru_cache(maxsize=8192)
+def _rdata(rdclass: int, rdtype: int, text: str) -> dns.rdata.Rdata:
+    """Record text as rdata of the question's type (immutable, so shared):
+    parsing text is most of what building an answer costs, and the same
+    addresses are asked for again and again."""
+    if rdtype in (dns.rdatatype.PTR, dns.rdatatype.CNAME) and not text.endswith("."):
+        text += "."  # the lookup gives names without the trailing dot
+    try:
+        return dns.rdata.from_text(rdclass, rdtype, text, origin=dns.name.root, relativize=False)
+    except Exception as e:  # noqa: BLE001 - dnspython's syntax errors have several types
+        raise ValueError(f"{text!r} is not {dns.rdatatype.to_text(rdtype)} data: {e}") from e
 
 
 def reply_rcode(query: dns.message.Message, wire: bytes) -> Optional[int]:
