@@ -104,6 +104,7 @@ class Resolver:
         self._listeners: dict[Optional[int], _Listener] = {}
         self._tasks: set[asyncio.Task] = set()
         self._forwards = 0
+        self._closing = False
         self._logged: set = set()
 
     # -- the interface ---------------------------------------------------------
@@ -221,6 +222,7 @@ class Resolver:
         listener.connections.clear()
 
     async def _shutdown(self) -> None:
+        self._closing = True
         for tag in list(self._listeners):
             self._detach(tag)
         for task in list(self._tasks):
@@ -228,8 +230,13 @@ class Resolver:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
+        # Held until done (the loop keeps only weak references), cancelled at stop().
         task = self._loop.create_task(coro)
+        self._track(task)
+        return task
+
+    def _track(self, task: asyncio.Task) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -329,6 +336,7 @@ class Resolver:
             writer.transport.abort()
             return
         listener.connections.add(writer)
+        self._track(asyncio.current_task())
         peer = writer.get_extra_info("peername")
         source = peer[0] if peer else ""
         slots = asyncio.Semaphore(self.tcp_pipeline)
@@ -346,7 +354,7 @@ class Resolver:
                 start = time.perf_counter()
                 result = self._decide(data, listener.tag, source, tcp=True)
                 if isinstance(result, wire.Query) and self._can_forward():
-                    task = asyncio.ensure_future(self._tcp_forward(writer, result, start))
+                    task = self._spawn(self._tcp_forward(writer, result, start))
                     pending.add(task)
                     task.add_done_callback(lambda t: (pending.discard(t), slots.release()))
                     continue
@@ -357,10 +365,12 @@ class Resolver:
                     _write(writer, response)
                 self._count(outcome, start)
                 slots.release()
+        except asyncio.CancelledError:
+            pass  # stop(): the connection goes with the resolver
         except Exception as e:  # noqa: BLE001
             self._once(("tcp", type(e).__name__), "dns: TCP client %s: %r", source, e)
         finally:
-            if pending:
+            if pending and not self._closing:
                 # A client may send its query and close its writing half: answer it.
                 await asyncio.wait(list(pending), timeout=self.timeout * (len(self.upstreams) + 1))
             listener.connections.discard(writer)

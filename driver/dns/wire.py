@@ -34,6 +34,9 @@ REFUSED_QTYPES = frozenset({dns.rdatatype.AXFR, dns.rdatatype.IXFR, dns.rdatatyp
                             dns.rdatatype.MAILB})
 
 
+_RCODE_OUTCOME = {dns.rcode.FORMERR: "formerr", dns.rcode.REFUSED: "refused"}
+
+
 @dataclass
 class Query:
     message: dns.message.Message
@@ -74,6 +77,9 @@ def _header_error(header: dns.message.Message, rcode: int) -> bytes:
 def read_query(wire: bytes) -> Query | Rejected:
     try:
         message = dns.message.from_wire(wire)
+    except dns.message.UnknownTSIGKey:
+        # Signed with a key we cannot know: refused, not malformed.
+        return _unreadable(wire, "TSIG-signed", dns.rcode.REFUSED)
     except Exception as e:  # noqa: BLE001 - dnspython raises many kinds on bad input
         # Only now read the header alone: most queries parse, and reading twice costs.
         return _unreadable(wire, f"unreadable: {type(e).__name__}")
@@ -100,7 +106,7 @@ def read_query(wire: bytes) -> Query | Rejected:
     return Query(message, wire, qname, q.rdtype, q.rdclass)
 
 
-def _unreadable(wire: bytes, reason: str) -> Rejected:
+def _unreadable(wire: bytes, reason: str, rcode: int = dns.rcode.FORMERR) -> Rejected:
     header = _header(wire)
     if header is None:
         return Rejected(None, "", "shorter than a DNS header")
@@ -110,7 +116,7 @@ def _unreadable(wire: bytes, reason: str) -> Rejected:
     if opcode != dns.opcode.QUERY:
         return Rejected(_header_error(header, dns.rcode.NOTIMP), "refused",
                         f"opcode {dns.opcode.to_text(opcode)}")
-    return Rejected(_header_error(header, dns.rcode.FORMERR), "formerr", reason)
+    return Rejected(_header_error(header, rcode), _RCODE_OUTCOME[rcode], reason)
 
 
 def max_udp_size(query: dns.message.Message) -> int:

@@ -301,3 +301,44 @@ def test_prometheus_series_follow_queries(serve, upstream):
     assert sample("pyoverlay_dns_queries_total", "answered") == 1
     assert sample("pyoverlay_dns_queries_total", "nxdomain") == 1
     assert sample("pyoverlay_dns_query_duration_seconds_count", "answered") == 1
+
+
+def test_stop_with_queries_in_flight_closes_everything(upstream_factory, caplog):
+    slow = upstream_factory(mode="slow", delay=2.0)
+    resolver = Resolver(TableLookup(), [slow.address], timeout=3.0)
+    host = loopback_address()
+    udp, tcp = bind_pair(host)
+    port = udp.getsockname()[1]
+    resolver.start()
+    resolver.add_listener(9, udp, tcp)
+    clients = []
+    for _ in range(3):
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        c.sendto(dns.message.make_query("example.org", "A").to_wire(), (host, port))
+        clients.append(c)
+        t = socket.create_connection((host, port), timeout=3)
+        dns.query.send_tcp(t, dns.message.make_query("example.org", "A"))
+        clients.append(t)
+    idle = socket.create_connection((host, port), timeout=3)  # a TCP client with nothing asked
+    clients.append(idle)
+    wait_for(lambda: slow.count() == 6, 3, "six forwards in flight")
+    start = time.monotonic()
+    resolver.stop()
+    assert time.monotonic() - start < 2
+    assert not resolver._thread.is_alive() and resolver._loop.is_closed()
+    assert udp.fileno() == -1 and tcp.fileno() == -1
+    assert idle.recv(1) == b""  # its connection was closed
+    for c in clients:
+        c.close()
+    assert not [r for r in caplog.records if "destroyed" in r.getMessage() or r.levelname == "ERROR"]
+    resolver.stop()  # twice is harmless
+
+
+def test_tsig_signed_query_is_refused(serve):
+    import dns.tsigkeyring
+
+    s = serve()
+    q = dns.message.make_query("db", "A")
+    q.use_tsig(dns.tsigkeyring.from_text({"key.": "aGVsbG8gd29ybGQ="}), keyname="key.")
+    r = dns.message.from_wire(s.raw_udp(q.to_wire()))
+    assert r.id == q.id and r.rcode() == dns.rcode.REFUSED
