@@ -60,15 +60,25 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.resolver = resolver
         self.listener = listener
         self.transport: Optional[asyncio.DatagramTransport] = None
+        self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+
+    def connection_lost(self, exc) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def datagram_received(self, data: bytes, addr) -> None:
         self.resolver._udp_query(self, data, addr)
 
     def error_received(self, exc: Exception) -> None:
         self.resolver._once(("udp-error", type(exc).__name__), "dns: listener %r: %s", self.listener.tag, exc)
+
+    @staticmethod
+    def closed_of(transport: asyncio.DatagramTransport):
+        protocol = transport.get_protocol()
+        return protocol.closed if isinstance(protocol, _UdpProtocol) else None
 
     def send(self, data: bytes, addr) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -190,7 +200,7 @@ class Resolver:
         return list(self._listeners)
 
     async def _attach(self, tag, udp: socket.socket, tcp: socket.socket) -> None:
-        self._detach(tag)
+        await self._detach_soon(tag)
         listener = _Listener(tag)
         try:
             listener.udp, _ = await self._loop.create_datagram_endpoint(
@@ -209,22 +219,31 @@ class Resolver:
                  _where(tcp))
 
     async def _detach_soon(self, tag) -> None:
-        self._detach(tag)
+        """Stop serving `tag`; return once its sockets are closed (asyncio
+        closes a transport's socket a loop turn later, and an open socket
+        would keep a network namespace alive)."""
+        closing = self._detach(tag)
+        if closing:
+            await asyncio.wait(closing, timeout=2)
 
-    def _detach(self, tag) -> None:
+    def _detach(self, tag) -> list:
         listener = self._listeners.pop(tag, None)
         if listener is None:
-            return
-        listener.udp.close()
-        listener.tcp.close()
+            return []
+        listener.tcp.close()  # closes the listening socket at once
+        listener.udp.abort()  # drops unsent answers: the pair is going
+        closing = [_UdpProtocol.closed_of(listener.udp)]
         for writer in list(listener.connections):
             writer.transport.abort()
+            closing.append(self._loop.create_task(writer.wait_closed()))
         listener.connections.clear()
+        return [c for c in closing if c is not None]
 
     async def _shutdown(self) -> None:
         self._closing = True
-        for tag in list(self._listeners):
-            self._detach(tag)
+        closing = [c for tag in list(self._listeners) for c in self._detach(tag)]
+        if closing:
+            await asyncio.wait(closing, timeout=2)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

@@ -275,7 +275,18 @@ def test_listener_in_another_network_namespace(serve, netns):
     assert addresses(by_udp) == {"10.20.0.5", "10.20.0.6"}
     assert addresses(by_tcp) == {"10.20.0.7"}
     assert (4096, "169.254.53.53", "db", dns.rdatatype.A) in s.lookup.calls
+    held = in_netns(netns, lambda: socket.create_connection(("169.254.53.53", 53), timeout=3))
+    wait_for(lambda: s.resolver._listeners[4096].connections, 3, "the TCP client accepted")
     s.resolver.remove_listener(4096)
+    # On return every socket of the pair is closed, the client's connection too:
+    # nothing keeps the namespace alive.
+    assert udp.fileno() == -1 and tcp.fileno() == -1
+    assert 4096 not in s.resolver._listeners
+    with held:
+        try:
+            assert held.recv(1) == b""
+        except ConnectionResetError:
+            pass
 
     def refused():
         with pytest.raises(ConnectionRefusedError):
