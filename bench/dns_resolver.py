@@ -128,9 +128,18 @@ def latency(resolver_port: int, upstream_port: int, n: int, warm: int = 200) -> 
     return samples
 
 
-def throughput(port: int, names: list[str], clients: int, window: int, seconds: float) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(port: int, names: list[str], clients: int, window: int, seconds: float,
+               pid: int) -> tuple[float, float]:
     """Answers per second with `clients` threads keeping `window` queries in
-    flight each (a lost query is re-sent after 1 s)."""
+    flight each (a lost query is re-sent after 1 s), and the resolver
+    process's CPU time per answer (microseconds)."""
     counts = [0] * clients
     stop = time.monotonic() + seconds
     wires = [_query(name, i % 65536) for i, name in enumerate(names)]
@@ -153,12 +162,14 @@ def throughput(port: int, names: list[str], clients: int, window: int, seconds: 
                 i += clients
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    cpu = cpu_seconds(pid)
     start = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / (time.monotonic() - start)
+    answered = sum(counts)
+    return answered / (time.monotonic() - start), (cpu_seconds(pid) - cpu) / max(1, answered) * 1e6
 
 
 def run(quick: bool = False) -> dict:
@@ -169,9 +180,10 @@ def run(quick: bool = False) -> dict:
         n = 500 if quick else 3000
         samples = latency(resolver_port, upstream_port, n)
         clients, window, seconds = 4, 8, (1.5 if quick else 4.0)
-        qps_cluster = throughput(resolver_port, [f"c{i}" for i in range(NAMES)], clients, window, seconds)
-        qps_forwarded = throughput(resolver_port, [f"t{i}.example.org" for i in range(NAMES)], clients, window,
-                                   seconds)
+        qps_cluster, cpu_cluster = throughput(resolver_port, [f"c{i}" for i in range(NAMES)], clients, window,
+                                              seconds, resolver.pid)
+        qps_forwarded, cpu_forwarded = throughput(resolver_port, [f"t{i}.example.org" for i in range(NAMES)],
+                                                  clients, window, seconds, resolver.pid)
     finally:
         resolver.kill()
         upstream.kill()
@@ -180,6 +192,7 @@ def run(quick: bool = False) -> dict:
         "latency_ms": ms,
         "forwarding_adds_ms": {p: ms["forwarded"][p] - ms["direct"][p] for p in ("p50", "p99")},
         "qps": {"cluster": qps_cluster, "forwarded": qps_forwarded},
+        "resolver_cpu_us_per_query": {"cluster": cpu_cluster, "forwarded": cpu_forwarded},
         "setup": {"queries_each": n, "clients": clients, "in_flight_each": window, "seconds": seconds,
                   "cpus": os.cpu_count(), "load": os.getloadavg()[0]},
     }
@@ -196,8 +209,10 @@ def report(result: dict) -> str:
                         ("direct", "upstream asked directly")):
         lines.append(f"  {label:28} {fmt(ms[kind]['p50'], 3):>8} {fmt(ms[kind]['p99'], 3):>8}  ms")
     lines.append(f"  {'forwarding adds':28} {fmt(adds['p50'], 3):>8} {fmt(adds['p99'], 3):>8}  ms")
+    cpu = result["resolver_cpu_us_per_query"]
     lines.append(f"  queries/s, {setup['clients']} clients x {setup['in_flight_each']} in flight, "
                  f"{setup['seconds']:g} s: cluster {qps['cluster']:.0f}, forwarded {qps['forwarded']:.0f}")
+    lines.append(f"  resolver CPU per query: cluster {cpu['cluster']:.0f} us, forwarded {cpu['forwarded']:.0f} us")
     lines.append("  goal (issue 10): cluster p99 < 2 ms; forwarding adds < 1 ms")
     return "\n".join(lines)
 

@@ -71,6 +71,7 @@ class UpstreamServer:
         self.udp, self.tcp = bind_pair(self.host)
         self.port = self.udp.getsockname()[1]
         self.queries: list[tuple[str, str, int]] = []  # (transport, qname, id)
+        self.sources: list[tuple[str, int]] = []         # where each UDP query came from
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._serve_udp, daemon=True),
                          threading.Thread(target=self._serve_tcp, daemon=True)]
@@ -125,6 +126,7 @@ class UpstreamServer:
             except Exception:  # noqa: BLE001
                 continue
             self.queries.append(("udp", query.question[0].name.to_text(True).lower(), query.id))
+            self.sources.append(addr)
             threading.Thread(target=self._answer_udp, args=(query, addr), daemon=True).start()
 
     def _answer_udp(self, query: dns.message.Message, addr) -> None:

@@ -161,3 +161,11 @@ def test_forwarded_queries_beyond_the_bound_are_servfail_at_once(serve, upstream
     for t in threads:
         t.join(5)
     assert [addresses(r) for r in results] == [{slow.marker}] * 2
+
+
+def test_each_forward_has_its_own_source_port(serve, upstream):
+    s = serve(upstreams=[upstream.address])
+    for i in range(20):
+        assert addresses(s.udp(f"n{i}.example.org")) == {upstream.marker}
+    ports = {port for _, port in upstream.sources}
+    assert len(ports) >= 18  # random ephemeral ports: a forger must guess port and ID

@@ -353,3 +353,47 @@ def test_tsig_signed_query_is_refused(serve):
     q.use_tsig(dns.tsigkeyring.from_text({"key.": "aGVsbG8gd29ybGQ="}), keyname="key.")
     r = dns.message.from_wire(s.raw_udp(q.to_wire()))
     assert r.id == q.id and r.rcode() == dns.rcode.REFUSED
+
+
+def test_listeners_churn_from_several_threads_while_queries_flow(serve):
+    s = serve()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    answered = [0]
+
+    def query_loop():
+        while not stop.is_set():
+            try:
+                assert addresses(s.udp("db", timeout=2)) == {"10.20.0.5", "10.20.0.6"}
+                answered[0] += 1
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+                return
+
+    def churn(k: int):
+        try:
+            for i in range(15):
+                host = loopback_address()
+                udp, tcp = bind_pair(host)
+                s.resolver.add_listener(("churn", k), udp, tcp)
+                r = dns.query.udp(dns.message.make_query("web", "A"), host, port=udp.getsockname()[1], timeout=2)
+                assert addresses(r) == {"10.20.0.7"}
+                if i % 2:
+                    s.resolver.remove_listener(("churn", k))
+                    assert udp.fileno() == -1
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    querier = threading.Thread(target=query_loop)
+    querier.start()
+    workers = [threading.Thread(target=churn, args=(k,)) for k in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+    stop.set()
+    querier.join(5)
+    assert not errors, errors
+    assert answered[0] > 0
+    # The last round of each worker (i = 14) left its listener in place.
+    assert sorted(s.resolver.tags(), key=str) == sorted([7] + [("churn", k) for k in range(4)], key=str)
