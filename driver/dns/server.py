@@ -119,6 +119,9 @@ class Resolver:
 
     # -- the interface ---------------------------------------------------------
 
+    # Listener changes hold self._lock until the loop has made them, so a
+    # stop() from another thread cannot strand one half done.
+
     def start(self) -> None:
         with self._lock:
             if self._state != "new":
@@ -127,18 +130,18 @@ class Resolver:
             pending, self._pending = self._pending, {}
             self._thread = threading.Thread(target=self._run, name="pyoverlay-dns", daemon=True)
             self._thread.start()
-        for tag, (udp, tcp) in pending.items():
-            self._call(self._attach(tag, udp, tcp))
+            for tag, (udp, tcp) in pending.items():
+                self._call(self._attach(tag, udp, tcp))
 
     def stop(self) -> None:
         with self._lock:
             state, self._state = self._state, "stopped"
             pending, self._pending = self._pending, {}
-        for udp, tcp in pending.values():
-            udp.close()
-            tcp.close()
-        if state != "running":
-            return
+            for udp, tcp in pending.values():
+                udp.close()
+                tcp.close()
+            if state != "running":
+                return
         try:
             self._call(self._shutdown())
         finally:
@@ -163,7 +166,7 @@ class Resolver:
                     old[1].close()
                 self._pending[tag] = (udp, tcp)
                 return
-        self._call(self._attach(tag, udp, tcp))
+            self._call(self._attach(tag, udp, tcp))
 
     def remove_listener(self, tag) -> None:
         """Stop serving `tag` and close its sockets and TCP connections."""
@@ -176,14 +179,14 @@ class Resolver:
                 return
             if self._state == "stopped":
                 return
-        self._call(self._detach_soon(tag))
+            self._call(self._detach_soon(tag))
 
     def tags(self) -> list:
         """The tags served (for status and tests)."""
         with self._lock:
             if self._state != "running":
                 return list(self._pending)
-        return self._call(self._tags())
+            return self._call(self._tags())
 
     # -- the loop ------------------------------------------------------------
 
