@@ -85,7 +85,15 @@ async def _udp_exchange(upstream: Upstream, query: dns.message.Message, data: by
 
 
 async def _tcp_exchange(upstream: Upstream, query: dns.message.Message, data: bytes) -> tuple[bytes, int]:
-    reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(upstream.family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, upstream.sockaddr)  # the address as resolved once, no lookup
+        reader, writer = await asyncio.open_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     try:
         writer.write(len(data).to_bytes(2, "big") + data)
         await writer.drain()

@@ -63,11 +63,11 @@ class UpstreamServer:
     "slow" (answers after `delay`), "spoof" (first a forged reply with the
     wrong ID and one from another port, then the real one after `delay`)."""
 
-    def __init__(self, marker: str, mode: str = "answer", delay: float = 0.0):
+    def __init__(self, marker: str, mode: str = "answer", delay: float = 0.0, host: Optional[str] = None):
         self.marker = marker
         self.mode = mode
         self.delay = delay
-        self.host = loopback_address()
+        self.host = host or loopback_address()
         self.udp, self.tcp = bind_pair(self.host)
         self.port = self.udp.getsockname()[1]
         self.queries: list[tuple[str, str, int]] = []  # (transport, qname, id)
@@ -192,8 +192,9 @@ class UpstreamServer:
 def upstream_factory():
     made: list[UpstreamServer] = []
 
-    def make(marker: str = "192.0.2.1", mode: str = "answer", delay: float = 0.0) -> UpstreamServer:
-        server = UpstreamServer(marker, mode, delay)
+    def make(marker: str = "192.0.2.1", mode: str = "answer", delay: float = 0.0,
+             host: Optional[str] = None) -> UpstreamServer:
+        server = UpstreamServer(marker, mode, delay, host)
         made.append(server)
         return server
 

@@ -169,3 +169,24 @@ def test_each_forward_has_its_own_source_port(serve, upstream):
         assert addresses(s.udp(f"n{i}.example.org")) == {upstream.marker}
     ports = {port for _, port in upstream.sources}
     assert len(ports) >= 18  # random ephemeral ports: a forger must guess port and ID
+
+
+def test_ipv6_listener_and_upstream(upstream_factory):
+    from driver.dns.server import Resolver
+    from tests.dns.conftest import TableLookup, bind_pair
+
+    upstream = upstream_factory("192.0.2.6", host="::1")
+    resolver = Resolver(TableLookup(), [("::1", upstream.port)], timeout=1.0)
+    udp, tcp = bind_pair("::1")
+    port = udp.getsockname()[1]
+    resolver.start()
+    try:
+        resolver.add_listener(5, udp, tcp)
+        for ask in (dns.query.udp, dns.query.tcp):
+            assert addresses(ask(dns.message.make_query("example.org", "A"), "::1", port=port, timeout=3)) == {
+                "192.0.2.6"}
+            assert addresses(ask(dns.message.make_query("db", "A"), "::1", port=port, timeout=3)) == {
+                "10.20.0.5", "10.20.0.6"}
+        assert resolver._lookup.calls[-1][1] == "::1"
+    finally:
+        resolver.stop()
