@@ -59,7 +59,10 @@ def _fmt(p: Peer) -> str:
 
 class Doctor:
     def __init__(self, store: Store, host: str, dataplane: Dataplane, *, socket_path: Optional[str] = None,
-                 engine: Optional[Engine] = None, driver: str = "pyoverlay"):
+                 engine: Optional[Engine] = None, driver: str = "pyoverlay",
+                 dns_addr: Optional[str] = None, daemon_json: Optional[str] = None):
+        self.dns_addr = dns_addr  # None: the cluster resolver is not checked
+        self.daemon_json = daemon_json
         self.store = store
         self.host = host
         self.dataplane = dataplane
@@ -78,6 +81,12 @@ class Doctor:
         else:
             for name in ("overlays", "peers", "engine"):
                 checks.append(Check(name, SKIP, "not checked: the store does not answer"))
+        if self.dns_addr:
+            from .doctor_dns import check_daemon_config, check_resolver
+
+            checks.append(check_resolver(self.dns_addr))
+            if self.daemon_json:
+                checks.append(check_daemon_config(self.daemon_json, self.dns_addr))
         return checks
 
     # -- helpers -----------------------------------------------------------------
@@ -331,6 +340,13 @@ def add_parser(commands, with_store) -> None:
     doctor.add_argument("--docker-host", default=_env("DOCKER_HOST"),
                         help="the local engine (default: $DOCKER_HOST, else unix:///var/run/docker.sock)")
     doctor.add_argument("--no-engine", action="store_true", help="do not compare with the engine")
+    doctor.add_argument("--dns-addr", default=_env("DNS_ADDR", "169.254.53.53"),
+                        help="the cluster resolver's address (default %(default)s)")
+    doctor.add_argument("--daemon-json", default="/etc/docker/daemon.json",
+                        help="the engine's daemon config, which must name the resolver (default %(default)s)")
+    doctor.add_argument("--no-dns", action="store_true",
+                        default=_env("DNS", "1").lower() in ("0", "false", "no", "off"),
+                        help="do not check the cluster resolver (default when PYOVERLAY_DNS=0)")
     doctor.set_defaults(run=_run)
 
 
@@ -349,7 +365,8 @@ def _run(args) -> int:
     engine = None if args.no_engine else Engine(args.docker_host, timeout=SOCKET_TIMEOUT)
     driver = os.path.basename(args.socket).removesuffix(".sock")
     try:
-        checks = Doctor(store, host, dataplane, socket_path=args.socket, engine=engine, driver=driver).run()
+        checks = Doctor(store, host, dataplane, socket_path=args.socket, engine=engine, driver=driver,
+                        dns_addr=None if args.no_dns else args.dns_addr, daemon_json=args.daemon_json).run()
     finally:
         dataplane.close()
         store.close()
