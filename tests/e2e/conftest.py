@@ -73,12 +73,13 @@ class HostFactory:
         self.image_tar = image_tar
         self.hosts: list[NamespaceHost] = []
 
-    def __call__(self, n: int, mtu: int | None = None) -> list[NamespaceHost]:
+    def __call__(self, n: int, mtu: int | None = None, daemon_config: dict | None = None) -> list[NamespaceHost]:
         if os.environ.get(HOSTS_ENV):
             return self._vms(n, mtu)
         made = []
         for _ in range(n):
-            host = NamespaceHost(len(self.hosts) + 1, self.underlay, self.workdir, self.image_tar, mtu=mtu)
+            host = NamespaceHost(len(self.hosts) + 1, self.underlay, self.workdir, self.image_tar, mtu=mtu,
+                                 daemon_config=daemon_config)
             self.hosts.append(host)  # registered first: a half-started host is torn down too
             host.start()
             made.append(host)
