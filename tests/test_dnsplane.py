@@ -78,3 +78,52 @@ def test_host_address_on_lo(a):
     finally:
         a.dp.add_local_address(DNS, present=False)
     assert f"{DNS}/32" not in _addresses(a.ns, "lo")
+
+
+QUERY = r"""
+import json, sys
+import dns.message, dns.query, dns.rcode
+q = dns.message.make_query(sys.argv[2], sys.argv[3])
+r = dns.query.tcp(q, sys.argv[1], timeout=3) if sys.argv[4] == "tcp" else dns.query.udp(q, sys.argv[1], timeout=3)
+print(json.dumps([dns.rcode.to_text(r.rcode()), [i.to_text() for rr in r.answer for i in rr]]))
+"""
+
+
+def test_listeners_serve_the_name_table_in_the_overlay_namespace(a, network, container):
+    """The resolver's whole path on this host: container -> br0 -> listener -> table."""
+    import json
+
+    from driver.dns.server import Resolver
+    from driver.dnslisteners import Listeners
+    from driver.names import NameTable
+    from driver.state import NameRecord, name_key
+    from driver.store.memory import MemoryStore
+
+    network(a, 4302)
+    table = NameTable(MemoryStore())
+    table.load({
+        name_key(4302, "e1"): NameRecord("h1", "c1", "front", "10.98.100.12", "web", ("www",)),
+        name_key(4302, "e2"): NameRecord("h2", "c2", "back", "10.98.100.13", "web"),
+        name_key(4999, "e3"): NameRecord("h2", "c3", "pg", "10.98.200.3", "db"),
+    })
+    resolver = Resolver(table.lookup, [])
+    resolver.start()
+    listeners = Listeners(a.dp, resolver, DNS)
+    try:
+        listeners.network_added(4302, SUBNET)
+        assert listeners.tags() == {4302}
+        ns, _ = container(a, 4302, "10.98.100.12", mac(0x302))
+        run(ns, "ip", "route", "add", f"{DNS}/32", "dev", "eth0", "scope", "link", check=True)
+
+        def ask(name, qtype="A", proto="udp"):
+            return json.loads(run(ns, sys.executable, "-c", QUERY, DNS, name, qtype, proto, check=True).stdout)
+
+        assert ask("back") == ["NOERROR", ["10.98.100.13"]]
+        assert ask("www.web", proto="tcp") == ["NOERROR", ["10.98.100.12"]]
+        assert ask("13.100.98.10.in-addr.arpa", "PTR") == ["NOERROR", ["back.web."]]
+        assert ask("pg") == ["NXDOMAIN", []]  # on a network it is not on
+        assert ask("example.test")[0] == "SERVFAIL"  # forwarded: no upstream here
+    finally:
+        listeners.network_removed(4302)
+        listeners.stop()
+        resolver.stop()
