@@ -60,6 +60,7 @@ class UpstreamServer:
     (so a test sees which upstream answered); big.test TXT -> about 3 kB
     (truncated with TC over UDP, whole over TCP); nx.test -> NXDOMAIN.
     `mode` makes it misbehave: "servfail", "refused", "silent" (no answer),
+    "hangup" (TCP: closes the connection unanswered; UDP: silent),
     "slow" (answers after `delay`), "spoof" (first a forged reply with the
     wrong ID and one from another port, then the real one after `delay`)."""
 
@@ -95,7 +96,7 @@ class UpstreamServer:
         return sum(1 for q in self.queries if transport in (None, q[0]))
 
     def respond(self, query: dns.message.Message, tcp: bool) -> Optional[dns.message.Message]:
-        if self.mode == "silent":
+        if self.mode in ("silent", "hangup"):
             return None
         r = dns.message.make_response(query, recursion_available=True)
         if self.mode == "servfail":
@@ -177,6 +178,8 @@ class UpstreamServer:
                 except Exception:  # noqa: BLE001 - closed or garbage: done
                     return
                 self.queries.append(("tcp", query.question[0].name.to_text(True).lower(), query.id))
+                if self.mode == "hangup":
+                    return  # closes the connection unanswered
                 response = self.respond(query, tcp=True)
                 if response is None:
                     continue

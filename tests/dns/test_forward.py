@@ -190,3 +190,13 @@ def test_ipv6_listener_and_upstream(upstream_factory):
         assert resolver._lookup.calls[-1][1] == "::1"
     finally:
         resolver.stop()
+
+
+def test_next_upstream_when_one_hangs_up_on_tcp(serve, upstream_factory):
+    rude = upstream_factory("192.0.2.1", mode="hangup")
+    good = upstream_factory("192.0.2.2")
+    s = serve(upstreams=[rude.address, good.address], timeout=2.0)
+    start = time.monotonic()
+    assert addresses(s.tcp("example.org")) == {"192.0.2.2"}
+    assert time.monotonic() - start < 1  # at once, not after the timeout
+    assert rude.count("tcp") == 1
