@@ -130,20 +130,16 @@ class NamePublisher:
         self._queue.put(("closed", generation, None))
 
     def _serve(self, generation: int) -> None:
-        due, retry, flush_due = 0.0, BACKOFF_MIN, None  # monotonic times
+        due, retry = 0.0, BACKOFF_MIN  # due: monotonic time of the next full pass
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= due:
                 ok = self._attempt(self._pass)
                 due = time.monotonic() + (self.resync if ok else retry)
                 retry = BACKOFF_MIN if ok else min(retry * 2, BACKOFF_MAX)
-                flush_due = None
-            if flush_due is not None and now >= flush_due:
-                flush_due = None if self._attempt(self._flush) else now + retry
-                retry = BACKOFF_MIN if flush_due is None else min(retry * 2, BACKOFF_MAX)
             self._keep_lease()
             renew = self._renewed + self.ttl / 3 if self._lease else None
-            deadline = min(t for t in (due, flush_due, renew) if t is not None)
+            deadline = min(due, renew) if renew is not None else due
             try:
                 kind, gen, payload = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -155,7 +151,9 @@ class NamePublisher:
             if kind == "closed":
                 raise EngineUnavailable("the engine's event stream ended")
             if not self._attempt(lambda: self._on_event(payload)):
-                flush_due = time.monotonic() + retry
+                # What the event changed may not be in desired yet: a full pass soon sets it right.
+                due = min(due, time.monotonic() + retry)
+                retry = min(retry * 2, BACKOFF_MAX)
 
     def _attempt(self, step) -> bool:
         try:
