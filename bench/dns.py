@@ -66,7 +66,7 @@ def run(ctx) -> dict:
     etcd = EtcdServer(UNDERLAY_ADDR, netns=UNDERLAY_NETNS)
     ctx.stack.callback(etcd.close)
     etcd.start()
-    ctx.underlay.spawn([sys.executable, str(ROOT / "tests" / "dnsupstream.py"), UNDERLAY_ADDR, "53",
+    ctx.underlay.spawn([sys.executable, "-P", str(ROOT / "tests" / "dnsupstream.py"), UNDERLAY_ADDR, "53",
                         "--a", f"{EXT}=192.0.2.10"], "dnsupstream.log")
     hosts = []
     for index in (1, 2):

@@ -1,5 +1,5 @@
 """A DNS client for the tests, run inside a container's network namespace
-(nsenter -t <pid> -n python tests/dnsquery.py ...). Prints one JSON object:
+(nsenter -t <pid> -n python -P tests/dnsquery.py ...; -P: tests/dns would hide dnspython). Prints one JSON object:
 
     {"rcode": "NOERROR", "answers": ["10.1.0.2"], "tc": false, "at": <epoch seconds>}
 

@@ -1,7 +1,7 @@
 """A small real DNS server for the tests: the "host's upstream" the cluster
 resolver forwards to. UDP and TCP on ADDR:PORT, authoritative for a few names:
 
-    python -m tests.dnsupstream ADDR PORT --a ext.test=192.0.2.10 --txt-big big.test=40
+    python -P tests/dnsupstream.py ADDR PORT   (-P: tests/dns would hide dnspython) --a ext.test=192.0.2.10 --txt-big big.test=40
 
 --a NAME=IP answers A; --txt-big NAME=N answers N TXT records of 60 bytes
 each (too big for 512-byte UDP: the UDP answer has TC set, TCP has them all).

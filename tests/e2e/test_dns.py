@@ -69,7 +69,7 @@ def pid_of(host: NamespaceHost, container: str) -> str:
 def query(host: NamespaceHost, container: str, qname: str, qtype: str = "A", server: str = EMBEDDED,
           tcp: bool = False, until: str = "", timeout: float = 3.0, ready: str = "") -> dict:
     """Ask from inside the container's network namespace (dnspython: tests/dnsquery.py)."""
-    cmd = ["nsenter", "-t", pid_of(host, container), "-n", sys.executable, str(ROOT / "tests" / "dnsquery.py"),
+    cmd = ["nsenter", "-t", pid_of(host, container), "-n", sys.executable, "-P", str(ROOT / "tests" / "dnsquery.py"),
            server, qname, qtype, "--timeout", str(timeout)]
     cmd += ["--tcp"] if tcp else []
     cmd += ["--until", until] if until else []
@@ -90,7 +90,7 @@ def cluster(underlay, e2e_workdir, image_tar):
     etcd = EtcdServer(UNDERLAY_ADDR, netns=underlay.netns)
     factory = HostFactory(underlay, e2e_workdir, image_tar)
     upstream = underlay.spawn(
-        [sys.executable, str(ROOT / "tests" / "dnsupstream.py"), UNDERLAY_ADDR, str(UPSTREAM_PORT),
+        [sys.executable, "-P", str(ROOT / "tests" / "dnsupstream.py"), UNDERLAY_ADDR, str(UPSTREAM_PORT),
          "--a", f"{EXT_NAME}={EXT_ADDR}", "--txt-big", f"{BIG_NAME}={BIG_COUNT}",
          *(f"--a={name}={DECOY}" for name in DECOYED)], "dnsupstream.log")
     try:
