@@ -53,6 +53,7 @@ class _Listener:
     udp: Optional[asyncio.DatagramTransport] = None
     tcp: Optional[asyncio.Server] = None
     connections: set = field(default_factory=set)  # StreamWriters of open TCP clients
+    closed: bool = False
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -112,7 +113,8 @@ class Resolver:
         self._state = "new"                  # new -> running -> stopped
         self._pending: dict = {}             # listeners handed over before start()
         self._listeners: dict[Optional[int], _Listener] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()    # forwards in flight
+        self._clients: set[asyncio.Task] = set()  # TCP connections being served
         self._forwards = 0
         self._closing = False
         self._logged: set = set()
@@ -233,6 +235,7 @@ class Resolver:
         listener = self._listeners.pop(tag, None)
         if listener is None:
             return []
+        listener.closed = True  # a connection accepted but not yet served goes too
         listener.tcp.close()  # closes the listening socket at once
         listener.udp.abort()  # drops unsent answers: the pair is going
         closing = [_UdpProtocol.closed_of(listener.udp)]
@@ -249,8 +252,11 @@ class Resolver:
             await asyncio.wait(closing, timeout=2)
         for task in list(self._tasks):
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=2)
+        # TCP clients are not cancelled (Python 3.11's start_server then logs
+        # an error): their connections were aborted, so they end by themselves.
+        waiting = list(self._tasks) + list(self._clients)
+        if waiting:
+            await asyncio.wait(waiting, timeout=2)
 
     def _spawn(self, coro) -> asyncio.Task:
         # Held until done (the loop keeps only weak references), cancelled at stop().
@@ -258,9 +264,10 @@ class Resolver:
         self._track(task)
         return task
 
-    def _track(self, task: asyncio.Task) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _track(self, task: asyncio.Task, into: Optional[set] = None) -> None:
+        into = self._tasks if into is None else into
+        into.add(task)
+        task.add_done_callback(into.discard)
 
     def _loop_error(self, loop, context) -> None:
         exc = context.get("exception")
@@ -352,13 +359,16 @@ class Resolver:
 
     async def _tcp_client(self, listener: _Listener, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
+        if listener.closed or self._closing:
+            writer.transport.abort()
+            return
         if len(listener.connections) >= self.max_tcp_connections:
             self._once(("tcp-full", listener.tag), "dns: listener %r: %d TCP clients already, "
                        "closing new ones", listener.tag, self.max_tcp_connections)
             writer.transport.abort()
             return
         listener.connections.add(writer)
-        self._track(asyncio.current_task())
+        self._track(asyncio.current_task(), self._clients)
         peer = writer.get_extra_info("peername")
         source = peer[0] if peer else ""
         slots = asyncio.Semaphore(self.tcp_pipeline)
@@ -387,8 +397,6 @@ class Resolver:
                     _write(writer, response)
                 self._count(outcome, start)
                 slots.release()
-        except asyncio.CancelledError:
-            pass  # stop(): the connection goes with the resolver
         except Exception as e:  # noqa: BLE001
             self._once(("tcp", type(e).__name__), "dns: TCP client %s: %r", source, e)
         finally:

@@ -13,10 +13,8 @@ from typing import Callable, Optional
 
 import dns.flags
 import dns.message
-import dns.name
 import dns.query
 import dns.rcode
-import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import pytest

@@ -11,7 +11,6 @@ import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
-import dns.rdatatype
 import pytest
 
 from tests.dns.conftest import CountingMetrics, loopback_address

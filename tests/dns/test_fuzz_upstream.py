@@ -20,7 +20,6 @@ import time
 from typing import Callable, Optional
 
 import dns.message
-import dns.query
 import dns.rcode
 import dns.rrset
 import pytest

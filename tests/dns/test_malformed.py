@@ -14,7 +14,7 @@ import dns.message
 import dns.opcode
 import dns.query
 import dns.rcode
-import dns.rdatatype
+import dns.name
 import pytest
 
 from tests.dns.conftest import CountingMetrics

@@ -342,6 +342,7 @@ def test_stop_with_queries_in_flight_closes_everything(upstream_factory, caplog)
     for c in clients:
         c.close()
     assert not [r for r in caplog.records if "destroyed" in r.getMessage() or r.levelname == "ERROR"]
+    assert not resolver._logged, resolver._logged  # no failure in the loop, the clients or the forwards
     resolver.stop()  # twice is harmless
 
 
