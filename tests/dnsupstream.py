@@ -45,12 +45,12 @@ def serve_udp(sock: socket.socket, names: dict, big: dict) -> None:
         wire, peer = sock.recvfrom(4096)
         try:
             reply = answer(wire, names, big)
+            print(f"udp {peer[0]} {reply.question[0].name} {dns.rdatatype.to_text(reply.question[0].rdtype)}",
+                  flush=True)
+            # Too big: sent truncated (TC set, the answer left out), as servers do.
+            sock.sendto(reply.to_wire(max_size=UDP_LIMIT, prefer_truncation=True), peer)
         except Exception as e:  # a test server: say it and go on
-            print(f"udp {peer}: bad query: {e}", flush=True)
-            continue
-        print(f"udp {peer[0]} {reply.question[0].name} {dns.rdatatype.to_text(reply.question[0].rdtype)}",
-              flush=True)
-        sock.sendto(reply.to_wire(max_size=UDP_LIMIT), peer)  # truncates, setting TC, if too big
+            print(f"udp {peer}: {e!r}", flush=True)
 
 
 def serve_tcp(sock: socket.socket, names: dict, big: dict) -> None:
