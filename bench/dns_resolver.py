@@ -9,9 +9,11 @@
 The resolver runs in a process of its own (as in `pyoverlay serve`, with the
 Prometheus metrics hook), the upstream in another (a small dnspython server,
 one thread) and the clients here, so none shares an interpreter lock with the
-resolver. No Docker, no namespaces, no root needed.
+resolver. No Docker, no namespaces, no root needed. `--busy` adds a
+CPU-bound thread beside the resolver, as the plugin's request threads are in
+a burst of `docker run`: the resolver then waits for the interpreter lock.
 
-    .venv/bin/python -m bench.dns_resolver [--quick] [--json]
+    .venv/bin/python -m bench.dns_resolver [--quick] [--busy] [--json]
 """
 
 from __future__ import annotations
@@ -51,7 +53,18 @@ def _upstream(ready) -> None:
         sock.sendto(r.to_wire(), addr)
 
 
-def _resolver(ready, upstream_port: int) -> None:
+def _busy() -> None:
+    """Pure-Python work in another thread of the resolver's process, as the
+    plugin's request threads do during a burst of `docker run`: it holds the
+    interpreter lock, which the resolver's thread waits for (up to
+    sys.getswitchinterval(), 5 ms, per wake-up)."""
+    x = 0
+    while True:
+        for i in range(1000):
+            x = (x + i) % 7919
+
+
+def _resolver(ready, upstream_port: int, busy: bool = False) -> None:
     import dns.rcode
     import dns.rdatatype
 
@@ -75,6 +88,8 @@ def _resolver(ready, upstream_port: int) -> None:
     tcp.listen(64)
     resolver.start()
     resolver.add_listener(4096, udp, tcp)
+    if busy:
+        threading.Thread(target=_busy, daemon=True).start()
     ready.send(udp.getsockname()[1])
     threading.Event().wait()
 
@@ -172,10 +187,10 @@ def throughput(port: int, names: list[str], clients: int, window: int, seconds: 
     return answered / (time.monotonic() - start), (cpu_seconds(pid) - cpu) / max(1, answered) * 1e6
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, busy: bool = False) -> dict:
     ctx = multiprocessing.get_context("spawn")
     upstream, upstream_port = _spawn(ctx, _upstream)
-    resolver, resolver_port = _spawn(ctx, _resolver, upstream_port)
+    resolver, resolver_port = _spawn(ctx, _resolver, upstream_port, busy)
     try:
         n = 500 if quick else 3000
         samples = latency(resolver_port, upstream_port, n)
@@ -194,7 +209,7 @@ def run(quick: bool = False) -> dict:
         "qps": {"cluster": qps_cluster, "forwarded": qps_forwarded},
         "resolver_cpu_us_per_query": {"cluster": cpu_cluster, "forwarded": cpu_forwarded},
         "setup": {"queries_each": n, "clients": clients, "in_flight_each": window, "seconds": seconds,
-                  "cpus": os.cpu_count(), "load": os.getloadavg()[0]},
+                  "cpus": os.cpu_count(), "load": os.getloadavg()[0], "busy_thread": busy},
     }
 
 
@@ -202,7 +217,8 @@ def report(result: dict) -> str:
     ms, adds, qps, setup = result["latency_ms"], result["forwarding_adds_ms"], result["qps"], result["setup"]
     lines = [
         f"DNS resolver on loopback, UDP ({setup['queries_each']} queries of each kind, interleaved; "
-        f"{setup['cpus']} CPUs, load {setup['load']:.1f})",
+        f"{setup['cpus']} CPUs, load {setup['load']:.1f}"
+        + (", a busy Python thread beside the resolver" if setup["busy_thread"] else "") + ")",
         f"  {'':28} {'p50':>8} {'p99':>8}",
     ]
     for kind, label in (("cluster", "cluster name"), ("forwarded", "forwarded name"),
@@ -221,8 +237,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.dns_resolver", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer queries, shorter runs")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--busy", action="store_true",
+                        help="a CPU-bound thread in the resolver's process (the plugin's other threads, busy)")
     args = parser.parse_args(argv)
-    result = run(args.quick)
+    result = run(args.quick, args.busy)
     print(json.dumps(result, indent=2) if args.json else report(result))
     return 0
 
