@@ -143,6 +143,8 @@ class Resolver:
                 udp.close()
                 tcp.close()
             if state != "running":
+                if state == "new":
+                    self._loop.close()
                 return
         try:
             self._call(self._shutdown())

@@ -398,3 +398,16 @@ def test_listeners_churn_from_several_threads_while_queries_flow(serve):
     assert answered[0] > 0
     # The last round of each worker (i = 14) left its listener in place.
     assert sorted(s.resolver.tags(), key=str) == sorted([7] + [("churn", k) for k in range(4)], key=str)
+
+
+def test_stop_before_start_closes_the_handed_over_sockets():
+    resolver = Resolver(TableLookup(), [("127.0.0.1", 53), ("fe80::1%no-such-if9", 53)])
+    assert [(u.host, u.port) for u in resolver.upstreams] == [("127.0.0.1", 53)]  # the unusable one left out
+    udp, tcp = bind_pair(loopback_address())
+    resolver.add_listener(1, udp, tcp)
+    assert resolver.tags() == [1]
+    resolver.stop()
+    assert udp.fileno() == -1 and tcp.fileno() == -1
+    assert resolver._loop.is_closed()
+    with pytest.raises(RuntimeError):
+        resolver.start()
