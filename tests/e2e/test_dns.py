@@ -300,7 +300,7 @@ def test_doctor_checks_the_resolver_and_the_daemon_config(cluster, hosts):
     out = cluster.pyoverlay(h1, "doctor", "--advertise-addr", h1.addr, "--json", "--no-engine",
                             "--daemon-json", str(other)).stdout
     check = {c["name"]: c for c in json.loads(out)["checks"]}["dns daemon config"]
-    assert check["status"] == "fail" and "dns-config --write" in check["summary"], check
+    assert check["status"] == "warn" and "dns-config --write" in check["summary"], check
 
 
 # -- faults ------------------------------------------------------------------------
