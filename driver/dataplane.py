@@ -522,6 +522,32 @@ class Dataplane:
                 return False
             raise
 
+    # -- the cluster resolver's addresses (driver/dnsplane.py) -------------------
+
+    def add_dns_address(self, vni: int, subnet: str, address: str) -> None:
+        """address on the overlay's br0, and its subnet routed via br0 from it. Idempotent."""
+        from . import dnsplane
+
+        def apply() -> None:
+            ns = self._need_ns(vni, f"DNS address for VNI {vni}")
+            with _step(f"VNI {vni}: putting {address} on {BRIDGE} with a route for {subnet}"):
+                bridge = ns.bridge or ns.index(BRIDGE)
+                dnsplane.add_address(ns.ipr, bridge, address)
+                dnsplane.route_subnet(ns.ipr, bridge, subnet, address)
+
+        self._call(apply)
+
+    def add_local_address(self, address: str, present: bool = True) -> None:
+        """address/32 on the host namespace's lo (present=False: take it off)."""
+        from . import dnsplane
+
+        def apply() -> None:
+            host = self._host_handle()
+            with _step(f"{'putting' if present else 'removing'} {address} on lo"):
+                (dnsplane.add_address if present else dnsplane.remove_address)(host.ipr, host.index("lo"), address)
+
+        self._call(apply)
+
     def routes(self) -> list[str]:
         """IPv4 destinations routed in the host namespace (main table), so IPAM
         never hands out a subnet the host already reaches some other way."""

@@ -178,6 +178,29 @@ class Engine:
         return EventStream(stream)
 
 
+    # -- for the name publisher (driver/namepub.py) ----------------------------
+
+    def container(self, container_id: str) -> Optional[dict]:
+        """Container inspect; None if it is gone."""
+        try:
+            return self._call(lambda api: api.inspect_container(container_id))
+        except EngineRefused as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def running_containers(self) -> list[str]:
+        """IDs of the running containers (only they have endpoints)."""
+        return [c["Id"] for c in self._call(lambda api: api.containers(quiet=True))]
+
+    def name_events(self) -> "EventStream":
+        """Subscribe to what changes a container's names: network connect and
+        disconnect, container rename and destroy (no exec or attach chatter)."""
+        filters = {"type": ["container", "network"], "event": ["connect", "disconnect", "rename", "destroy"]}
+        stream = self._call(lambda api: api.events(filters=filters, decode=True))
+        return EventStream(stream)
+
+
 class EventStream:
     """Iterate events until the engine goes away; close() from another thread ends it."""
 

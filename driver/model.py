@@ -71,6 +71,10 @@ class Endpoint(Record):
     address: str  # CIDR, as the engine gave it
     mac: str
     vtep: str
+    # The cluster resolver's /32 route (Join's StaticRoutes) goes to one
+    # endpoint per sandbox: the engine fails a Join whose route already exists.
+    sandbox: str = ""  # the SandboxKey it joined, while it carries that route
+    dns_route: bool = False
 
     @property
     def ip(self) -> str:

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import threading
 from collections import defaultdict
+from dataclasses import replace
 from typing import Callable, Optional, Protocol
 
 from .blocks import check_block_size, default_block_size
@@ -24,6 +25,7 @@ from .state import (
     endpoint_key,
     network_key,
     overlay_key,
+    name_key,
     peer_key,
     subnet_index_key,
 )
@@ -57,6 +59,16 @@ class PeerTable(Protocol):
     def network_removed(self, vni: int) -> None: ...
 
 
+class DnsListeners(Protocol):
+    """What the driver tells the cluster resolver (driver/dnslisteners.py)."""
+
+    address: str
+
+    def network_added(self, vni: int, subnet: str) -> None: ...
+
+    def network_removed(self, vni: int) -> None: ...
+
+
 def endpoint_mac(ip: ipaddress.IPv4Address) -> str:
     """Locally administered MAC derived from the IP: a reused address keeps its
     MAC, so no host can hold a stale neighbour entry for it."""
@@ -77,8 +89,13 @@ def _int_option(options: dict, name: str, low: int, high: int, meaning: str) -> 
 
 
 class NetworkDriver:
-    def __init__(self, state: State, dataplane, peers: PeerTable, host: str, vtep: str, name: str = "pyoverlay"):
+    def __init__(self, state: State, dataplane, peers: PeerTable, host: str, vtep: str, name: str = "pyoverlay",
+                 dns: Optional[DnsListeners] = None):
         self.state = state
+        self.dns = dns  # None: --no-dns
+        # SandboxKey -> the endpoint carrying the resolver's route there (None: not loaded yet).
+        self._dns_routes: Optional[dict[str, str]] = None
+        self._dns_lock = threading.Lock()
         self.dataplane = dataplane
         self.peers = peers
         self.host = host
@@ -135,6 +152,13 @@ class NetworkDriver:
             try:
                 self.state.create({network_key(network_id): network})
                 self.dataplane.create_network(vni, network.mtu)
+                if self.dns is not None:
+                    try:
+                        self.dns.network_added(vni, subnet)
+                    except Exception:
+                        self.dns.network_removed(vni)
+                        self.dataplane.delete_network(vni)
+                        raise
             except Exception:
                 self._leave_overlay(vni, network_id)
                 self.state.delete([network_key(network_id)])
@@ -243,6 +267,8 @@ class NetworkDriver:
                 if endpoint.network_id == network_id:
                     self._remove_endpoint(endpoint)
             self.peers.network_removed(network.vni)
+            if self.dns is not None:
+                self.dns.network_removed(network.vni)
             self.dataplane.delete_network(network.vni)
             self._leave_overlay(network.vni, network_id)
             self.state.delete([network_key(network_id)])
@@ -285,7 +311,8 @@ class NetworkDriver:
         # The peer record goes out now, before the container starts, so every
         # host can reach it the moment it runs.
         if not self.state.create({endpoint_key(endpoint_id): endpoint, peer_key(network.vni, endpoint_id): endpoint.peer()}):
-            if self.state.endpoint(endpoint_id) != endpoint:
+            existing = self.state.endpoint(endpoint_id)
+            if existing is None or replace(existing, sandbox="", dns_route=False) != endpoint:
                 raise DriverError(f"endpoint {endpoint_id[:12]} already exists with other settings")
         return {} if interface.get("MacAddress") else {"Interface": {"MacAddress": mac}}
 
@@ -312,7 +339,9 @@ class NetworkDriver:
     def _remove_endpoint(self, endpoint: Endpoint, kernel: bool = True) -> None:
         if kernel:
             self.dataplane.delete_endpoint(endpoint.vni, endpoint.endpoint_id)
-        self.state.delete([endpoint_key(endpoint.endpoint_id), peer_key(endpoint.vni, endpoint.endpoint_id)])
+        self.state.delete([endpoint_key(endpoint.endpoint_id), peer_key(endpoint.vni, endpoint.endpoint_id),
+                           name_key(endpoint.vni, endpoint.endpoint_id)])  # its DNS name goes now, not at the next event
+        self._forget_dns_route(endpoint)
 
     def endpoint_oper_info(self, network_id: str, endpoint_id: str) -> dict:
         endpoint = self._endpoint(endpoint_id)
@@ -335,13 +364,49 @@ class NetworkDriver:
         ifname = self.dataplane.create_endpoint(network.vni, endpoint_id, endpoint.mac, network.mtu)
         # No Gateway: the engine then gives the container docker_gwbridge for
         # traffic leaving the overlay and for published ports (as Docker's overlay).
-        return {"InterfaceName": {"SrcName": ifname, "DstPrefix": "eth"}}
+        response = {"InterfaceName": {"SrcName": ifname, "DstPrefix": "eth"}}
+        if self.dns is not None and self._carries_dns_route(endpoint, sandbox_key):
+            # The resolver's address, on this interface: its queries then come
+            # from the container's overlay address, on internal networks too.
+            response["StaticRoutes"] = [{"Destination": f"{self.dns.address}/32", "RouteType": 1}]
+        return response
+
+    def _carries_dns_route(self, endpoint: Endpoint, sandbox_key: str) -> bool:
+        """Is this the sandbox's first pyoverlay endpoint (or the one that already has the route)?"""
+        if not sandbox_key:
+            return False
+        with self._dns_lock:
+            if self._dns_routes is None:
+                self._dns_routes = {e.sandbox: e.endpoint_id for e in self.state.list("endpoints/", Endpoint)
+                                    if e.host == self.host and e.dns_route and e.sandbox}
+            holder = self._dns_routes.get(sandbox_key)
+            if holder is not None and holder != endpoint.endpoint_id:
+                return False
+
+            def mark(current: Optional[Endpoint]) -> Optional[Endpoint]:
+                if current is None:
+                    raise DriverError(f"endpoint {endpoint.endpoint_id[:12]} is not known to pyoverlay on this host")
+                return replace(current, sandbox=sandbox_key, dns_route=True)
+
+            self.state.update(endpoint_key(endpoint.endpoint_id), Endpoint, mark)
+            self._dns_routes[sandbox_key] = endpoint.endpoint_id
+            return True
+
+    def _forget_dns_route(self, endpoint: Endpoint) -> None:
+        with self._dns_lock:
+            if self._dns_routes is not None and endpoint.sandbox and \
+                    self._dns_routes.get(endpoint.sandbox) == endpoint.endpoint_id:
+                del self._dns_routes[endpoint.sandbox]
 
     def leave(self, network_id: str, endpoint_id: str) -> None:
         endpoint = self.state.endpoint(endpoint_id)
         if endpoint is not None and endpoint.host == self.host:
             self.dataplane.delete_endpoint(endpoint.vni, endpoint_id)
             self._left.add(endpoint_id)
+            if endpoint.dns_route:
+                # Its interface, and the route with it, left the sandbox: a later
+                # Join there may carry it. (The record goes at DeleteEndpoint, next.)
+                self._forget_dns_route(endpoint)
 
     # Start-up
 
@@ -356,6 +421,8 @@ class NetworkDriver:
         for vni, network in wanted.items():
             with self._locks[vni]:
                 self.dataplane.create_network(vni, network.mtu)
+                if self.dns is not None:
+                    self.dns.network_added(vni, network.subnet)
                 known = {e.endpoint_id[:10] for e in endpoints if e.vni == vni}
                 for stale in self.dataplane.endpoints(vni) - known:
                     self.dataplane.delete_endpoint(vni, stale)

@@ -12,6 +12,7 @@
     seen/<host>                      LastSeen (kept: when a host was last alive)
     catalog/<name>                   NamedNetwork (a network name every host's engine gets)
     engine/<host>/<name>             EngineNetwork (that name in one host's engine)
+    names/<vni>/<endpoint_id>        NameRecord (a container's DNS names; under its host's lease)
 
 Subnets appear in keys with "/" replaced by "_" so that a prefix never
 matches a longer one by accident.
@@ -19,6 +20,8 @@ matches a longer one by accident.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, TypeVar
 
 from .errors import DriverError
@@ -120,6 +123,36 @@ def engine_prefix(host: str) -> str:
 
 def engine_network_key(host: str, name: str) -> str:
     return engine_prefix(host) + name
+
+
+NAMES = "names/"
+
+
+def name_key(vni: int, endpoint_id: str) -> str:
+    return f"{NAMES}{vni}/{endpoint_id}"
+
+
+def parse_name_key(key: str) -> tuple[int, str]:
+    vni, endpoint_id = key[len(NAMES):].split("/", 1)
+    return int(vni), endpoint_id
+
+
+@dataclass(frozen=True)
+class NameRecord(Record):
+    """names/<vni>/<endpoint_id>: what the cluster resolver answers for one endpoint."""
+
+    host: str  # the host that publishes it (its lease holds the key)
+    container: str  # container ID
+    name: str  # container name, without the leading "/"
+    address: str  # IPv4 on the overlay, no prefix length
+    network: str = ""  # the network's name in that host's engine
+    aliases: tuple[str, ...] = ()  # --network-alias (and the engine's own DNS names)
+
+    @classmethod
+    def from_json(cls, text: str) -> "NameRecord":
+        data = json.loads(text)
+        data["aliases"] = tuple(data.get("aliases") or ())
+        return cls(**data)
 
 
 class State:

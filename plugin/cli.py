@@ -65,8 +65,54 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--block-grace", type=float, default=float(_env("BLOCK_GRACE", "120")),
                        help="seconds an empty address block stays with this host before it is given back "
                             "(default %(default)s)")
+    _add_dns_flags(serve)
     add_operator_commands(commands, _add_store_flags)
+    _add_dns_config_command(commands)
     return parser
+
+
+# -- the cluster resolver (issue 10) -----------------------------------------------
+
+DEFAULT_DNS_ADDR = "169.254.53.53"
+
+
+def _add_dns_flags(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--dns", action=argparse.BooleanOptionalAction,
+                       default=_env("DNS", "1").lower() not in ("0", "false", "no", "off"),
+                       help="answer container names of every host on --dns-addr (on unless --no-dns or "
+                            "PYOVERLAY_DNS=0; the engine needs `pyoverlay dns-config --write` once)")
+    serve.add_argument("--dns-addr", default=_env("DNS_ADDR", DEFAULT_DNS_ADDR),
+                       help="the resolver's address, port 53 UDP and TCP (default %(default)s)")
+    serve.add_argument("--dns-upstream", default=_env("DNS_UPSTREAM"),
+                       help="IP[:PORT],... to forward other names to (default: /etc/resolv.conf's servers, "
+                            "read at start)")
+    serve.add_argument("--names-ttl", type=int, default=int(_env("NAMES_TTL", "10")),
+                       help="seconds a dead host's container names outlive it (their lease; default %(default)s)")
+
+
+def _dns_flags_problem(args) -> str:
+    import ipaddress
+
+    from driver.dns.upstreams import parse_upstreams
+
+    try:
+        ipaddress.IPv4Address(args.dns_addr)
+    except ValueError:
+        return f"--dns-addr {args.dns_addr!r} is not an IPv4 address (default {DEFAULT_DNS_ADDR})"
+    try:
+        if args.dns_upstream:
+            parse_upstreams(args.dns_upstream)
+    except ValueError as e:
+        return str(e)
+    if args.names_ttl < 2:
+        return f"--names-ttl {args.names_ttl}: use 2 seconds or more"
+    return ""
+
+
+def _add_dns_config_command(commands) -> None:
+    from .dnsconfig import add_parser
+
+    add_parser(commands, _env, DEFAULT_DNS_ADDR)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +133,11 @@ def _serve(args) -> int:
     from .server import Config, serve
 
     advertise = args.advertise_addr or default_route_address()
+    if args.dns:
+        problem = _dns_flags_problem(args)
+        if problem:
+            print(f"pyoverlay: {problem}", file=sys.stderr)
+            return 2
     serve(Config(
         socket=args.socket, store=args.store, advertise_addr=advertise, vxlan_port=args.vxlan_port,
         default_pool=args.default_pool, etcd_prefix=args.etcd_prefix, etcd_cacert=args.etcd_cacert,
@@ -95,6 +146,7 @@ def _serve(args) -> int:
         metrics_addr=args.metrics_addr, driver_name=args.driver_name,
         etcd_user=args.etcd_user, etcd_password=args.etcd_password,
         block_grace=args.block_grace,
+        dns=args.dns, dns_addr=args.dns_addr, dns_upstream=args.dns_upstream, names_ttl=args.names_ttl,
     ))
     return 0
 

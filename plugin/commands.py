@@ -290,8 +290,26 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
         "mac": ep.mac,
         "endpoint_id": ep.endpoint_id,
     } for ep in sorted(endpoints, key=lambda e: (_host_order(e.host), e.vni, ipaddress.ip_address(e.ip)))]
+    _add_names(store, networks)
     return {"hosts": hosts, "networks": networks, "endpoints": endpoint_rows,
             "blocks": collect_blocks(store, set(alive))}
+
+
+def _add_names(store: Store, networks: list[dict]) -> None:
+    """Each network's DNS names (the cluster resolver's records), as "names"."""
+    from driver.state import NAMES, NameRecord, parse_name_key
+
+    by_vni: dict[int, list[dict]] = defaultdict(list)
+    for key, rec in _records(store, NAMES, NameRecord).items():
+        try:
+            vni, _ = parse_name_key(NAMES + key)
+        except ValueError:
+            continue
+        by_vni[vni].append({"name": rec.name, "aliases": list(rec.aliases), "address": rec.address,
+                            "host": rec.host, "container": rec.container})
+    for network in networks:
+        network["names"] = sorted(by_vni.get(network["vni"], []),
+                                  key=lambda n: (n["name"], ipaddress.ip_address(n["address"])))
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -321,7 +339,13 @@ def render_status(status: dict, now: Optional[float] = None) -> str:
     parts = ["HOSTS", hosts, "", "NETWORKS", networks]
     if notes:
         parts += ["notes:"] + notes
-    return "\n".join(parts + ["", "ENDPOINTS", endpoints] + render_blocks(status.get("blocks", []))) + "\n"
+    names = table(["NETWORK", "NAME", "ALIASES", "IP", "HOST"], [
+        (n["name"] or n["vni"], entry["name"], ",".join(entry["aliases"]), entry["address"], entry["host"])
+        for n in status["networks"] for entry in n.get("names", [])])
+    parts += ["", "ENDPOINTS", endpoints]
+    if any(n.get("names") for n in status["networks"]):  # none: no cluster resolver runs (--no-dns)
+        parts += ["", "NAMES", names]
+    return "\n".join(parts + render_blocks(status.get("blocks", []))) + "\n"
 
 
 # -- status: address blocks (issue 13) ---------------------------------------------

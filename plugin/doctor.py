@@ -60,8 +60,11 @@ def _fmt(p: Peer) -> str:
 class Doctor:
     def __init__(self, store: Store, host: str, dataplane: Dataplane, *, socket_path: Optional[str] = None,
                  engine: Optional[Engine] = None, driver: str = "pyoverlay",
-                 ip_forward_path: Optional[str] = None):
+                 ip_forward_path: Optional[str] = None,
+                 dns_addr: Optional[str] = None, daemon_json: Optional[str] = None):
         self.ip_forward_path = ip_forward_path  # None: not checked
+        self.dns_addr = dns_addr  # None: the cluster resolver is not checked
+        self.daemon_json = daemon_json
         self.store = store
         self.host = host
         self.dataplane = dataplane
@@ -82,6 +85,12 @@ class Doctor:
                 checks.append(Check(name, SKIP, "not checked: the store does not answer"))
         if self.ip_forward_path is not None:
             checks.append(check_ip_forward(self.ip_forward_path))
+        if self.dns_addr:
+            from .doctor_dns import check_daemon_config, check_resolver
+
+            checks.append(check_resolver(self.dns_addr))
+            if self.daemon_json:
+                checks.append(check_daemon_config(self.daemon_json, self.dns_addr))
         return checks
 
     # -- helpers -----------------------------------------------------------------
@@ -361,6 +370,13 @@ def add_parser(commands, with_store) -> None:
     doctor.add_argument("--docker-host", default=_env("DOCKER_HOST"),
                         help="the local engine (default: $DOCKER_HOST, else unix:///var/run/docker.sock)")
     doctor.add_argument("--no-engine", action="store_true", help="do not compare with the engine")
+    doctor.add_argument("--dns-addr", default=_env("DNS_ADDR", "169.254.53.53"),
+                        help="the cluster resolver's address (default %(default)s)")
+    doctor.add_argument("--daemon-json", default="/etc/docker/daemon.json",
+                        help="the engine's daemon config, which must name the resolver (default %(default)s)")
+    doctor.add_argument("--no-dns", action="store_true",
+                        default=_env("DNS", "1").lower() in ("0", "false", "no", "off"),
+                        help="do not check the cluster resolver (default when PYOVERLAY_DNS=0)")
     doctor.set_defaults(run=_run)
 
 
@@ -380,7 +396,8 @@ def _run(args) -> int:
     driver = os.path.basename(args.socket).removesuffix(".sock")
     try:
         checks = Doctor(store, host, dataplane, socket_path=args.socket, engine=engine, driver=driver,
-                        ip_forward_path=IP_FORWARD).run()
+                        ip_forward_path=IP_FORWARD,
+                        dns_addr=None if args.no_dns else args.dns_addr, daemon_json=args.daemon_json).run()
     finally:
         dataplane.close()
         store.close()

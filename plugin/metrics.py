@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 # Requests take about a millisecond; CreateNetwork and Join tens; anything
 # near a second is the store or the kernel struggling.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Cluster answers take a fraction of a millisecond; forwarded ones the
+# upstream's time; a few seconds is an upstream timing out.
+DNS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+               2.5, 5.0)
 
 
 def parse_addr(text: str) -> tuple[str, int]:
@@ -65,6 +69,13 @@ class Metrics:
         self.ipam_events = Counter("pyoverlay_ipam_events", "Address block events: block_claim, block_adopt, "
                                    "block_release, borrow (an address from another host's block), cas_retry "
                                    "(a claim another host won first)", ["event"], registry=r)
+        # The cluster resolver (driver/dns): every query, by how it was answered.
+        self.dns_queries = Counter("pyoverlay_dns_queries", "DNS queries answered by the cluster resolver, "
+                                   "by outcome (answered, forwarded, nxdomain, refused, formerr, servfail)",
+                                   ["outcome"], registry=r)
+        self.dns_seconds = Histogram("pyoverlay_dns_query_duration_seconds", "Time from a DNS query's "
+                                     "arrival to its answer (forwarded ones include the upstream)",
+                                     ["outcome"], buckets=DNS_BUCKETS, registry=r)
         self._server = None
 
     def ipam_event(self, event: str) -> None:
@@ -95,6 +106,10 @@ class Metrics:
 
     def engine_connected(self, up: bool) -> None:
         self.engine_up.set(1 if up else 0)
+
+    def dns_query(self, outcome: str, seconds: float) -> None:
+        self.dns_queries.labels(outcome).inc()
+        self.dns_seconds.labels(outcome).observe(seconds)
 
     def track_peers(self, count: Callable[[], int]) -> None:
         """Read the programmed peer count at scrape time."""

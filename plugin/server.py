@@ -56,6 +56,11 @@ class Config:
     etcd_user: str | None = None  # etcd authentication (with etcd_password)
     etcd_password: str | None = None
     block_grace: float = 120.0  # seconds an empty address block stays with this host
+    # The cluster resolver (issue 10): names of every host's containers.
+    dns: bool = True
+    dns_addr: str = "169.254.53.53"
+    dns_upstream: str | None = None  # "IP[:PORT],..."; None: the host's /etc/resolv.conf at start
+    names_ttl: int = 10  # seconds a dead host's names outlive it (their lease)
 
     @property
     def name(self) -> str:
@@ -87,7 +92,9 @@ class Runtime:
         self.firewall = Firewall(port=config.vxlan_port)
         self.peers.on_vteps = self.firewall.allow
         state = State(self.store)
-        self.network = NetworkDriver(state, self.dataplane, self.peers, host=host, vtep=host, name=config.name)
+        self._build_dns(config, host)
+        self.network = NetworkDriver(state, self.dataplane, self.peers, host=host, vtep=host, name=config.name,
+                                     dns=self.dns_listeners)
         self.ipam = Ipam(state, host, default_pool=config.default_pool, host_routes=self.dataplane.routes,
                          block_grace=config.block_grace, metrics=self.metrics)
         self.network.claims_from = self.ipam.claims_from  # restore never frees what this process just claimed
@@ -99,7 +106,32 @@ class Runtime:
                                    forget=self._forget_network)
         self.restored = threading.Event()
 
+    def _build_dns(self, config: Config, host: str) -> None:
+        """The cluster resolver: a table of every host's names, this host's
+        publisher, and the listeners (see driver/dnslisteners.py). None of it with --no-dns."""
+        self.resolver = self.names = self.name_publisher = self.dns_listeners = None
+        if not config.dns:
+            return
+        from driver.dns.server import Resolver
+        from driver.dns.upstreams import parse_upstreams, upstreams_from_resolv_conf
+        from driver.dnslisteners import Listeners
+        from driver.namepub import NamePublisher
+        from driver.names import NameTable
+
+        upstreams = (parse_upstreams(config.dns_upstream) if config.dns_upstream
+                     else upstreams_from_resolv_conf(exclude=(config.dns_addr,)))
+        self.names = NameTable(self.store, metrics=self.metrics)
+        self.resolver = Resolver(self.names.lookup, upstreams, metrics=self.metrics)
+        self.dns_listeners = Listeners(self.dataplane, self.resolver, config.dns_addr)
+        self.name_publisher = NamePublisher(self.store, Engine(config.docker_host), host, ttl=config.names_ttl)
+
     def start(self) -> None:
+        if self.resolver is not None:
+            # Before restore: it puts the overlays' listeners in place.
+            self.resolver.start()
+            self.names.start()
+            self.dns_listeners.start()
+            self.name_publisher.start()
         if self.metrics is not None:
             self.metrics.track_peers(self.peers.programmed)
             try:
@@ -134,6 +166,11 @@ class Runtime:
                 delay = min(delay * 2, 5.0)
 
     def stop(self) -> None:
+        if self.resolver is not None:
+            self.name_publisher.stop()
+            self.dns_listeners.stop()
+            self.resolver.stop()
+            self.names.stop()
         if self.catalog is not None:
             self.catalog.stop()
         self.last_seen.stop()

@@ -246,7 +246,8 @@ class NamespaceHost(Host):
     host's, and the tests can reach the socket from here."""
 
     def __init__(self, index: int, underlay: Underlay, root: Union[str, Path], image_tar: Union[str, Path],
-                 mtu: Optional[int] = None, plugin_exe: str = PLUGIN_EXE, engine_gwbridge: bool = False):
+                 mtu: Optional[int] = None, plugin_exe: str = PLUGIN_EXE, engine_gwbridge: bool = False,
+                 daemon_config: Optional[Mapping[str, object]] = None):
         if not 1 <= index <= 253:
             raise ValueError("host index must be within 1..253 (it is the last octet of the address)")
         self.index = index
@@ -262,6 +263,7 @@ class NamespaceHost(Host):
         # True: nothing makes docker_gwbridge beforehand; the engine creates it
         # (its own subnet choice) when the first container needs a way out.
         self.engine_gwbridge = engine_gwbridge
+        self.daemon_config = dict(daemon_config or {})  # the engine's daemon.json (e.g. "dns")
         self.socket_path = self.dir / "plugins" / Path(PLUGIN_SOCKET).name
         self.cgroup_parent = self.name
         self.timings: dict[str, float] = {}
@@ -275,7 +277,7 @@ class NamespaceHost(Host):
         t0 = time.monotonic()
         for sub in ("plugins", "netns", "etc-docker", ".cg", "data", "exec", "cli"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        (self.dir / "daemon.json").write_text("{}\n")
+        (self.dir / "daemon.json").write_text(json.dumps(self.daemon_config) + "\n")
         _run(["ip", "netns", "add", self.name])
         self.underlay.plug(self.index, self.name, self.mtu)
         ip = ["ip", "-n", self.name]
@@ -468,6 +470,11 @@ class NamespaceHost(Host):
         _stop_group(self._dockerd, signal.SIGTERM, grace=30)
         self._start_engine()
         self.timings["engine_restart"] = time.monotonic() - t0
+
+    def kill_engine(self) -> None:
+        """SIGKILL dockerd, as when the machine dies (its containers stay, unmanaged, until close)."""
+        if self._dockerd is not None:
+            _kill_group(self._dockerd)
 
     def plugin_log(self) -> str:
         return tail(self.dir / "plugin.log", 400)
@@ -683,6 +690,8 @@ class SessionLock:
         self._file = None
 
     def try_acquire(self) -> bool:
+        if self._inherited():
+            return True
         if self._file is None:
             self._file = open(self.path, "a+")
         if _flock_held_by_ancestor(self._file):
@@ -692,6 +701,21 @@ class SessionLock:
             return True
         except BlockingIOError:
             return False
+
+    def _inherited(self) -> bool:
+        """Run as `flock /tmp/pyo-e2e.lock pytest ...`: the lock is already
+        ours through a descriptor we inherited (a second open of the file
+        would wait on it forever). Locking that descriptor again succeeds only
+        if it holds the lock; it is never unlocked here."""
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") != self.path or (self._file and int(fd) == self._file.fileno()):
+                    continue
+                fcntl.flock(int(fd), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError:
+                continue
+        return False
 
     def acquire(self) -> None:
         wait_for(self.try_acquire, self.timeout,

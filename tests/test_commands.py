@@ -295,7 +295,7 @@ def test_cli_create_status_rm_json(sqlite_url, capsys):
     status = json.loads(capsys.readouterr().out)
     assert status["networks"] == [{"name": "web", "vni": 4242, "subnet": "10.40.0.0/24", "mtu": 1400,
                                    "internal": False, "in_catalog": True, "hosts": [], "endpoints": 0,
-                                   "notes": []}]
+                                   "notes": [], "names": []}]
 
     # A second create of the name fails with a message, not a traceback.
     assert main(["network", "create", "web", "--subnet", "10.50.0.0/24", "--wait", "0",

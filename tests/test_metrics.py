@@ -169,3 +169,23 @@ def test_json_log_lines():
     assert {k: warning[k] for k in ("level", "logger", "message")} == {
         "level": "warning", "logger": "pyoverlay", "message": "store: etcd at http://x down"}
     assert "call" not in warning
+
+
+def test_dns_query_series():
+    metrics = Metrics()
+    metrics.serve("127.0.0.1:0")
+    try:
+        metrics.dns_query("answered", 0.0003)
+        metrics.dns_query("answered", 0.0004)
+        metrics.dns_query("forwarded", 0.02)
+        metrics.dns_query("nxdomain", 0.0002)
+        samples = scrape(metrics)
+    finally:
+        metrics.close()
+    assert value(samples, "pyoverlay_dns_queries_total", outcome="answered") == 2
+    assert value(samples, "pyoverlay_dns_queries_total", outcome="forwarded") == 1
+    assert value(samples, "pyoverlay_dns_queries_total", outcome="nxdomain") == 1
+    assert value(samples, "pyoverlay_dns_query_duration_seconds_count", outcome="answered") == 2
+    assert value(samples, "pyoverlay_dns_query_duration_seconds_bucket", outcome="answered", le="0.0005") == 2
+    assert value(samples, "pyoverlay_dns_query_duration_seconds_bucket", outcome="forwarded", le="0.01") == 0
+    assert value(samples, "pyoverlay_dns_query_duration_seconds_bucket", outcome="forwarded", le="0.025") == 1

@@ -110,14 +110,15 @@ class HostFactory:
         self.image_tar = image_tar
         self.hosts: list[NamespaceHost] = []
 
-    def __call__(self, n: int, mtu: int | None = None, engine_gwbridge: bool = False) -> list[NamespaceHost]:
+    def __call__(self, n: int, mtu: int | None = None, engine_gwbridge: bool = False,
+                 daemon_config: dict | None = None) -> list[NamespaceHost]:
         """engine_gwbridge: the engine makes docker_gwbridge itself (on VMs it always does)."""
         if os.environ.get(HOSTS_ENV):
             return self._vms(n, mtu)
         made = []
         for _ in range(n):
             host = NamespaceHost(len(self.hosts) + 1, self.underlay, self.workdir, self.image_tar, mtu=mtu,
-                                 engine_gwbridge=engine_gwbridge)
+                                 engine_gwbridge=engine_gwbridge, daemon_config=daemon_config)
             self.hosts.append(host)  # registered first: a half-started host is torn down too
             host.start()
             made.append(host)
