@@ -139,7 +139,7 @@ def run(args) -> int:
                      else host_upstreams(args.dns_addr))
         data = merged(current or {}, args.dns_addr, upstreams)
         if len(data["dns"]) == 1:
-            print(f"pyoverlay: warning: no upstream server a container can reach (the host's resolv.conf "
+            print("pyoverlay: warning: no upstream server a container can reach (the host's resolv.conf "
                   "names only loopback ones); while the plugin is down, containers resolve nothing. "
                   "Give them with --dns-upstream IP,...", file=sys.stderr)
         if not args.write:

@@ -26,7 +26,6 @@ import logging
 import socket
 import ssl
 import threading
-import time
 from typing import Iterable, Iterator, Mapping, Optional
 
 import requests

@@ -10,17 +10,16 @@ socket; for every example:
 - nothing reached the resolver's last-resort handlers (an exception the
   code did not expect while reading, answering or forwarding).
 
-CI (`CI` set) replays a fixed set of inputs (derandomize); a developer's run
-explores new ones from a fresh seed, printed at the start;
-`PYO_DNS_FUZZ_SEED=N` replays one. PYO_FUZZ_EXAMPLES scales the counts, as
-for tests/test_fuzz.py (default 1: about 1,200 inputs in 15 s).
+Inputs follow from the suite's one seed, PYOVERLAY_TEST_SEED (tests/seed.py:
+fixed in CI, fresh in a developer's run, printed at the start, replayed by
+setting it). PYO_FUZZ_EXAMPLES scales the counts, as for tests/test_fuzz.py
+(default 1: about 1,200 inputs in 15 s).
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import random
 import socket
 import struct
 import time
@@ -33,15 +32,13 @@ import pytest
 from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 
+from tests.seed import SEED, announce
 from tests.dns.conftest import CountingMetrics, Served, TableLookup, UpstreamServer
 
 SCALE = float(os.environ.get("PYO_FUZZ_EXAMPLES", "1"))
-CI = bool(os.environ.get("CI"))
-SEED = int(os.environ.get("PYO_DNS_FUZZ_SEED") or random.randrange(2**32))
 
 FUZZ = settings(
     deadline=None,
-    derandomize=CI and not os.environ.get("PYO_DNS_FUZZ_SEED"),
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
@@ -50,7 +47,7 @@ FUZZ = settings(
 def fuzz(n: int):
     def apply(test):
         test = settings(FUZZ, max_examples=max(10, int(n * SCALE)))(test)
-        return test if FUZZ.derandomize else seed(SEED)(test)
+        return seed(SEED)(test)
     return apply
 
 
@@ -114,8 +111,7 @@ inputs = st.one_of(st.binary(max_size=600), mutated(), mutated(), queries())
 
 @pytest.fixture(scope="module")
 def served():
-    print(f"dns fuzz seed: {SEED} (PYO_DNS_FUZZ_SEED={SEED} replays it)"
-          + (" - CI: derandomized" if FUZZ.derandomize else ""))
+    announce("tests/dns/test_fuzz.py")
     upstream = UpstreamServer("192.0.2.1")
     metrics = CountingMetrics()
     s = Served(TableLookup(), [upstream.address], metrics=metrics, timeout=0.5)

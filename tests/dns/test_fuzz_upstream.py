@@ -6,7 +6,7 @@ random and mutated replies (hypothesis), over UDP and TCP. Whatever it sends:
   once the upstream's time is up;
 - the resolver logs no internal failure and answers a cluster name after.
 
-Seeds and counts as in tests/dns/test_fuzz.py (PYO_DNS_FUZZ_SEED, CI,
+Seeds and counts as in tests/dns/test_fuzz.py (PYOVERLAY_TEST_SEED, CI,
 PYO_FUZZ_EXAMPLES).
 """
 
@@ -27,7 +27,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.dns.conftest import CountingMetrics, Served, TableLookup, bind_pair, loopback_address
-from tests.dns.test_fuzz import BUG_KINDS, SEED, fuzz
+from tests.dns.test_fuzz import BUG_KINDS, fuzz
+from tests.seed import announce
 from tests.dns.test_server import addresses
 
 TIMEOUT = 0.1  # the resolver's wait for this upstream
@@ -85,7 +86,7 @@ class ScriptedUpstream:
 
 @pytest.fixture(scope="module")
 def rig():
-    print(f"dns upstream fuzz seed: {SEED} (PYO_DNS_FUZZ_SEED={SEED} replays it)")
+    announce("tests/dns/test_fuzz_upstream.py")
     upstream = ScriptedUpstream()
     metrics = CountingMetrics()
     served = Served(TableLookup(), [(upstream.host, upstream.port)], metrics=metrics, timeout=TIMEOUT)
