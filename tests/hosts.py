@@ -690,8 +690,6 @@ class SessionLock:
         self._file = None
 
     def try_acquire(self) -> bool:
-        if self._inherited():
-            return True
         if self._file is None:
             self._file = open(self.path, "a+")
         if _flock_held_by_ancestor(self._file):
@@ -701,21 +699,6 @@ class SessionLock:
             return True
         except BlockingIOError:
             return False
-
-    def _inherited(self) -> bool:
-        """Run as `flock /tmp/pyo-e2e.lock pytest ...`: the lock is already
-        ours through a descriptor we inherited (a second open of the file
-        would wait on it forever). Locking that descriptor again succeeds only
-        if it holds the lock; it is never unlocked here."""
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                if os.readlink(f"/proc/self/fd/{fd}") != self.path or (self._file and int(fd) == self._file.fileno()):
-                    continue
-                fcntl.flock(int(fd), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except OSError:
-                continue
-        return False
 
     def acquire(self) -> None:
         wait_for(self.try_acquire, self.timeout,
