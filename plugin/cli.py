@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-addr", default=_env("METRICS_ADDR"),
                        help="HOST:PORT to serve Prometheus metrics on (default: no metrics)")
     # Per-host address blocks (driver/blocks.py).
-    serve.add_argument("--block-grace", type=float, default=float(_env("BLOCK_GRACE", "120")),
+    serve.add_argument("--block-grace", type=float, default=_env("BLOCK_GRACE", "120"),
                        help="seconds an empty address block stays with this host before it is given back "
                             "(default %(default)s)")
     _add_dns_flags(serve)
