@@ -243,7 +243,7 @@ class Resolver:
         closing = [_UdpProtocol.closed_of(listener.udp)]
         for writer in list(listener.connections):
             writer.transport.abort()
-            closing.append(self._loop.create_task(writer.wait_closed()))
+            closing.append(self._loop.create_task(_closed(writer)))
         listener.connections.clear()
         return [c for c in closing if c is not None]
 
@@ -412,6 +412,15 @@ class Resolver:
         response, outcome = await self._forward(query, tcp=True)
         _write(writer, response)
         self._count(outcome, start)
+
+
+async def _closed(writer: asyncio.StreamWriter) -> None:
+    # An aborted connection the client had reset ends in ConnectionResetError:
+    # it is going anyway, and an unread task exception would be logged as a fault.
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
 
 
 def _write(writer: asyncio.StreamWriter, message: bytes) -> None:
