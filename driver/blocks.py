@@ -448,7 +448,8 @@ class BlockAllocator:
         with self._lock:
             pools = list(self._pools.items())
         for subnet, pool in pools:
-            mine = [off for off, holder in list(pool.used.items()) if holder == self.host]
+            with self._lock:  # the watch threads change pool.used: never iterate it unlocked
+                mine = any(holder == self.host for holder in pool.used.values())
             if not mine:
                 continue
             prefixlen = self.block_size(pool.net)
