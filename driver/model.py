@@ -121,3 +121,30 @@ class Block(Record):
 
     host: str
     claimed: float = 0.0  # wall clock, for status
+
+
+@dataclass
+class LastSeen(Record):
+    """seen/<host>: when a host was last alive (kept after its lease is gone)."""
+
+    host: str
+    vtep: str
+    at: float  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class NameRecord(Record):
+    """names/<vni>/<endpoint_id>: what the cluster resolver answers for one endpoint."""
+
+    host: str  # the host that publishes it (its lease holds the key)
+    container: str  # container ID
+    name: str  # container name, without the leading "/"
+    address: str  # IPv4 on the overlay, no prefix length
+    network: str = ""  # the network's name in that host's engine
+    aliases: tuple[str, ...] = ()  # --network-alias (and the engine's own DNS names)
+
+    @classmethod
+    def from_json(cls, text: str) -> "NameRecord":
+        data = json.loads(text)
+        data["aliases"] = tuple(data.get("aliases") or ())
+        return cls(**data)

@@ -27,8 +27,8 @@ import time
 from typing import Optional
 
 from .engine import Engine, EngineRefused, EngineUnavailable
-from .model import Network
-from .state import NAMES, NameRecord, name_key, network_key
+from .model import NameRecord, Network
+from .state import NAMES, name_key, network_key
 from .store.base import Store, StoreError
 
 log = logging.getLogger(__name__)

@@ -20,13 +20,19 @@ matches a longer one by accident.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import ipaddress
+import logging
+import threading
+import typing
+from collections import Counter
 from typing import Callable, Iterable, Optional, TypeVar
 
 from .errors import DriverError
-from .model import Endpoint, Network, Record
+from .model import (Address, Block, Endpoint, Host, LastSeen, NameRecord, Network, Overlay, Peer, Pool, Record,
+                    SubnetClaim)
 from .store.base import Store
+
+log = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=Record)
 
@@ -137,41 +143,156 @@ def parse_name_key(key: str) -> tuple[int, str]:
     return int(vni), endpoint_id
 
 
-@dataclass(frozen=True)
-class NameRecord(Record):
-    """names/<vni>/<endpoint_id>: what the cluster resolver answers for one endpoint."""
+# -- a record that does not decode ----------------------------------------------
+#
+# One rule for every reader: a value that is not JSON, lacks a field or has a
+# field of the wrong type is skipped (it is absent to the caller), logged once
+# per key and counted. Another version's record, or a hand edit, must neither
+# crash a request or a watch nor fill the log on every read.
 
-    host: str  # the host that publishes it (its lease holds the key)
-    container: str  # container ID
-    name: str  # container name, without the leading "/"
-    address: str  # IPv4 on the overlay, no prefix length
-    network: str = ""  # the network's name in that host's engine
-    aliases: tuple[str, ...] = ()  # --network-alias (and the engine's own DNS names)
+_bad_lock = threading.Lock()
+_bad_keys: set[str] = set()  # logged already (until the key decodes again)
+_bad_count: Counter[str] = Counter()  # record kind (the key's first part) -> records skipped
+_hints: dict[type, dict[str, tuple[type, ...]]] = {}
 
-    @classmethod
-    def from_json(cls, text: str) -> "NameRecord":
-        data = json.loads(text)
-        data["aliases"] = tuple(data.get("aliases") or ())
-        return cls(**data)
+
+def bad_records() -> dict[str, int]:
+    """Records skipped because they did not decode, by kind (plugin/metrics.py exports it)."""
+    with _bad_lock:
+        return dict(_bad_count)
+
+
+def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """The plain types each field must have once decoded (an int is a fine float)."""
+    known = _hints.get(cls)
+    if known is None:
+        known = {}
+        for name, hint in typing.get_type_hints(cls).items():
+            base = typing.get_origin(hint) or hint
+            if base is float:
+                known[name] = (int, float)
+            elif base in (str, int, bool, list, dict, tuple):
+                known[name] = (base,)
+        _hints[cls] = known
+    return known
+
+
+def _skipped(key: str, error: str) -> None:
+    with _bad_lock:
+        if key in _bad_keys:
+            return
+        _bad_keys.add(key)
+        _bad_count[key.split("/", 1)[0]] += 1
+    log.warning("store: skipping %s, which is not a record pyoverlay can read (%s); "
+                "delete it or rewrite it", key, error)
+
+
+def decode(key: str, value: str, cls: type[R]) -> Optional[R]:
+    """The record in value, or None (logged once, counted) if it does not decode."""
+    try:
+        record = cls.from_json(value)
+        for name, types in _field_types(cls).items():
+            if not isinstance(getattr(record, name), types):
+                raise TypeError(f"{name} is {type(getattr(record, name)).__name__}, not {types[-1].__name__}")
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        _skipped(key, str(e) or type(e).__name__)
+        return None
+    if _bad_keys and key in _bad_keys:  # mended: a later breakage is news again
+        with _bad_lock:
+            _bad_keys.discard(key)
+    return record
+
+
+def _split(key: str, prefix: str) -> Optional[tuple[str, str]]:
+    """<prefix><a>/<b> -> (a, b), or None (skipped, as a bad record) when the key is malformed."""
+    a, sep, b = key[len(prefix):].partition("/")
+    if not sep or not a or not b:
+        _skipped(key, "malformed key")
+        return None
+    return a, b
+
+
+# -- watch events, decoded (the watchers follow PEERS, ADDRESSES, BLOCKS, NAMES) ---
+
+def decode_peer(key: str, value: Optional[str]) -> Optional[tuple[int, str, Optional[Peer]]]:
+    """peers/<vni>/<endpoint_id> -> (vni, endpoint_id, the peer or None for a delete); None: skip it."""
+    parts = _split(key, PEERS)
+    if parts is None or not parts[0].isdigit():
+        if parts is not None:
+            _skipped(key, "malformed key")
+        return None
+    peer = decode(key, value, Peer) if value is not None else None
+    if value is not None and peer is None:
+        return None
+    return int(parts[0]), parts[1], peer
+
+
+def _decode_pool_item(key: str, value: Optional[str], prefix: str, cls: type[R]):
+    parts = _split(key, prefix)
+    if parts is None:
+        return None
+    subnet, item = parts[0].replace("_", "/"), parts[1].replace("_", "/")
+    try:
+        ipaddress.ip_network(subnet)
+        (ipaddress.ip_address if prefix == ADDRESSES else ipaddress.ip_network)(item)
+    except ValueError as e:
+        _skipped(key, f"malformed key: {e}")
+        return None
+    record = decode(key, value, cls) if value is not None else None
+    if value is not None and record is None:
+        return None
+    return subnet, item, record
+
+
+def decode_address(key: str, value: Optional[str]) -> Optional[tuple[str, str, Optional[Address]]]:
+    """addresses/<subnet>/<ip> -> (subnet, ip, the address or None for a delete); None: skip it."""
+    return _decode_pool_item(key, value, ADDRESSES, Address)
+
+
+def decode_block(key: str, value: Optional[str]) -> Optional[tuple[str, str, Optional[Block]]]:
+    """blocks/<subnet>/<block> -> (subnet, block in CIDR, the block or None for a delete); None: skip it."""
+    return _decode_pool_item(key, value, BLOCKS, Block)
+
+
+def decode_name(key: str, value: str) -> Optional[NameRecord]:
+    """names/<vni>/<endpoint_id> -> its record; None: skip it."""
+    parts = _split(key, NAMES)
+    if parts is None:
+        return None
+    if not parts[0].isdigit():
+        _skipped(key, "malformed key")
+        return None
+    return decode(key, value, NameRecord)
 
 
 class State:
     def __init__(self, store: Store):
         self.store = store
 
+    # -- primitives (for this module's readers and writers) ----------------------
+
     def read(self, key: str, cls: type[R]) -> tuple[Optional[R], int]:
-        """The record and its mod_revision (0 when absent)."""
+        """The record and its mod_revision (0 when absent; the record None when it does not decode)."""
         kv = self.store.get(key)
         if kv is None:
             return None, 0
-        return cls.from_json(kv.value), kv.mod_revision
+        return decode(key, kv.value, cls), kv.mod_revision
 
     def get(self, key: str, cls: type[R]) -> Optional[R]:
         return self.read(key, cls)[0]
 
     def list(self, prefix: str, cls: type[R]) -> list[R]:
+        return [rec for _, rec, _ in self._entries(prefix, cls)]
+
+    def _entries(self, prefix: str, cls: type[R]) -> list[tuple[str, R, int]]:
+        """(key after prefix, record, mod_revision) for every record under prefix that decodes."""
         kvs, _ = self.store.list(prefix)
-        return [cls.from_json(kv.value) for kv in kvs]
+        found = []
+        for kv in kvs:
+            record = decode(kv.key, kv.value, cls)
+            if record is not None:
+                found.append((kv.key[len(prefix):], record, kv.mod_revision))
+        return found
 
     def update(
         self,
@@ -205,10 +326,149 @@ class State:
         keys = list(keys)
         self.store.txn({}, delete=keys)
 
-    # Shortcuts used on every request.
+    def delete_if_unchanged(self, key: str, revision: int) -> bool:
+        """Delete key only if nobody wrote it since revision (its mod_revision when read)."""
+        return self.store.txn({key: revision}, delete=[key])
+
+    # -- networks and overlays ---------------------------------------------------
+
     def network(self, network_id: str) -> Optional[Network]:
         return self.get(network_key(network_id), Network)
+
+    def networks(self, host: Optional[str] = None) -> list[Network]:
+        """Every host's networks, or one host's."""
+        return [n for n in self.list("networks/", Network) if host is None or n.host == host]
+
+    def create_network(self, network: Network) -> bool:
+        return self.create({network_key(network.network_id): network})
+
+    def delete_network(self, network_id: str) -> None:
+        self.delete([network_key(network_id)])
+
+    def overlay(self, vni: int) -> Optional[Overlay]:
+        return self.get(overlay_key(vni), Overlay)
+
+    def overlays(self) -> list[Overlay]:
+        return self.list("overlays/", Overlay)
+
+    def create_overlay(self, overlay: Overlay, claim_subnet: bool) -> bool:
+        """Write a new overlay (and, if claim_subnet, its subnet's claim) if none exists yet."""
+        records: dict[str, Record] = {overlay_key(overlay.vni): overlay}
+        if claim_subnet:
+            records[subnet_index_key(overlay.subnet)] = SubnetClaim(vni=overlay.vni)
+        return self.create(records)
+
+    def update_overlay(self, vni: int, change: Callable[[Optional[Overlay]], Optional[Overlay]]) -> Optional[Overlay]:
+        return self.update(overlay_key(vni), Overlay, change)
+
+    def subnet_claim(self, subnet: str) -> Optional[SubnetClaim]:
+        """Which overlay uses subnet, if any."""
+        return self.get(subnet_index_key(subnet), SubnetClaim)
+
+    def delete_subnet_claim(self, subnet: str) -> None:
+        self.delete([subnet_index_key(subnet)])
+
+    # -- endpoints and peers -----------------------------------------------------
 
     def endpoint(self, endpoint_id: str) -> Optional[Endpoint]:
         return self.get(endpoint_key(endpoint_id), Endpoint)
 
+    def endpoints(self, host: Optional[str] = None) -> list[Endpoint]:
+        """Every host's endpoints, or one host's."""
+        return [e for e in self.list("endpoints/", Endpoint) if host is None or e.host == host]
+
+    def create_endpoint(self, endpoint: Endpoint) -> bool:
+        """The endpoint and its peer record at once, if neither exists yet."""
+        return self.create({endpoint_key(endpoint.endpoint_id): endpoint,
+                            peer_key(endpoint.vni, endpoint.endpoint_id): endpoint.peer()})
+
+    def update_endpoint(self, endpoint_id: str,
+                        change: Callable[[Optional[Endpoint]], Optional[Endpoint]]) -> Optional[Endpoint]:
+        return self.update(endpoint_key(endpoint_id), Endpoint, change)
+
+    def delete_endpoint(self, endpoint: Endpoint) -> None:
+        """The endpoint, its peer record and its DNS name."""
+        self.delete([endpoint_key(endpoint.endpoint_id), peer_key(endpoint.vni, endpoint.endpoint_id),
+                     name_key(endpoint.vni, endpoint.endpoint_id)])
+
+    def peers(self) -> list[tuple[int, str, Peer]]:
+        """(vni, endpoint_id, peer) for every endpoint of every overlay."""
+        kvs, _ = self.store.list(PEERS)
+        return [entry for entry in (decode_peer(kv.key, kv.value) for kv in kvs) if entry is not None]
+
+    # -- pools, addresses, blocks ------------------------------------------------
+
+    def pool(self, subnet: str) -> Optional[Pool]:
+        return self.get(pool_key(subnet), Pool)
+
+    def pools(self) -> list[Pool]:
+        return self.list("pools/", Pool)
+
+    def create_pool(self, pool: Pool) -> bool:
+        return self.create({pool_key(pool.subnet): pool})
+
+    def update_pool(self, subnet: str, change: Callable[[Optional[Pool]], Optional[Pool]]) -> Optional[Pool]:
+        return self.update(pool_key(subnet), Pool, change)
+
+    def forget_pool_items(self, subnet: str) -> None:
+        """A released pool's addresses and blocks, all of them."""
+        for prefix in (address_prefix(subnet), block_prefix(subnet)):
+            kvs, _ = self.store.list(prefix)
+            self.delete(kv.key for kv in kvs)
+
+    def address(self, subnet: str, ip: str) -> Optional[Address]:
+        return self.get(address_key(subnet, ip), Address)
+
+    def addresses(self, subnet: str) -> list[tuple[str, Address, int]]:
+        """(ip, address, mod_revision) for every claimed address of subnet."""
+        return self._entries(address_prefix(subnet), Address)
+
+    def every_address(self) -> list[tuple[str, str]]:
+        """(subnet, ip) of every claimed address of every pool."""
+        kvs, _ = self.store.list(ADDRESSES)
+        return [(subnet, ip) for subnet, ip, _ in filter(None, (decode_address(kv.key, kv.value) for kv in kvs))]
+
+    def claim_address(self, subnet: str, ip: str, address: Address) -> bool:
+        """Create-if-absent: False if someone holds ip already."""
+        return self.create({address_key(subnet, ip): address})
+
+    def update_address(self, subnet: str, ip: str,
+                       change: Callable[[Optional[Address]], Optional[Address]]) -> Optional[Address]:
+        return self.update(address_key(subnet, ip), Address, change)
+
+    def release_address_if_unchanged(self, subnet: str, ip: str, revision: int) -> bool:
+        return self.delete_if_unchanged(address_key(subnet, ip), revision)
+
+    def blocks(self, subnet: Optional[str] = None) -> list[tuple[str, str, Block, int]]:
+        """(subnet, block in CIDR, block, mod_revision) of one pool, or of every pool."""
+        kvs, _ = self.store.list(block_prefix(subnet) if subnet else BLOCKS)
+        found = []
+        for kv in kvs:
+            entry = decode_block(kv.key, kv.value)
+            if entry is not None:
+                found.append((entry[0], entry[1], entry[2], kv.mod_revision))
+        return found
+
+    def claim_block(self, subnet: str, block: str, record: Block, revision: int = 0) -> bool:
+        """Write block if it is still at revision (0: if nobody holds it)."""
+        key = block_key(subnet, block)
+        return self.store.txn({key: revision}, put={key: record.to_json()})
+
+    def release_block(self, subnet: str, block: str, revision: int) -> bool:
+        return self.delete_if_unchanged(block_key(subnet, block), revision)
+
+    # -- hosts -------------------------------------------------------------------
+
+    def hosts(self) -> dict[str, Host]:
+        """The live hosts (their records are under their leases), by host."""
+        return {name: rec for name, rec, _ in self._entries("hosts/", Host)}
+
+    def put_host(self, record: Host, lease: int) -> None:
+        self.store.put(host_key(record.host), record.to_json(), lease=lease)
+
+    def last_seen(self) -> dict[str, LastSeen]:
+        """When each host, alive or gone, was last alive."""
+        return {name: rec for name, rec, _ in self._entries(SEEN, LastSeen)}
+
+    def put_last_seen(self, record: LastSeen) -> None:
+        self.store.put(seen_key(record.host), record.to_json())

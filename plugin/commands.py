@@ -22,10 +22,9 @@ from typing import Callable, Iterable, Optional, Sequence
 from driver.catalog import EngineNetwork, NamedNetwork
 from driver.errors import DriverError
 from driver.ipam import parse_subnet
-from driver.lastseen import LastSeen
-from driver.model import Endpoint, Host, Overlay, Pool, SubnetClaim
+from driver.model import Host
 from driver.network import MIN_MTU, VNI_AUTO_START, VNI_MAX, VNI_MIN
-from driver.state import CATALOG, ENGINE, SEEN, catalog_key, overlay_key, pool_key, subnet_index_key
+from driver.state import CATALOG, ENGINE, State, catalog_key
 from driver.store.base import Store, StoreError
 
 # Docker's own rule for network names.
@@ -57,7 +56,7 @@ def engine_records(store: Store) -> dict[tuple[str, str], EngineNetwork]:
 
 
 def alive_hosts(store: Store) -> dict[str, Host]:
-    return _records(store, "hosts/", Host)
+    return State(store).hosts()
 
 
 # -- network create ------------------------------------------------------------
@@ -73,6 +72,7 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
     except DriverError as e:
         raise CommandError(str(e)) from None
     subnet = str(net)
+    state = State(store)
     if store.get(catalog_key(name)) is not None:
         raise CommandError(f"a network named {name} already exists in the catalog; "
                            f"remove it first (pyoverlay network rm {name}) or pick another name")
@@ -84,24 +84,24 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
         if ipaddress.ip_network(other.subnet).overlaps(net):
             raise CommandError(f"subnet {subnet} overlaps {other.subnet} of network {other.name}; "
                                "choose another --subnet")
-    for pool in _records(store, "pools/", Pool).values():
+    for pool in state.pools():
         theirs = ipaddress.ip_network(pool.subnet)
         if theirs != net and theirs.overlaps(net):
             raise CommandError(f"subnet {subnet} overlaps {pool.subnet}, already used by a pyoverlay "
                                "network; choose another --subnet")
 
-    claim_kv = store.get(subnet_index_key(subnet))
-    claim = SubnetClaim.from_json(claim_kv.value).vni if claim_kv else None
+    found = state.subnet_claim(subnet)
+    claim = found.vni if found else None
     if vni is not None:
         if not VNI_MIN <= vni <= VNI_MAX:
             raise CommandError(f"--vni {vni} is not valid: use {VNI_MIN} to {VNI_MAX}")
         if claim is not None and claim != vni:
             raise CommandError(f"subnet {subnet} is already used by the overlay with VNI {claim}; "
                                f"use --vni {claim} or another --subnet")
-        overlay_kv = store.get(overlay_key(vni))
-        if overlay_kv and Overlay.from_json(overlay_kv.value).subnet != subnet:
+        overlay = state.overlay(vni)
+        if overlay and overlay.subnet != subnet:
             raise CommandError(f"VNI {vni} is already used by the overlay on "
-                               f"{Overlay.from_json(overlay_kv.value).subnet}; choose another --vni")
+                               f"{overlay.subnet}; choose another --vni")
         if any(o.vni == vni and o.name != name for o in catalog.values()):
             raise CommandError(f"VNI {vni} is already used by another network in the catalog; "
                                "choose another --vni")
@@ -115,8 +115,8 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
             raise CommandError(f"--gateway {gateway!r} is not an IPv4 address") from None
         if gw not in net or gw in (net.network_address, net.broadcast_address):
             raise CommandError(f"--gateway {gateway} is not a usable address of {subnet}")
-    pool_kv = store.get(pool_key(subnet))
-    shared = Pool.from_json(pool_kv.value).gateway if pool_kv else ""
+    pool = state.pool(subnet)
+    shared = pool.gateway if pool else ""
     if gateway and shared and gateway != shared:
         raise CommandError(f"the overlay on {subnet} already has gateway {shared}; use --gateway {shared} "
                            "or leave it out")
@@ -131,7 +131,7 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
 
 
 def _free_vni(store: Store, catalog: Iterable[NamedNetwork]) -> int:
-    used = {o.vni for o in _records(store, "overlays/", Overlay).values()} | {c.vni for c in catalog}
+    used = {o.vni for o in State(store).overlays()} | {c.vni for c in catalog}
     return next(v for v in range(VNI_AUTO_START, VNI_MAX + 1) if v not in used)
 
 
@@ -227,10 +227,11 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
     """Hosts, networks and endpoints as the store knows them, plain data."""
     now = time.time() if now is None else now
     alive = alive_hosts(store)
-    seen = _records(store, SEEN, LastSeen)
+    state = State(store)
+    seen = state.last_seen()
     catalog = _records(store, CATALOG, NamedNetwork)
-    overlays = {o.vni: o for o in _records(store, "overlays/", Overlay).values()}
-    endpoints = list(_records(store, "endpoints/", Endpoint).values())
+    overlays = {o.vni: o for o in state.overlays()}
+    endpoints = state.endpoints()
     engines = engine_records(store)
 
     hosts = []
@@ -353,17 +354,13 @@ def render_status(status: dict, now: Optional[float] = None) -> str:
 def collect_blocks(store: Store, alive: set) -> list[dict]:
     """Every address block: its pool, holder, whether the holder is alive, and
     how many of its addresses are in use (by anyone: others may borrow)."""
-    from driver.model import Block
-    from driver.state import ADDRESSES, BLOCKS, parse_pool_key
-
+    state = State(store)
     used: dict[str, list[ipaddress.IPv4Address]] = defaultdict(list)
-    for kv in store.list(ADDRESSES)[0]:
-        subnet, ip = parse_pool_key(kv.key, ADDRESSES)
+    for subnet, ip in state.every_address():
         used[subnet].append(ipaddress.ip_address(ip))
     rows = []
-    for kv in store.list(BLOCKS)[0]:
-        subnet, cidr = parse_pool_key(kv.key, BLOCKS)
-        block, record = ipaddress.ip_network(cidr), Block.from_json(kv.value)
+    for subnet, cidr, record, _ in state.blocks():
+        block = ipaddress.ip_network(cidr)
         rows.append({"subnet": subnet, "block": cidr, "host": record.host, "alive": record.host in alive,
                      "used": sum(ip in block for ip in used[subnet]), "size": block.num_addresses})
     rows.sort(key=lambda r: (_host_order(r["host"]), ipaddress.ip_network(r["block"])))
