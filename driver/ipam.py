@@ -258,6 +258,9 @@ class Ipam:
         if existing is None:
             self.state.claim_address(str(subnet), pool.gateway, Address(kind="gateway", host=self.host))
             existing = self.state.address(str(subnet), pool.gateway)
+        if existing is None:  # a record there that does not decode (logged by state.py)
+            raise DriverError(f"the store holds an unreadable record for gateway {gateway} (see the plugin's "
+                              "log); delete it there, or pass another --gateway")
         if existing.kind != "gateway":
             raise DriverError(
                 f"gateway {gateway} is already used by a container on host {existing.host}; "

@@ -16,23 +16,24 @@
 
 Subnets appear in keys with "/" replaced by "_" so that a prefix never
 matches a longer one by accident.
+
+Callers use State's typed readers and writers (and, for the watches, the
+prefixes and decode_* functions below); every record is decoded under one
+rule (driver/decoding.py): one that does not decode is skipped, logged once
+per key and counted.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-import logging
-import threading
-import typing
-from collections import Counter
 from typing import Callable, Iterable, Optional, TypeVar
 
+from .decoding import bad_records, decode, skipped as _skipped  # noqa: F401 (bad_records: for plugin/metrics.py)
 from .errors import DriverError
 from .model import (Address, Block, Endpoint, Host, LastSeen, NameRecord, Network, Overlay, Peer, Pool, Record,
                     SubnetClaim)
 from .store.base import Store
-
-log = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=Record)
 
@@ -143,66 +144,6 @@ def parse_name_key(key: str) -> tuple[int, str]:
     return int(vni), endpoint_id
 
 
-# -- a record that does not decode ----------------------------------------------
-#
-# One rule for every reader: a value that is not JSON, lacks a field or has a
-# field of the wrong type is skipped (it is absent to the caller), logged once
-# per key and counted. Another version's record, or a hand edit, must neither
-# crash a request or a watch nor fill the log on every read.
-
-_bad_lock = threading.Lock()
-_bad_keys: set[str] = set()  # logged already (until the key decodes again)
-_bad_count: Counter[str] = Counter()  # record kind (the key's first part) -> records skipped
-_hints: dict[type, dict[str, tuple[type, ...]]] = {}
-
-
-def bad_records() -> dict[str, int]:
-    """Records skipped because they did not decode, by kind (plugin/metrics.py exports it)."""
-    with _bad_lock:
-        return dict(_bad_count)
-
-
-def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
-    """The plain types each field must have once decoded (an int is a fine float)."""
-    known = _hints.get(cls)
-    if known is None:
-        known = {}
-        for name, hint in typing.get_type_hints(cls).items():
-            base = typing.get_origin(hint) or hint
-            if base is float:
-                known[name] = (int, float)
-            elif base in (str, int, bool, list, dict, tuple):
-                known[name] = (base,)
-        _hints[cls] = known
-    return known
-
-
-def _skipped(key: str, error: str) -> None:
-    with _bad_lock:
-        if key in _bad_keys:
-            return
-        _bad_keys.add(key)
-        _bad_count[key.split("/", 1)[0]] += 1
-    log.warning("store: skipping %s, which is not a record pyoverlay can read (%s); "
-                "delete it or rewrite it", key, error)
-
-
-def decode(key: str, value: str, cls: type[R]) -> Optional[R]:
-    """The record in value, or None (logged once, counted) if it does not decode."""
-    try:
-        record = cls.from_json(value)
-        for name, types in _field_types(cls).items():
-            if not isinstance(getattr(record, name), types):
-                raise TypeError(f"{name} is {type(getattr(record, name)).__name__}, not {types[-1].__name__}")
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        _skipped(key, str(e) or type(e).__name__)
-        return None
-    if _bad_keys and key in _bad_keys:  # mended: a later breakage is news again
-        with _bad_lock:
-            _bad_keys.discard(key)
-    return record
-
-
 def _split(key: str, prefix: str) -> Optional[tuple[str, str]]:
     """<prefix><a>/<b> -> (a, b), or None (skipped, as a bad record) when the key is malformed."""
     a, sep, b = key[len(prefix):].partition("/")
@@ -217,14 +158,20 @@ def _split(key: str, prefix: str) -> Optional[tuple[str, str]]:
 def decode_peer(key: str, value: Optional[str]) -> Optional[tuple[int, str, Optional[Peer]]]:
     """peers/<vni>/<endpoint_id> -> (vni, endpoint_id, the peer or None for a delete); None: skip it."""
     parts = _split(key, PEERS)
-    if parts is None or not parts[0].isdigit():
-        if parts is not None:
-            _skipped(key, "malformed key")
+    if parts is None:
+        return None
+    if not parts[0].isdigit():
+        _skipped(key, "malformed key")
         return None
     peer = decode(key, value, Peer) if value is not None else None
     if value is not None and peer is None:
         return None
     return int(parts[0]), parts[1], peer
+
+
+@functools.lru_cache(maxsize=1024)
+def _network(subnet: str) -> ipaddress.IPv4Network:
+    return ipaddress.ip_network(subnet)  # a few pools, read on every address event
 
 
 def _decode_pool_item(key: str, value: Optional[str], prefix: str, cls: type[R]):
@@ -233,7 +180,7 @@ def _decode_pool_item(key: str, value: Optional[str], prefix: str, cls: type[R])
         return None
     subnet, item = parts[0].replace("_", "/"), parts[1].replace("_", "/")
     try:
-        ipaddress.ip_network(subnet)
+        _network(subnet)
         (ipaddress.ip_address if prefix == ADDRESSES else ipaddress.ip_network)(item)
     except ValueError as e:
         _skipped(key, f"malformed key: {e}")

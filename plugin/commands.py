@@ -298,7 +298,8 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
 
 def _add_names(store: Store, networks: list[dict]) -> None:
     """Each network's DNS names (the cluster resolver's records), as "names"."""
-    from driver.state import NAMES, NameRecord, parse_name_key
+    from driver.model import NameRecord
+    from driver.state import NAMES, parse_name_key
 
     by_vni: dict[int, list[dict]] = defaultdict(list)
     for key, rec in _records(store, NAMES, NameRecord).items():

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-from driver.model import Network
+from driver.model import NameRecord, Network
 from driver.namepub import NamePublisher
-from driver.state import NAMES, NameRecord, name_key, network_key
+from driver.state import NAMES, name_key, network_key
 from driver.store.base import StoreError
 from driver.store.memory import MemoryStore
 from tests.hosts import wait_for

@@ -7,7 +7,8 @@ import pytest
 from driver.dns.server import Answer
 from driver.names import A, AAAA, NOERROR, NXDOMAIN, PTR, NameTable, ptr_address
 from driver.namepub import records_of
-from driver.state import NameRecord, name_key
+from driver.model import NameRecord
+from driver.state import name_key
 from driver.store.memory import MemoryStore
 
 WEB, DB = 4100, 4200  # two overlays
