@@ -365,11 +365,8 @@ class BlockAllocator:
         knows: a watch event still on its way may be older than this read."""
         found = self.state.blocks(subnet)
         with self._lock:
-            for _, cidr, record, revision in found:
-                try:
-                    block = ipaddress.ip_network(cidr)
-                except ValueError:
-                    continue
+            for _, cidr, record, revision in found:  # keys state.py could not read are left out
+                block = ipaddress.ip_network(cidr)
                 start = int(block.network_address) - pool.base
                 current = pool.blocks.get(start)
                 if current is None or (current[1] < revision and current[1] != 0):
