@@ -155,18 +155,22 @@ def _split(key: str, prefix: str) -> Optional[tuple[str, str]]:
 
 # -- watch events, decoded (the watchers follow PEERS, ADDRESSES, BLOCKS, NAMES) ---
 
-def decode_peer(key: str, value: Optional[str]) -> Optional[tuple[int, str, Optional[Peer]]]:
-    """peers/<vni>/<endpoint_id> -> (vni, endpoint_id, the peer or None for a delete); None: skip it."""
-    parts = _split(key, PEERS)
-    if parts is None:
-        return None
-    if not parts[0].isdigit():
+def _vni_key(key: str, prefix: str) -> Optional[tuple[int, str]]:
+    """<prefix><vni>/<endpoint_id> -> (vni, endpoint_id), or None (skipped, as a bad record)."""
+    parts = _split(key, prefix)
+    if parts is not None and not parts[0].isdigit():
         _skipped(key, "malformed key")
         return None
-    peer = decode(key, value, Peer) if value is not None else None
-    if value is not None and peer is None:
+    return (int(parts[0]), parts[1]) if parts else None
+
+
+def decode_peer(key: str, value: Optional[str]) -> Optional[tuple[int, str, Optional[Peer]]]:
+    """peers/<vni>/<endpoint_id> -> (vni, endpoint_id, the peer or None for a delete); None: skip it."""
+    parts = _vni_key(key, PEERS)
+    peer = decode(key, value, Peer) if parts and value is not None else None
+    if parts is None or (value is not None and peer is None):
         return None
-    return int(parts[0]), parts[1], peer
+    return parts[0], parts[1], peer
 
 
 @functools.lru_cache(maxsize=1024)
@@ -203,13 +207,7 @@ def decode_block(key: str, value: Optional[str]) -> Optional[tuple[str, str, Opt
 
 def decode_name(key: str, value: str) -> Optional[NameRecord]:
     """names/<vni>/<endpoint_id> -> its record; None: skip it."""
-    parts = _split(key, NAMES)
-    if parts is None:
-        return None
-    if not parts[0].isdigit():
-        _skipped(key, "malformed key")
-        return None
-    return decode(key, value, NameRecord)
+    return decode(key, value, NameRecord) if _vni_key(key, NAMES) else None
 
 
 class State:
