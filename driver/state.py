@@ -68,11 +68,6 @@ def peer_key(vni: int, endpoint_id: str) -> str:
     return f"{PEERS}{vni}/{endpoint_id}"
 
 
-def parse_peer_key(key: str) -> tuple[int, str]:
-    vni, endpoint_id = key[len(PEERS):].split("/", 1)
-    return int(vni), endpoint_id
-
-
 def pool_key(subnet: str) -> str:
     return f"pools/{subnet_key(subnet)}"
 
@@ -95,12 +90,6 @@ def block_prefix(subnet: str) -> str:
 
 def block_key(subnet: str, block: str) -> str:
     return block_prefix(subnet) + subnet_key(block)
-
-
-def parse_pool_key(key: str, prefix: str) -> tuple[str, str]:
-    """addresses/<subnet>/<ip> or blocks/<subnet>/<block> -> (subnet, ip or block), in CIDR."""
-    subnet, rest = key[len(prefix):].split("/", 1)
-    return subnet.replace("_", "/"), rest.replace("_", "/")
 
 
 def host_key(host: str) -> str:
