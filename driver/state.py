@@ -212,3 +212,105 @@ class State:
     def endpoint(self, endpoint_id: str) -> Optional[Endpoint]:
         return self.get(endpoint_key(endpoint_id), Endpoint)
 
+
+    # -- catalog/, engine/ and names/: the catalog and the name publisher -------
+
+    def follow_catalog(self, stop, on_snapshot, on_changes, on_error=None) -> None:
+        """follow() catalog/, decoded: on_snapshot({name: (entry, revision)}) and
+        on_changes([(name, entry or None when deleted or undecodable, revision)])."""
+        def snapshot(kvs, _revision):
+            table = {}
+            for kv in kvs:
+                entry = _decode_catalog(kv.key, kv.value)
+                if entry is not None:
+                    table[kv.key[len(CATALOG):]] = (entry, kv.mod_revision)
+            on_snapshot(table)
+
+        def events(batch):
+            on_changes([(e.key[len(CATALOG):],
+                         _decode_catalog(e.key, e.value) if e.kind == "put" and e.value else None,
+                         e.revision) for e in batch])
+
+        _follow(self.store, CATALOG, stop, snapshot, events, on_error)
+
+    def catalog_entry(self, name: str) -> tuple[Optional["NamedNetwork"], int]:
+        """The entry and its mod_revision (None, 0 when absent or undecodable)."""
+        kv = self.store.get(catalog_key(name))
+        entry = _decode_catalog(kv.key, kv.value) if kv is not None else None
+        return entry, (kv.mod_revision if entry is not None else 0)
+
+    def add_catalog_entry(self, entry: "NamedNetwork") -> bool:
+        """Create catalog/<name> unless it exists."""
+        return self.create({catalog_key(entry.name): entry})
+
+    def delete_catalog_entry(self, name: str, revision: int) -> bool:
+        """Delete catalog/<name> if it is still at that revision."""
+        key = catalog_key(name)
+        return self.store.txn({key: revision}, delete=[key])
+
+    def engine_networks(self, host: str) -> dict[str, "EngineNetwork"]:
+        """engine/<host>/: name -> record. One that does not decode is deleted:
+        these are the host's own records, and its catalog writes them again."""
+        prefix = engine_prefix(host)
+        records = {}
+        for kv in self.store.list(prefix)[0]:
+            try:
+                records[kv.key[len(prefix):]] = EngineNetwork.from_json(kv.value)
+            except (TypeError, ValueError):
+                self.store.delete(kv.key)
+        return records
+
+    def put_engine_network(self, record: "EngineNetwork") -> None:
+        self.store.put(engine_network_key(record.host, record.name), record.to_json())
+
+    def delete_engine_network(self, host: str, name: str) -> None:
+        self.store.delete(engine_network_key(host, name))
+
+    def names_of(self, host: str) -> dict[tuple[int, str], "NameRecord"]:
+        """names/ records one host published: (vni, endpoint ID) -> record."""
+        found = {}
+        for kv in self.store.list(NAMES)[0]:
+            try:
+                rec = NameRecord.from_json(kv.value)
+                if rec.host == host:
+                    found[parse_name_key(kv.key)] = rec
+            except (TypeError, ValueError):
+                continue  # another host's to rewrite, or garbage: the resolver skips it too
+        return found
+
+    def put_name(self, vni: int, endpoint_id: str, record: "NameRecord", lease: int = 0) -> None:
+        self.store.put(name_key(vni, endpoint_id), record.to_json(), lease=lease)
+
+    def delete_name(self, vni: int, endpoint_id: str) -> None:
+        self.store.delete(name_key(vni, endpoint_id))
+
+    # What the catalog's leftovers sweep (driver/leftovers.py) reads; the lead may fold
+    # these into the store helper's networks()/pools() readers.
+    def networks_of(self, host: str) -> list[Network]:
+        found = []
+        for kv in self.store.list("networks/")[0]:
+            network = Network.from_json(kv.value)
+            if network.host == host:
+                found.append(network)
+        return found
+
+    def pools_held_by(self, host: str) -> list["Pool"]:
+        return [pool for pool in (Pool.from_json(kv.value) for kv in self.store.list("pools/")[0])
+                if host in pool.hosts]
+
+
+def _decode_catalog(key: str, value: str) -> Optional["NamedNetwork"]:
+    try:
+        return NamedNetwork.from_json(value)
+    except (TypeError, ValueError) as e:
+        # One bad record must not stop every other name from syncing.
+        _log.warning("catalog: ignoring %s: %s", key, e)
+        return None
+
+
+import logging as _logging  # noqa: E402  (this block is self-contained: see above)
+
+from .model import EngineNetwork, NamedNetwork, Pool  # noqa: E402
+from .store.follow import follow as _follow  # noqa: E402
+
+_log = _logging.getLogger(__name__)
