@@ -22,11 +22,13 @@ answer. Container inspect, never network inspect (Engine.endpoint_of says why).
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 from .engine import Engine, EngineRefused, EngineUnavailable
+from .store.base import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,45 @@ class Subscriber(Protocol):
 
     def engine_down(self) -> None:
         """The stream ended; engine_up follows once it is open again."""
+
+
+def attempt(step: Callable[[], Optional[bool]], who: str) -> bool:
+    """A subscriber's step (a pass, one event) on its own thread: a store failure,
+    an engine refusal or a lost engine means try again later (False); so does a
+    bug, which must not end the subscriber for good. step's False means the same."""
+    try:
+        result = step()
+        return True if result is None else result
+    except StoreError as e:
+        log.warning("%s: the store failed (%s); retrying", who, e)
+    except EngineRefused as e:
+        log.warning("%s: the engine refused (%s); retrying", who, e)
+    except EngineUnavailable as e:
+        # The pump sees the stream end too; a pass follows its reconnect.
+        log.warning("%s: lost the engine (%s); retrying", who, e)
+    except Exception:
+        log.exception("%s: unexpected error; retrying", who)
+    return False
+
+
+class QueuedSubscriber:
+    """A subscriber whose worker thread takes ("up" | "event" | "down", payload)
+    from self._queue; EVENTS: the (type, action) pairs it follows."""
+
+    EVENTS: frozenset[tuple[str, str]] = frozenset()
+    _queue: "queue.Queue"
+
+    def wants(self, event: EngineEvent) -> bool:
+        return (event.type, event.action) in self.EVENTS
+
+    def engine_up(self) -> None:
+        self._queue.put(("up", None))
+
+    def engine_event(self, event: EngineEvent) -> None:
+        self._queue.put(("event", event))
+
+    def engine_down(self) -> None:
+        self._queue.put(("down", None))
 
 
 class EventPump:
@@ -137,8 +178,8 @@ class EventPump:
                 with self._lock:
                     self._stream = None
                 stream.close()
+            if not self._stop.is_set():  # a stop is no outage: the subscribers stop too
                 self._tell("engine_down")
-            if not self._stop.is_set():
                 log.warning("engine events: the stream from %s ended; reconnecting", self.engine.url)
                 if time.monotonic() - opened < BACKOFF_MIN:
                     self._stop.wait(BACKOFF_MIN)  # a stream that ends at once must not spin

@@ -28,8 +28,8 @@ import threading
 import time
 from typing import Optional
 
-from .engine import Engine, EngineRefused, EngineUnavailable
-from .events import EngineEvent
+from .engine import Engine
+from .events import EngineEvent, QueuedSubscriber, attempt
 from .state import NameRecord, State
 from .store.base import StoreError
 
@@ -38,9 +38,6 @@ log = logging.getLogger(__name__)
 RESYNC = 30.0
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 LEASE_TTL = 10  # seconds; as the host record's
-
-#: The engine events that change a container's names.
-EVENTS = {("network", "connect"), ("network", "disconnect"), ("container", "rename"), ("container", "destroy")}
 
 NameId = tuple[int, str]  # (VNI, endpoint ID): one names/ record
 
@@ -69,7 +66,11 @@ def records_of(inspect: dict, host: str, vni_of) -> dict[NameId, NameRecord]:
     return found
 
 
-class NamePublisher:
+class NamePublisher(QueuedSubscriber):
+    #: The engine events that change a container's names.
+    EVENTS = frozenset({("network", "connect"), ("network", "disconnect"), ("container", "rename"),
+                        ("container", "destroy")})
+
     def __init__(self, state: State, engine: Engine, host: str, ttl: int = LEASE_TTL, resync: float = RESYNC):
         self.state = state
         self.engine = engine
@@ -102,27 +103,13 @@ class NamePublisher:
                 pass  # they expire with the lease
         self.engine.close()
 
-    # -- a subscriber of the engine's events (driver/events.py) ----------------
-
-    def wants(self, event: EngineEvent) -> bool:
-        return (event.type, event.action) in EVENTS
-
-    def engine_up(self) -> None:
-        self._queue.put(("up", None))
-
-    def engine_event(self, event: EngineEvent) -> None:
-        self._queue.put(("event", event))
-
-    def engine_down(self) -> None:
-        self._queue.put(("down", None))
-
     # -- the worker ----------------------------------------------------------------
 
     def _run(self) -> None:
         up, due, retry = False, 0.0, BACKOFF_MIN  # due: monotonic time of the next full pass
         while not self._stop.is_set():
             if up and time.monotonic() >= due:
-                ok = self._attempt(self._pass)
+                ok = attempt(self._pass, "names")
                 due = time.monotonic() + (self.resync if ok else retry)
                 retry = BACKOFF_MIN if ok else min(retry * 2, BACKOFF_MAX)
             self._keep_lease()
@@ -139,24 +126,11 @@ class NamePublisher:
                 up, due, retry = True, 0.0, BACKOFF_MIN
             elif kind == "down":
                 up = False
-            elif up and not self._attempt(lambda: self._on_event(payload)):
+                log.warning("names: lost the engine (its event stream ended); waiting for it")
+            elif up and not attempt(lambda: self._on_event(payload), "names"):
                 # What the event changed may not be in desired yet: a full pass soon sets it right.
                 due = min(due, time.monotonic() + retry)
                 retry = min(retry * 2, BACKOFF_MAX)
-
-    def _attempt(self, step) -> bool:
-        try:
-            step()
-            return True
-        except StoreError as e:
-            log.warning("names: the store failed (%s); retrying", e)
-        except EngineRefused as e:
-            log.warning("names: the engine refused (%s); retrying", e)
-        except EngineUnavailable as e:
-            log.warning("names: lost the engine (%s); retrying", e)
-        except Exception:  # a bug here must not end publishing for good
-            log.exception("names: unexpected error; retrying")
-        return False
 
     def _on_event(self, event: EngineEvent) -> None:
         if event.type == "network" and event.actor_id and self._vni(event.actor_id) is None:

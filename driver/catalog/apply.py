@@ -30,13 +30,9 @@ ENGINE_MISCOUNT = "has active endpoints"
 class Applier:
     def __init__(self, state: State, engine: Engine, host: str, driver: str, table: DesiredTable,
                  metrics=None, leftovers: Optional[Leftovers] = None):
-        self.state = state
-        self.engine = engine
-        self.host = host
-        self.driver = driver
-        self.table = table
-        self.metrics = metrics
-        self.leftovers = leftovers
+        self.state, self.engine, self.table = state, engine, table
+        self.host, self.driver = host, driver
+        self.metrics, self.leftovers = metrics, leftovers
         self.records: dict[str, EngineNetwork] = {}  # this host's engine/ records, as last written
         self._attached: dict[str, dict[str, str]] = {}  # network ID -> container ID -> endpoint ID
         self._removed_here: set[str] = set()  # network IDs we removed: their destroy event is ours

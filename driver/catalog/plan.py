@@ -7,57 +7,26 @@ that moment (Publish, Create, Remove) decides the rest there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Optional, Union
+from typing import Mapping, NamedTuple, Optional, Union
 
 from ..engine import EngineNetworkInfo
 from ..model import EngineNetwork, NamedNetwork
 
 
-@dataclass(frozen=True)
-class DropRecord:
-    """engine/<host>/<name> no longer says anything true."""
+# The actions (apply.py carries them out, in order):
+DropRecord = NamedTuple("DropRecord", [("name", str)])  # engine/<host>/<name> no longer says anything true
+Publish = NamedTuple("Publish", [("info", EngineNetworkInfo), ("vni", int)])  # offer it to the catalog (if absent)
+Create = NamedTuple("Create", [("entry", NamedNetwork)])  # the catalog has it, this engine does not
+Remove = NamedTuple("Remove", [("info", EngineNetworkInfo)])  # out of the catalog, unused here: remove it
+Later = NamedTuple("Later", [("name", str), ("why", str)])  # nothing to do yet: make the next pass soon
 
-    name: str
 
-
-@dataclass(frozen=True)
-class Record:
-    """Write this record (if it differs from the last one written); note: logged when it does."""
+class Record(NamedTuple):
+    """Write this record if it differs from the last one written; note: logged when it does."""
 
     record: EngineNetwork
     note: str = ""
     warn: bool = False  # note at warning level
-
-
-@dataclass(frozen=True)
-class Publish:
-    """Offer one of our engine's networks to the catalog (create-if-absent)."""
-
-    info: EngineNetworkInfo
-    vni: int
-
-
-@dataclass(frozen=True)
-class Create:
-    """The catalog has it, this engine does not: create it."""
-
-    entry: NamedNetwork
-
-
-@dataclass(frozen=True)
-class Remove:
-    """Out of the catalog and unused here: remove it from the engine."""
-
-    info: EngineNetworkInfo
-
-
-@dataclass(frozen=True)
-class Later:
-    """Nothing to do until something else happened: make the next pass soon."""
-
-    name: str
-    why: str
 
 
 Action = Union[DropRecord, Record, Publish, Create, Remove, Later]

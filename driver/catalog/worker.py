@@ -12,11 +12,10 @@ import threading
 import time
 from typing import Optional
 
-from ..engine import Engine, EngineRefused, EngineUnavailable
-from ..events import EngineEvent
+from ..engine import Engine
+from ..events import QueuedSubscriber, attempt
 from ..leftovers import Leftovers
 from ..state import State
-from ..store.base import StoreError
 from .apply import Applier
 from .table import DesiredTable
 
@@ -27,11 +26,11 @@ RESYNC = 30.0
 #: Back-off between failed passes.
 BACKOFF_MIN = 0.2
 
-#: The engine events the catalog follows (driver/events.py fans them out).
-EVENTS = ("create", "destroy", "connect", "disconnect")
 
+class Catalog(QueuedSubscriber):
+    #: The engine events the catalog follows (driver/events.py fans them out).
+    EVENTS = frozenset(("network", action) for action in ("create", "destroy", "connect", "disconnect"))
 
-class Catalog:
     def __init__(self, state: State, engine: Engine, host: str, driver: str, metrics=None,
                  resync: float = RESYNC, leftovers: Optional[Leftovers] = None):
         self.engine = engine
@@ -73,20 +72,6 @@ class Catalog:
             self._dirty.set()
             self._queue.put(("catalog", None))
 
-    # -- a subscriber of the engine's events (driver/events.py) ----------------
-
-    def wants(self, event: EngineEvent) -> bool:
-        return event.type == "network" and event.action in EVENTS
-
-    def engine_up(self) -> None:
-        self._queue.put(("up", None))
-
-    def engine_event(self, event: EngineEvent) -> None:
-        self._queue.put(("event", event))
-
-    def engine_down(self) -> None:
-        self._queue.put(("down", None))
-
     # -- the worker ---------------------------------------------------------------
 
     def _run(self) -> None:
@@ -96,7 +81,7 @@ class Catalog:
                 # Never before the first snapshot: an empty table would read as
                 # "every network was deleted from the catalog".
                 self._dirty.clear()
-                ok = self._attempt(self.applier.run_pass)
+                ok = attempt(self.applier.run_pass, "catalog")
                 due = time.monotonic() + (self.resync if ok else retry)
                 retry = BACKOFF_MIN if ok else min(retry * 2, self.resync)
                 if self.leftovers is not None and self.leftovers.next_due() is not None:
@@ -116,8 +101,9 @@ class Catalog:
             elif kind == "down":
                 up = False
                 self._connected(False)
+                log.warning("catalog: lost the engine (its event stream ended); waiting for it")
             elif up:
-                if not self._attempt(lambda: self.applier.on_event(payload)):
+                if not attempt(lambda: self.applier.on_event(payload), "catalog"):
                     due = min(due, time.monotonic() + retry)  # a full pass sets it right
                 elif self.applier.wants_pass:
                     due = 0.0
@@ -127,18 +113,3 @@ class Catalog:
         (self.connected.set if up else self.connected.clear)()
         if self.metrics is not None:
             self.metrics.engine_connected(up)
-
-    def _attempt(self, step) -> bool:
-        """Run step; a store failure or an engine refusal means: try again later."""
-        try:
-            return step()
-        except StoreError as e:
-            log.warning("catalog: the store failed (%s); retrying", e)
-        except EngineRefused as e:
-            log.warning("catalog: the engine refused (%s); retrying", e)
-        except EngineUnavailable as e:
-            # The pump sees the stream end too and says so; the next pass follows its reconnect.
-            log.warning("catalog: lost the engine (%s); retrying", e)
-        except Exception:  # a bug here must not end the catalog for good
-            log.exception("catalog: unexpected error; retrying")
-        return False
