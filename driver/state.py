@@ -31,9 +31,10 @@ from typing import Callable, Iterable, Optional, TypeVar
 
 from .decoding import bad_records, decode, skipped as _skipped  # noqa: F401 (bad_records: for plugin/metrics.py)
 from .errors import DriverError
-from .model import (Address, Block, Endpoint, Host, LastSeen, NameRecord, Network, Overlay, Peer, Pool, Record,
-                    SubnetClaim)
+from .model import (Address, Block, Endpoint, EngineNetwork, Host, LastSeen, NamedNetwork, NameRecord, Network,
+                    Overlay, Peer, Pool, Record, SubnetClaim)
 from .store.base import Store
+from .store.follow import follow
 
 R = TypeVar("R", bound=Record)
 
@@ -258,7 +259,8 @@ class State:
 
     def delete(self, keys: Iterable[str]) -> None:
         keys = list(keys)
-        self.store.txn({}, delete=keys)
+        if keys:
+            self.store.txn({}, delete=keys)
 
     def delete_if_unchanged(self, key: str, revision: int) -> bool:
         """Delete key only if nobody wrote it since revision (its mod_revision when read)."""
@@ -406,3 +408,59 @@ class State:
 
     def put_last_seen(self, record: LastSeen) -> None:
         self.store.put(seen_key(record.host), record.to_json())
+
+    # -- catalog/, engine/ and names/: the catalog and the name publisher -------
+
+    def follow_catalog(self, stop, on_snapshot, on_changes, on_error=None) -> None:
+        """follow() catalog/, decoded: on_snapshot({name: (entry, revision)}) and
+        on_changes([(name, entry or None when deleted or undecodable, revision)])."""
+        def snapshot(kvs, _revision):
+            on_snapshot({kv.key[len(CATALOG):]: (entry, kv.mod_revision) for kv in kvs
+                         if (entry := decode(kv.key, kv.value, NamedNetwork)) is not None})
+
+        def events(batch):
+            on_changes([(e.key[len(CATALOG):],
+                         decode(e.key, e.value, NamedNetwork) if e.kind == "put" and e.value else None,
+                         e.revision) for e in batch])
+
+        follow(self.store, CATALOG, stop, snapshot, events, on_error)
+
+    def catalog_entry(self, name: str) -> tuple[Optional[NamedNetwork], int]:
+        """The entry and its mod_revision (None, 0 when absent or undecodable)."""
+        entry, revision = self.read(catalog_key(name), NamedNetwork)
+        return entry, (revision if entry is not None else 0)
+
+    def add_catalog_entry(self, entry: NamedNetwork) -> bool:
+        """Create catalog/<name> unless it exists."""
+        return self.create({catalog_key(entry.name): entry})
+
+    def delete_catalog_entry(self, name: str, revision: int) -> bool:
+        """Delete catalog/<name> if it is still at that revision."""
+        return self.delete_if_unchanged(catalog_key(name), revision)
+
+    def engine_networks(self, host: str) -> dict[str, EngineNetwork]:
+        """engine/<host>/: name -> record. These are the host's own records,
+        which its catalog writes again: one that does not decode is dropped."""
+        prefix = engine_prefix(host)
+        kvs, _ = self.store.list(prefix)
+        records = {name: rec for name, rec, _ in self._entries(prefix, EngineNetwork)}
+        self.delete(kv.key for kv in kvs if kv.key[len(prefix):] not in records)
+        return records
+
+    def put_engine_network(self, record: EngineNetwork) -> None:
+        self.store.put(engine_network_key(record.host, record.name), record.to_json())
+
+    def delete_engine_network(self, host: str, name: str) -> None:
+        self.delete([engine_network_key(host, name)])
+
+    def names_of(self, host: str) -> dict[tuple[int, str], NameRecord]:
+        """names/ records one host published: (vni, endpoint ID) -> record."""
+        kvs, _ = self.store.list(NAMES)
+        return {_vni_key(kv.key, NAMES): rec for kv in kvs
+                if (rec := decode_name(kv.key, kv.value)) is not None and rec.host == host}
+
+    def put_name(self, vni: int, endpoint_id: str, record: NameRecord, lease: int = 0) -> None:
+        self.store.put(name_key(vni, endpoint_id), record.to_json(), lease=lease)
+
+    def delete_name(self, vni: int, endpoint_id: str) -> None:
+        self.delete([name_key(vni, endpoint_id)])

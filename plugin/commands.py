@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
-from driver.catalog import EngineNetwork, NamedNetwork
+from driver.model import EngineNetwork, NamedNetwork
 from driver.errors import DriverError
 from driver.ipam import parse_subnet
 from driver.model import Host

@@ -26,7 +26,7 @@ from typing import Optional
 
 from pyroute2 import IPRoute
 
-from driver.catalog import EngineNetwork, NamedNetwork
+from driver.model import EngineNetwork, NamedNetwork
 from driver.dataplane import Dataplane, DataplaneError
 from driver.engine import Engine, EngineRefused, EngineUnavailable
 from driver.model import Endpoint, Network, Peer
