@@ -191,3 +191,20 @@ def test_restore_removes_debris_and_remakes_what_the_store_holds(world):
         ("delete_endpoint", VNI, "deadbeef00"),  # a veth no endpoint owns
     ], "the live endpoint's veth must be kept"
     assert restarted.calls == [("added", VNI), ("restored",)]
+
+
+def test_the_real_dataplane_and_the_stand_in_offer_what_the_protocol_names():
+    """No type checker runs in CI: compare the signatures here, so the
+    Protocol, the real Dataplane and this stand-in cannot drift apart."""
+    import inspect
+
+    from driver.dataplane import Dataplane
+
+    wanted = {n: inspect.signature(f) for n, f in vars(KernelLayer).items()
+              if callable(f) and not n.startswith("_")}
+    assert len(wanted) == 9
+    for cls in (Dataplane, RecordingKernel):
+        for name, signature in wanted.items():
+            have = inspect.signature(getattr(cls, name))
+            params = [p for p in have.parameters if p != "self"]
+            assert params == [p for p in signature.parameters if p != "self"], f"{cls.__name__}.{name}{have}"
