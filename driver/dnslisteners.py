@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from . import dnsplane
+from .dataplane import dnsplane
 
 log = logging.getLogger(__name__)
 

@@ -12,13 +12,17 @@ import logging
 import threading
 from collections import defaultdict
 from dataclasses import replace
-from typing import Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
 from .blocks import check_block_size, default_block_size
+from .drift import KernelView, StoreView, drift
 from .errors import DriverError
 from .ipam import ADDRESS_SPACE, parse_ip, parse_subnet
 from .model import Address, Endpoint, Network, Overlay
 from .state import State
+
+if TYPE_CHECKING:  # the kernel layer's Protocol, without loading netlink here
+    from .dataplane.protocol import KernelLayer
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +83,7 @@ def _int_option(options: dict, name: str, low: int, high: int, meaning: str) -> 
 
 
 class NetworkDriver:
-    def __init__(self, state: State, dataplane, peers: PeerTable, host: str, vtep: str, name: str = "pyoverlay",
+    def __init__(self, state: State, dataplane: KernelLayer, peers: PeerTable, host: str, vtep: str, name: str = "pyoverlay",
                  dns: Optional[DnsListeners] = None):
         self.state = state
         self.dns = dns  # None: --no-dns
@@ -401,15 +405,22 @@ class NetworkDriver:
         networks = self.state.networks(host=self.host)
         endpoints = self.state.endpoints(host=self.host)
         wanted = {n.vni: n for n in networks}
-        for vni in self.dataplane.networks() - set(wanted):
+        store = StoreView(networks=set(wanted), vtep=self.vtep, endpoints={
+            vni: {e.endpoint_id[:10] for e in endpoints if e.vni == vni} for vni in wanted})
+        namespaces = self.dataplane.networks()
+        kernel = KernelView(namespaces=namespaces,
+                            veths={vni: self.dataplane.endpoints(vni) for vni in set(wanted) & namespaces})
+        found = drift(store, kernel)
+        for vni in found.stale_namespaces:
             self.dataplane.delete_network(vni)
         for vni, network in wanted.items():
             with self._locks[vni]:
+                # Missing namespaces are made; present ones converge (MTU) and
+                # their vxlan device is checked against this host's flags.
                 self.dataplane.create_network(vni, network.mtu)
                 if self.dns is not None:
                     self.dns.network_added(vni, network.subnet)
-                known = {e.endpoint_id[:10] for e in endpoints if e.vni == vni}
-                for stale in self.dataplane.endpoints(vni) - known:
+                for stale in found.stale_veths.get(vni, ()):
                     self.dataplane.delete_endpoint(vni, stale)
                 self.peers.network_added(vni)
         self.peers.restored()

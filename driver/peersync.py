@@ -28,7 +28,7 @@ class PeerSync:
         self.dataplane = dataplane
         self.vtep = vtep
         # Told the remote VTEPs of the overlays this host carries whenever they
-        # may have changed (driver/firewall.py's VXLAN source filter).
+        # may have changed (driver/dataplane/firewall.py's VXLAN source filter).
         self.on_vteps: Optional[Callable[[set[str]], None]] = None
         # Optional: peer_update(op), reconciled(added, removed), watch_error(watch, exc).
         self.metrics = metrics

@@ -9,9 +9,8 @@ when any check fails.
 
 Read-only throughout: it never repairs (restarting the plugin does, as its
 start reconciles the kernel with the store). Kernel state comes from the
-dataplane's read methods; the two facts the dataplane does not offer (which
-interface holds the underlay address, and each vxlan device's port) are read
-here with pyroute2, read-only.
+dataplane's read methods; the comparison is driver/drift.py's, the same one
+the plugin's start applies.
 """
 
 from __future__ import annotations
@@ -24,10 +23,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from pyroute2 import IPRoute
-
 from driver.model import EngineNetwork, NamedNetwork
 from driver.dataplane import Dataplane, DataplaneError
+from driver.drift import KernelView, StoreView, drift
 from driver.engine import Engine, EngineRefused, EngineUnavailable
 from driver.model import Endpoint, Network, Peer
 from driver.network import VXLAN_OVERHEAD
@@ -46,11 +44,6 @@ class Check:
     status: str
     summary: str
     details: list[str] = field(default_factory=list)
-
-
-def _peer(p: Peer) -> Peer:
-    # The kernel reports MACs in lower case; the engine may hand them in upper.
-    return Peer(ip=p.ip, mac=p.mac.lower(), vtep=p.vtep)
 
 
 def _fmt(p: Peer) -> str:
@@ -104,9 +97,6 @@ class Doctor:
     def _local_endpoints(self) -> list[Endpoint]:
         return self.state.endpoints(host=self.host)
 
-    def _ipr(self, netns: Optional[str]) -> IPRoute:
-        return IPRoute(netns=netns, flags=0, groups=0) if netns else IPRoute(groups=0)
-
     # -- checks ------------------------------------------------------------------
 
     def check_socket(self) -> Check:
@@ -142,7 +132,7 @@ class Doctor:
 
     def check_underlay(self, store_ok: bool) -> Check:
         try:
-            name, mtu = self._underlay_link()
+            name, mtu = self.dataplane.underlay_link(self.host) or (None, 0)
         except (OSError, DataplaneError) as e:
             return Check("underlay", FAIL, f"cannot read the interfaces: {e}")
         if name is None:
@@ -156,79 +146,64 @@ class Doctor:
                    f"-o com.docker.network.driver.mtu={room}" for n in self._local_networks() if n.mtu > room]
         return Check("underlay", FAIL if too_big else OK, summary, too_big)
 
-    def _underlay_link(self) -> tuple[Optional[str], int]:
-        ipr = self._ipr(self.dataplane.host_netns)
-        try:
-            for addr in ipr.addr("dump"):
-                if (addr.get_attr("IFA_LOCAL") or addr.get_attr("IFA_ADDRESS")) == self.host:
-                    link = ipr.link("get", index=addr["index"])[0]
-                    return link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_MTU")
-            return None, 0
-        finally:
-            ipr.close()
-
     def check_vxlan_port(self, store_ok: bool) -> Check:
         port = self.dataplane.vxlan_port
         vnis = sorted(self.dataplane.networks())
         if not vnis:
             return Check("vxlan port", OK, f"UDP {port} (no overlay on this host yet)")
-        wrong = []
+        vtep = self.dataplane.vtep
+        unread, kernel = {}, KernelView(namespaces=set(vnis))
         for vni in vnis:
             try:
-                found = self._vxlan_settings(vni)
+                kernel.vxlan[vni] = self.dataplane.vxlan_settings(vni)
             except (OSError, DataplaneError) as e:
-                wrong.append(f"VNI {vni}: cannot read vxlan0: {e}")
+                unread[vni] = e
+        # The store is not needed here: every overlay must match this host's flags.
+        found = drift(StoreView(networks=set(vnis), vtep=vtep, vxlan_port=port), kernel)
+        wrong = []
+        for vni in vnis:
+            if vni in unread:
+                wrong.append(f"VNI {vni}: cannot read vxlan0: {unread[vni]}")
                 continue
-            if found is None:
+            if vni not in found.vxlan:
+                continue
+            have = found.vxlan[vni][0]
+            if have is None:
                 wrong.append(f"VNI {vni}: {self.dataplane.netns_name(vni)} has no vxlan0: "
                              "delete the network and create it again")
-                continue
-            dev_vni, dev_port, local = found
-            if dev_port != port or dev_vni != vni or local != self.dataplane.local_addr:
-                wrong.append(f"VNI {vni}: vxlan0 has id {dev_vni}, port {dev_port}, local {local}; expected "
-                             f"{vni}, {port}, {self.dataplane.local_addr}: was the plugin restarted with "
+            else:
+                wrong.append(f"VNI {vni}: vxlan0 has id {have.vni}, port {have.port}, local {have.vtep}; expected "
+                             f"{vni}, {port}, {vtep}: was the plugin restarted with "
                              "other --vxlan-port/--advertise-addr? Recreate the network")
         if wrong:
             return Check("vxlan port", FAIL, f"{len(wrong)} of {len(vnis)} overlays are not on UDP {port}", wrong)
-        return Check("vxlan port", OK, f"UDP {port} on all {len(vnis)} overlay(s), local {self.dataplane.local_addr}")
-
-    def _vxlan_settings(self, vni: int) -> Optional[tuple[int, int, str]]:
-        ipr = self._ipr(self.dataplane.netns_name(vni))
-        try:
-            for link in ipr.link("dump"):
-                info = link.get_attr("IFLA_LINKINFO")
-                if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
-                    continue
-                data = info.get_attr("IFLA_INFO_DATA")
-                return (data.get_attr("IFLA_VXLAN_ID"), data.get_attr("IFLA_VXLAN_PORT"),
-                        data.get_attr("IFLA_VXLAN_LOCAL"))
-            return None
-        finally:
-            ipr.close()
+        return Check("vxlan port", OK, f"UDP {port} on all {len(vnis)} overlay(s), local {vtep}")
 
     def check_overlays(self) -> Check:
         try:
             wanted = {n.vni for n in self._local_networks()}
             have = self.dataplane.networks()
             endpoints = self._local_endpoints()
-            problems, notes = [], []
-            for vni in sorted(wanted - have):
-                problems.append(f"VNI {vni}: no namespace {self.dataplane.netns_name(vni)}: containers on it "
-                                "are cut off; restart the plugin (its start re-creates it)")
-            for vni in sorted(have - wanted):
-                problems.append(f"VNI {vni}: namespace {self.dataplane.netns_name(vni)} is not in the store: "
-                                "debris; restart the plugin (its start removes it)")
-            for vni in sorted(wanted & have):
-                known = {e.endpoint_id[:10] for e in endpoints if e.vni == vni}
-                veths = self.dataplane.endpoints(vni)
-                for stale in sorted(veths - known):
-                    problems.append(f"VNI {vni}: veth pyb{stale} belongs to no endpoint in the store: "
-                                    "debris; restart the plugin (its start removes it)")
-                for missing in sorted(known - veths):
-                    notes.append(f"VNI {vni}: endpoint {missing} has no interface (its container is not "
-                                 "started yet, or it was lost: restart the container)")
+            store = StoreView(networks=wanted, endpoints={
+                vni: {e.endpoint_id[:10] for e in endpoints if e.vni == vni} for vni in wanted})
+            found = drift(store, KernelView(namespaces=have, veths={
+                vni: self.dataplane.endpoints(vni) for vni in wanted & have}))
         except (StoreError, DataplaneError, OSError) as e:
             return Check("overlays", FAIL, f"cannot compare: {e}")
+        problems, notes = [], []
+        for vni in found.missing_namespaces:
+            problems.append(f"VNI {vni}: no namespace {self.dataplane.netns_name(vni)}: containers on it "
+                            "are cut off; restart the plugin (its start re-creates it)")
+        for vni in found.stale_namespaces:
+            problems.append(f"VNI {vni}: namespace {self.dataplane.netns_name(vni)} is not in the store: "
+                            "debris; restart the plugin (its start removes it)")
+        for vni in sorted(wanted & have):
+            for stale in found.stale_veths.get(vni, ()):
+                problems.append(f"VNI {vni}: veth pyb{stale} belongs to no endpoint in the store: "
+                                "debris; restart the plugin (its start removes it)")
+            for missing in found.missing_veths.get(vni, ()):
+                notes.append(f"VNI {vni}: endpoint {missing} has no interface (its container is not "
+                             "started yet, or it was lost: restart the container)")
         details = problems + notes
         status = FAIL if problems else (WARN if notes else OK)
         summary = f"{len(wanted)} overlay(s) in the store, {len(have)} in the kernel"
@@ -238,24 +213,23 @@ class Doctor:
         try:
             expected: dict[int, set[Peer]] = {}
             for vni, _, record in self.state.peers():
-                peer = _peer(record)
-                if peer.vtep != self.host:
-                    expected.setdefault(vni, set()).add(peer)
+                expected.setdefault(vni, set()).add(record)
+            wanted = {n.vni for n in self._local_networks()}
             have = self.dataplane.networks()
-            missing, stale, total = [], [], 0
-            for vni in sorted({n.vni for n in self._local_networks()} & have):
-                want = expected.get(vni, set())
-                kernel = {_peer(p) for p in self.dataplane.peers(vni)}
-                total += len(want)
-                missing += [f"VNI {vni}: missing {_fmt(p)}" for p in sorted(want - kernel, key=_fmt)]
-                stale += [f"VNI {vni}: stale {_fmt(p)}" for p in sorted(kernel - want, key=_fmt)]
+            kernel = KernelView(namespaces=have, peers={vni: self.dataplane.peers(vni) for vni in wanted & have})
+            found = drift(StoreView(networks=wanted, peers=expected, vtep=self.host), kernel)
         except (StoreError, DataplaneError, OSError) as e:
             return Check("peers", FAIL, f"cannot compare: {e}")
+        missing, stale = [], []
+        for vni in sorted(kernel.peers):
+            missing += [f"VNI {vni}: missing {_fmt(p)}" for p in sorted(found.missing_peers.get(vni, ()), key=_fmt)]
+            stale += [f"VNI {vni}: stale {_fmt(p)}" for p in sorted(found.stale_peers.get(vni, ()), key=_fmt)]
         if missing or stale:
             return Check("peers", FAIL,
                          f"{len(missing)} missing and {len(stale)} stale FDB/neighbour entries: traffic to "
                          "those containers is lost or misdirected; restart the plugin (its start reconciles "
                          "the kernel with the store)", missing + stale)
+        total = sum(map(len, kernel.peers.values()))  # no drift: the kernel holds exactly the store's
         return Check("peers", OK, f"the kernel holds exactly the store's {total} remote peer(s)")
 
     def check_engine(self) -> Check:
@@ -387,7 +361,7 @@ def _run(args) -> int:
     except (ValueError, DataplaneError) as e:
         print(f"pyoverlay: {e}", file=sys.stderr)
         return 1
-    dataplane = Dataplane(local_addr=host, vxlan_port=args.vxlan_port)
+    dataplane = Dataplane(vtep=host, vxlan_port=args.vxlan_port)
     engine = None if args.no_engine else Engine(args.docker_host, timeout=SOCKET_TIMEOUT)
     driver = os.path.basename(args.socket).removesuffix(".sock")
     try:

@@ -18,7 +18,7 @@ from gunicorn.app.base import BaseApplication
 
 from driver.catalog import Catalog
 from driver.dataplane import Dataplane
-from driver.firewall import Firewall
+from driver.dataplane.firewall import Firewall
 from driver.engine import Engine
 from driver.events import EventPump
 from driver.ipam import Ipam
@@ -88,7 +88,7 @@ class Runtime:
         if self.metrics is not None:
             self.store = self.metrics.wrap_store(self.store)
         host = config.advertise_addr
-        self.dataplane = Dataplane(local_addr=config.advertise_addr, vxlan_port=config.vxlan_port)
+        self.dataplane = Dataplane(vtep=config.advertise_addr, vxlan_port=config.vxlan_port)
         self.peers = PeerSync(self.store, self.dataplane, vtep=config.advertise_addr, metrics=self.metrics)
         # Only peer hosts' VTEPs may send VXLAN here; peer sync keeps the set.
         self.firewall = Firewall(port=config.vxlan_port)

@@ -86,7 +86,7 @@ class PluginUnderTest:
     def __init__(self, host: HostNamespace, store_url: str = "memory://"):
         self.host = host
         self.store = open_store(store_url)
-        self.dataplane = Dataplane(local_addr=host.addr, host_netns=host.name, netns_dir=host.netns_dir)
+        self.dataplane = Dataplane(vtep=host.addr, host_netns=host.name, netns_dir=host.netns_dir)
         self.peers = PeerSync(self.store, self.dataplane, vtep=host.addr)
         state = State(self.store)
         self.network = NetworkDriver(state, self.dataplane, self.peers, host=host.addr, vtep=host.addr)

@@ -1,4 +1,4 @@
-"""The cluster resolver's kernel side (driver/dnsplane.py, Dataplane.add_dns_address)
+"""The cluster resolver's kernel side (driver/dataplane/dnsplane.py, Dataplane.add_dns_address)
 against the real kernel, in throw-away namespaces (tests/test_dataplane.py's lab):
 a "container" with the /32 route Join hands the engine reaches a socket
 listen() made inside the overlay namespace, over br0, from its overlay address."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import threading
 
-from driver import dnsplane
+from driver.dataplane import dnsplane
 from tests.test_dataplane import _destroy, a, container, ip_json, lab, mac, network, run  # noqa: F401 (fixtures)
 
 DNS = "169.254.53.53"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from werkzeug.serving import make_server
 
+from driver.dataplane import Dataplane
 from driver.membership import Membership
 from driver.model import Peer
 from driver.state import peer_key
@@ -127,6 +128,28 @@ def test_reports_debris_in_an_overlay_namespace(plugin, served, overlay):
     assert found["overlays"].details == [
         f"VNI {vni}: veth pyb0123456789 belongs to no endpoint in the store: debris; restart the plugin "
         "(its start removes it)"]
+
+
+def test_reports_a_vxlan_device_on_another_port_or_missing(plugin, served, overlay):
+    """The settings come from the dataplane's own read (vxlan_settings), the
+    comparison from driver/drift.py: a plugin restarted with another
+    --vxlan-port is told so, and so is a namespace without its vxlan0."""
+    vni, _ = overlay
+    other_port = Dataplane(vtep=plugin.host.addr, vxlan_port=8472, host_netns=plugin.host.name,
+                           netns_dir=plugin.host.netns_dir)
+    try:
+        check = Doctor(plugin.store, plugin.host.addr, other_port).check_vxlan_port(store_ok=True)
+    finally:
+        other_port.close()
+    assert check.status == FAIL and check.summary == "1 of 1 overlays are not on UDP 8472"
+    assert check.details == [
+        f"VNI {vni}: vxlan0 has id {vni}, port 4789, local {plugin.host.addr}; expected {vni}, 8472, "
+        f"{plugin.host.addr}: was the plugin restarted with other --vxlan-port/--advertise-addr? Recreate the network"]
+    in_overlay(plugin, vni, "ip", "link", "del", "vxlan0")
+    check = Doctor(plugin.store, plugin.host.addr, plugin.dataplane).check_vxlan_port(store_ok=True)
+    assert check.status == FAIL
+    assert check.details == [f"VNI {vni}: {plugin.dataplane.netns_name(vni)} has no vxlan0: "
+                             "delete the network and create it again"]
 
 
 def test_socket_absent_or_silent(plugin, tmp_path):

@@ -27,7 +27,7 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
 from driver.dataplane import Dataplane
-from driver.firewall import CHAIN, TABLE, Firewall
+from driver.dataplane.firewall import CHAIN, TABLE, Firewall
 from driver.ipam import Ipam
 from driver.network import NetworkDriver
 from driver.peersync import PeerSync

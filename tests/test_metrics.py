@@ -37,7 +37,7 @@ class MeteredPlugin(PluginUnderTest):
         self.metrics = Metrics()
         self.raw_store = open_store("memory://")
         self.store = self.metrics.wrap_store(self.raw_store)
-        self.dataplane = Dataplane(local_addr=host.addr, host_netns=host.name, netns_dir=host.netns_dir)
+        self.dataplane = Dataplane(vtep=host.addr, host_netns=host.name, netns_dir=host.netns_dir)
         self.peers = PeerSync(self.store, self.dataplane, vtep=host.addr, metrics=self.metrics)
         self.metrics.track_peers(self.peers.programmed)
         state = State(self.store)
