@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from .commands import add_operator_commands
+from ops.commands import add_operator_commands
 from .logs import use_json
 
 DEFAULT_SOCKET = "/run/docker/plugins/pyoverlay.sock"
@@ -110,7 +110,7 @@ def _dns_flags_problem(args) -> str:
 
 
 def _add_dns_config_command(commands) -> None:
-    from .dnsconfig import add_parser
+    from ops.dnsconfig import add_parser
 
     add_parser(commands, _env, DEFAULT_DNS_ADDR)
 

@@ -12,7 +12,7 @@ from driver.engine import EngineNetworkInfo, EngineRefused
 from driver.model import Network
 from driver.state import CATALOG, engine_network_key, network_key
 from driver.store import open_store
-from plugin.doctor import FAIL, Doctor
+from ops.doctor import FAIL, Doctor
 
 H1 = "10.99.0.1"
 NET = "n" * 64

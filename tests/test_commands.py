@@ -23,9 +23,9 @@ from driver.state import (
     subnet_index_key,
 )
 from driver.store import open_store
-from plugin import commands
+from ops import commands
 from plugin.cli import main
-from plugin.commands import CommandError, collect_status, network_create, network_rm, render_status
+from ops.commands import CommandError, collect_status, network_create, network_rm, render_status
 from tests.hosts import wait_for
 
 NOW = 1_700_000_000.0

@@ -34,7 +34,7 @@ from driver.network import VXLAN_OVERHEAD
 from driver.state import CATALOG, PEERS, engine_prefix, host_key
 from driver.store.base import Store, StoreError
 
-from .client import call
+from plugin.client import call
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 SOCKET_TIMEOUT = 5.0
@@ -360,7 +360,7 @@ def exit_status(checks: list[Check]) -> int:
 
 
 def add_parser(commands, with_store) -> None:
-    from .cli import DEFAULT_SOCKET, _env
+    from plugin.cli import DEFAULT_SOCKET, _env
 
     doctor = with_store(commands.add_parser("doctor", help="check this host against the store"))
     doctor.add_argument("--socket", default=_env("SOCKET", DEFAULT_SOCKET))
