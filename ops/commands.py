@@ -23,10 +23,14 @@ from driver.catalog import EngineNetwork, NamedNetwork
 from driver.errors import DriverError
 from driver.ipam import parse_subnet
 from driver.lastseen import LastSeen
-from driver.model import Endpoint, Host, Overlay, Pool, SubnetClaim
+from driver.model import Block, Endpoint, Host, Overlay, Pool, SubnetClaim
 from driver.network import MIN_MTU, VNI_AUTO_START, VNI_MAX, VNI_MIN
 from driver.state import CATALOG, ENGINE, SEEN, catalog_key, overlay_key, pool_key, subnet_index_key
+from driver.state import ADDRESSES, BLOCKS, NAMES, NameRecord, parse_name_key, parse_pool_key
 from driver.store.base import Store, StoreError
+
+from . import doctor
+from .storeargs import open_store_from  # noqa: F401 (commands.open_store_from, as before the move)
 
 # Docker's own rule for network names.
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
@@ -297,8 +301,6 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
 
 def _add_names(store: Store, networks: list[dict]) -> None:
     """Each network's DNS names (the cluster resolver's records), as "names"."""
-    from driver.state import NAMES, NameRecord, parse_name_key
-
     by_vni: dict[int, list[dict]] = defaultdict(list)
     for key, rec in _records(store, NAMES, NameRecord).items():
         try:
@@ -353,9 +355,6 @@ def render_status(status: dict, now: Optional[float] = None) -> str:
 def collect_blocks(store: Store, alive: set) -> list[dict]:
     """Every address block: its pool, holder, whether the holder is alive, and
     how many of its addresses are in use (by anyone: others may borrow)."""
-    from driver.model import Block
-    from driver.state import ADDRESSES, BLOCKS, parse_pool_key
-
     used: dict[str, list[ipaddress.IPv4Address]] = defaultdict(list)
     for kv in store.list(ADDRESSES)[0]:
         subnet, ip = parse_pool_key(kv.key, ADDRESSES)
@@ -388,8 +387,6 @@ def render_blocks(blocks: list[dict]) -> list[str]:
 # -- argparse glue -----------------------------------------------------------------
 
 def add_operator_commands(commands, add_store_flags: Callable[[argparse.ArgumentParser], None]) -> None:
-    from . import doctor
-
     def with_store(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         add_store_flags(parser)
         parser.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -418,14 +415,6 @@ def add_operator_commands(commands, add_store_flags: Callable[[argparse.Argument
     status.set_defaults(run=_run_status)
 
     doctor.add_parser(commands, with_store)
-
-
-def open_store_from(args):
-    from driver.store import open_store
-
-    return open_store(args.store, prefix=args.etcd_prefix, cacert=args.etcd_cacert,
-                      cert=args.etcd_cert, key=args.etcd_key,
-                      user=args.etcd_user, password=args.etcd_password)
 
 
 def _guarded(fn):
