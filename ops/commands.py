@@ -19,12 +19,11 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
+from driver import rules
 from driver.catalog import EngineNetwork, NamedNetwork
 from driver.errors import DriverError
-from driver.ipam import parse_subnet
 from driver.lastseen import LastSeen
 from driver.model import Block, Endpoint, Host, Overlay, Pool, SubnetClaim
-from driver.network import MIN_MTU, VNI_AUTO_START, VNI_MAX, VNI_MIN
 from driver.state import CATALOG, ENGINE, SEEN, catalog_key, overlay_key, pool_key, subnet_index_key
 from driver.state import ADDRESSES, BLOCKS, NAMES, NameRecord, parse_name_key, parse_pool_key
 from driver.store.base import Store, StoreError
@@ -67,65 +66,52 @@ def alive_hosts(store: Store) -> dict[str, Host]:
 # -- network create ------------------------------------------------------------
 
 def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni: Optional[int] = None,
-                   mtu: Optional[int] = None, internal: bool = False) -> NamedNetwork:
-    """Check and write catalog/<name>; every host's catalog creates the network."""
+                   mtu: Optional[int] = None, internal: bool = False,
+                   options: Optional[dict[str, str]] = None) -> NamedNetwork:
+    """Check and write catalog/<name>; every host's catalog creates the network.
+
+    options: `-o KEY=VALUE` as `docker network create` takes them (vni, the
+    MTU); vni and mtu are the same given as --vni/--mtu. The checks are the
+    driver's own (driver/rules.py), so a refusal reads as docker's would."""
     if not _NAME.match(name):
         raise CommandError(f"network name {name!r} is not valid: use letters, digits, '_', '.', '-', "
                            "starting with a letter or digit")
     try:
-        net = parse_subnet(subnet)
+        options = _options(options, vni, mtu)
+        net = rules.parse_subnet(subnet)
+        subnet = str(net)
+        if store.get(catalog_key(name)) is not None:
+            raise CommandError(f"a network named {name} already exists in the catalog; "
+                               f"remove it first (pyoverlay network rm {name}) or pick another name")
+        mtu = rules.mtu_option(options)  # each host checks its own underlay when it creates the network
+        vni = rules.vni_option(options)
+        catalog = _records(store, CATALOG, NamedNetwork)
+        for other in catalog.values():
+            if ipaddress.ip_network(other.subnet).overlaps(net):
+                raise CommandError(f"subnet {subnet} overlaps {other.subnet} of network {other.name}; "
+                                   "choose another --subnet")
+        rules.check_overlap(net, (pool.subnet for pool in _records(store, "pools/", Pool).values()))
+
+        claim_kv = store.get(subnet_index_key(subnet))
+        claim = SubnetClaim.from_json(claim_kv.value).vni if claim_kv else None
+        if vni is not None:
+            rules.check_subnet_vni(subnet, vni, claim)
+            overlay_kv = store.get(overlay_key(vni))
+            rules.check_vni_subnet(vni, subnet, Overlay.from_json(overlay_kv.value).subnet if overlay_kv else None)
+            if any(o.vni == vni and o.name != name for o in catalog.values()):
+                raise CommandError(f"VNI {vni} is already used by another network in the catalog; "
+                                   f"choose another -o {rules.OPT_VNI}")
+        else:
+            vni = claim or _free_vni(store, catalog.values())
+
+        wanted = rules.usable_address(net, gateway) if gateway else None
+        pool_kv = store.get(pool_key(subnet))
+        shared = Pool.from_json(pool_kv.value).gateway if pool_kv else ""
+        rules.check_gateway(net, wanted, shared)
+        # The same default the IPAM picks, so every host's inspect shows the same.
+        gateway = str(wanted or shared or rules.default_gateway(net))
     except DriverError as e:
         raise CommandError(str(e)) from None
-    subnet = str(net)
-    if store.get(catalog_key(name)) is not None:
-        raise CommandError(f"a network named {name} already exists in the catalog; "
-                           f"remove it first (pyoverlay network rm {name}) or pick another name")
-    if mtu is not None and not MIN_MTU <= mtu <= 65535:
-        raise CommandError(f"--mtu {mtu} is not valid: use {MIN_MTU} to 65535 (and at most each host's "
-                           "underlay MTU minus 50)")
-    catalog = _records(store, CATALOG, NamedNetwork)
-    for other in catalog.values():
-        if ipaddress.ip_network(other.subnet).overlaps(net):
-            raise CommandError(f"subnet {subnet} overlaps {other.subnet} of network {other.name}; "
-                               "choose another --subnet")
-    for pool in _records(store, "pools/", Pool).values():
-        theirs = ipaddress.ip_network(pool.subnet)
-        if theirs != net and theirs.overlaps(net):
-            raise CommandError(f"subnet {subnet} overlaps {pool.subnet}, already used by a pyoverlay "
-                               "network; choose another --subnet")
-
-    claim_kv = store.get(subnet_index_key(subnet))
-    claim = SubnetClaim.from_json(claim_kv.value).vni if claim_kv else None
-    if vni is not None:
-        if not VNI_MIN <= vni <= VNI_MAX:
-            raise CommandError(f"--vni {vni} is not valid: use {VNI_MIN} to {VNI_MAX}")
-        if claim is not None and claim != vni:
-            raise CommandError(f"subnet {subnet} is already used by the overlay with VNI {claim}; "
-                               f"use --vni {claim} or another --subnet")
-        overlay_kv = store.get(overlay_key(vni))
-        if overlay_kv and Overlay.from_json(overlay_kv.value).subnet != subnet:
-            raise CommandError(f"VNI {vni} is already used by the overlay on "
-                               f"{Overlay.from_json(overlay_kv.value).subnet}; choose another --vni")
-        if any(o.vni == vni and o.name != name for o in catalog.values()):
-            raise CommandError(f"VNI {vni} is already used by another network in the catalog; "
-                               "choose another --vni")
-    else:
-        vni = claim or _free_vni(store, catalog.values())
-
-    if gateway:
-        try:
-            gw = ipaddress.ip_address(gateway)
-        except ValueError:
-            raise CommandError(f"--gateway {gateway!r} is not an IPv4 address") from None
-        if gw not in net or gw in (net.network_address, net.broadcast_address):
-            raise CommandError(f"--gateway {gateway} is not a usable address of {subnet}")
-    pool_kv = store.get(pool_key(subnet))
-    shared = Pool.from_json(pool_kv.value).gateway if pool_kv else ""
-    if gateway and shared and gateway != shared:
-        raise CommandError(f"the overlay on {subnet} already has gateway {shared}; use --gateway {shared} "
-                           "or leave it out")
-    # The same default the IPAM picks, so every host's inspect shows the same.
-    gateway = gateway or shared or str(next(net.hosts()))
 
     entry = NamedNetwork(name, subnet, gateway, vni, mtu or 0, internal, origin="cli")
     if not store.txn({catalog_key(name): 0}, put={catalog_key(name): entry.to_json()}):
@@ -134,9 +120,30 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
     return entry
 
 
+#: The -o options `pyoverlay network create` takes (block_size is per overlay, not in the catalog).
+CREATE_OPTIONS = (rules.OPT_VNI, rules.OPT_MTU)
+
+
+def _options(options: Optional[dict[str, str]], vni: Optional[int], mtu: Optional[int]) -> dict[str, str]:
+    """-o KEY=VALUE merged with --vni/--mtu, which are the same options."""
+    merged = dict(options or {})
+    unknown = sorted(set(merged) - set(CREATE_OPTIONS))
+    if unknown:
+        raise CommandError(f"unknown option {', '.join('-o ' + u for u in unknown)}; pyoverlay network create "
+                           f"accepts -o {rules.OPT_VNI}=<{rules.VNI_MIN}-{rules.VNI_MAX}> and "
+                           f"-o {rules.OPT_MTU}=<bytes> (or --vni, --mtu)")
+    for key, flag, value in ((rules.OPT_VNI, "--vni", vni), (rules.OPT_MTU, "--mtu", mtu)):
+        if value is None:
+            continue
+        if key in merged and str(merged[key]) != str(value):
+            raise CommandError(f"{flag} {value} and -o {key}={merged[key]} disagree: give it once")
+        merged[key] = str(value)
+    return merged
+
+
 def _free_vni(store: Store, catalog: Iterable[NamedNetwork]) -> int:
     used = {o.vni for o in _records(store, "overlays/", Overlay).values()} | {c.vni for c in catalog}
-    return next(v for v in range(VNI_AUTO_START, VNI_MAX + 1) if v not in used)
+    return rules.free_vni(used)
 
 
 @dataclass
@@ -398,8 +405,12 @@ def add_operator_commands(commands, add_store_flags: Callable[[argparse.Argument
     create.add_argument("name")
     create.add_argument("--subnet", required=True, help="IPv4 CIDR, for example 10.20.0.0/24")
     create.add_argument("--gateway", default="", help="default: the subnet's first address")
-    create.add_argument("--vni", type=int, help=f"VXLAN network identifier (default: a free one from {VNI_AUTO_START})")
-    create.add_argument("--mtu", type=int, help="overlay MTU (default: each host's underlay MTU minus 50)")
+    create.add_argument("--vni", type=int, help="VXLAN network identifier, the same as -o vni=N "
+                                                "(default: a free one from %d)" % rules.VNI_AUTO_START)
+    create.add_argument("--mtu", type=int, help=f"overlay MTU, the same as -o {rules.OPT_MTU}=N "
+                                                f"(default: each host's underlay MTU minus {rules.VXLAN_OVERHEAD})")
+    create.add_argument("-o", "--opt", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                        help=f"as docker network create's: {rules.OPT_VNI}, {rules.OPT_MTU}")
     create.add_argument("--internal", action="store_true", help="no way out of the overlay")
     create.add_argument("--wait", type=float, default=10.0,
                         help="seconds to wait for the hosts to create it (default %(default)s; 0: do not wait)")
@@ -415,6 +426,13 @@ def add_operator_commands(commands, add_store_flags: Callable[[argparse.Argument
     status.set_defaults(run=_run_status)
 
     doctor.add_parser(commands, with_store)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (for example -o {rules.OPT_VNI}=5000)")
+    return key, value
 
 
 def _guarded(fn):
@@ -441,7 +459,8 @@ def _print_results(title: str, results: list[HostResult], as_json: bool, extra: 
 def _run_create(args) -> int:
     store = open_store_from(args)
     try:
-        entry = network_create(store, args.name, args.subnet, args.gateway, args.vni, args.mtu, args.internal)
+        entry = network_create(store, args.name, args.subnet, args.gateway, args.vni, args.mtu, args.internal,
+                               options=dict(args.opt))
         results = wait_created(store, args.name, args.wait) if args.wait > 0 else []
     finally:
         store.close()

@@ -31,7 +31,7 @@ from driver.dataplane import Dataplane, DataplaneError, default_route_address
 from driver.defaults import DRIVER_NAME
 from driver.engine import Engine, EngineRefused, EngineUnavailable
 from driver.model import Endpoint, Network, Peer
-from driver.network import VXLAN_OVERHEAD
+from driver.rules import VXLAN_OVERHEAD
 from driver.state import CATALOG, PEERS, engine_prefix, host_key
 from driver.store.base import Store, StoreError
 
