@@ -9,7 +9,7 @@ import sys
 
 from driver.dataplane import default_route_address
 from driver.dns.upstreams import parse_upstreams
-from ops.commands import add_operator_commands
+from ops.commandline import add_operator_commands
 from ops.dnsconfig import add_parser as add_dns_config_parser
 
 from .logs import use_json
