@@ -21,6 +21,7 @@ RUN apt-get update \
 COPY setup.cfg pyproject.toml README.md /src/
 COPY plugin /src/plugin
 COPY driver /src/driver
+COPY ops /src/ops
 # The mkdir: the engine mounts its runtime directory (the socket) and the
 # state directory there.
 RUN python3 -m venv /opt/pyoverlay \

@@ -13,40 +13,18 @@ import logging
 import time
 from typing import Callable, Iterable, Optional
 
+from . import rules
 from .blocks import DEFAULT_GRACE, BlockAllocator, default_block_size
+from .defaults import ADDRESS_SPACE, DEFAULT_POOL
 from .errors import DriverError
+from .rules import parse_ip, parse_subnet  # noqa: F401 (importable from here as before)
 from .model import Address, Pool
 from .state import State
 
 log = logging.getLogger(__name__)
 
-ADDRESS_SPACE = "pyoverlay"
 GATEWAY_REQUEST = "com.docker.network.gateway"
 REQUEST_ADDRESS_TYPE = "RequestAddressType"
-
-
-def parse_subnet(text: str, what: str = "subnet") -> ipaddress.IPv4Network:
-    try:
-        net = ipaddress.ip_network(text, strict=True)
-    except ValueError:
-        raise DriverError(
-            f"{what} {text!r} is not a valid IPv4 network in CIDR form such as 10.20.0.0/24"
-        ) from None
-    if net.version != 4:
-        raise DriverError("pyoverlay does not support IPv6 yet; create the network without --ipv6")
-    if net.prefixlen > 30:
-        raise DriverError(f"{what} {text} is too small: use a /30 or larger")
-    return net
-
-
-def parse_ip(text: str) -> ipaddress.IPv4Address:
-    try:
-        ip = ipaddress.ip_interface(text).ip  # the engine sends both "a.b.c.d" and "a.b.c.d/n"
-    except ValueError:
-        raise DriverError(f"{text!r} is not a valid IPv4 address") from None
-    if ip.version != 4:
-        raise DriverError("pyoverlay does not support IPv6 yet; leave out --ip6 and --ipv6")
-    return ip
 
 
 class Ipam:
@@ -54,7 +32,7 @@ class Ipam:
         self,
         state: State,
         host: str,
-        default_pool: str = "10.213.0.0/16",
+        default_pool: str = DEFAULT_POOL,
         default_prefixlen: int = 24,
         host_routes: Callable[[], Iterable[str]] = lambda: (),
         block_grace: float = DEFAULT_GRACE,
@@ -155,13 +133,7 @@ class Ipam:
         return self.state.pools()
 
     def _check_overlap(self, subnet: ipaddress.IPv4Network) -> None:
-        for other in self._pools():
-            net = ipaddress.ip_network(other.subnet)
-            if net != subnet and net.overlaps(subnet):
-                raise DriverError(
-                    f"subnet {subnet} overlaps {net}, already used by a pyoverlay network; "
-                    "choose a --subnet that does not overlap it"
-                )
+        rules.check_overlap(subnet, (p.subnet for p in self._pools()))
 
     def _hold_free_subnet(self) -> ipaddress.IPv4Network:
         taken = [ipaddress.ip_network(p.subnet) for p in self._pools()]
@@ -233,10 +205,7 @@ class Ipam:
             self.blocks.released(subnet, ip)
 
     def _in_subnet(self, subnet: ipaddress.IPv4Network, address: str) -> ipaddress.IPv4Address:
-        ip = parse_ip(address)
-        if ip not in subnet or ip in (subnet.network_address, subnet.broadcast_address):
-            raise DriverError(f"address {ip} is not a usable address of {subnet}")
-        return ip
+        return rules.usable_address(subnet, address)
 
     def _claim_gateway(self, pool: Pool, subnet, address: str) -> ipaddress.IPv4Address:
         wanted = self._in_subnet(subnet, address) if address else None
@@ -244,12 +213,8 @@ class Ipam:
         def set_gateway(current: Optional[Pool]) -> Pool:
             if current is None or self.host not in current.hosts:
                 raise DriverError(f"pool {subnet} was released meanwhile; create the network again")
-            if current.gateway and wanted and str(wanted) != current.gateway:
-                raise DriverError(
-                    f"the pyoverlay network on {subnet} already has gateway {current.gateway} "
-                    f"on other hosts; use --gateway {current.gateway} or leave --gateway out"
-                )
-            current.gateway = current.gateway or str(wanted or next(subnet.hosts()))
+            rules.check_gateway(subnet, wanted, current.gateway)
+            current.gateway = current.gateway or str(wanted or rules.default_gateway(subnet))
             return current
 
         pool = self.state.update_pool(str(subnet), set_gateway)

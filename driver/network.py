@@ -14,10 +14,14 @@ from collections import defaultdict
 from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
+from . import rules
 from .blocks import check_block_size, default_block_size
+from .defaults import ADDRESS_SPACE, DRIVER_NAME
 from .drift import KernelView, StoreView, drift
 from .errors import DriverError
-from .ipam import ADDRESS_SPACE, parse_ip, parse_subnet
+from .rules import (  # noqa: F401 (the rules' names, importable from here as before)
+    MIN_MTU, OPT_MTU, OPT_VNI, VNI_AUTO_START, VNI_MAX, VNI_MIN, VXLAN_OVERHEAD, parse_ip, parse_subnet,
+)
 from .model import Address, Endpoint, Network, Overlay
 from .state import State
 
@@ -31,15 +35,8 @@ OPT_IPV6 = "com.docker.network.enable_ipv6"
 #: Docker 28+: false with --ipv4=false, when the engine requests no IPv4 pool.
 OPT_IPV4 = "com.docker.network.enable_ipv4"
 OPT_INTERNAL = "com.docker.network.internal"
-OPT_MTU = "com.docker.network.driver.mtu"
-OPT_VNI = "vni"
 OPT_BLOCK_SIZE = "block_size"  # prefix length of the per-host address blocks (driver/blocks.py)
 ACCEPTED_OPTIONS = (OPT_VNI, OPT_MTU, OPT_BLOCK_SIZE)
-
-VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
-MIN_MTU = 576  # the smallest datagram every IPv4 host must accept
-VNI_MIN, VNI_MAX = 1, 2**24 - 1
-VNI_AUTO_START = 4096  # as Docker's overlay, away from hand-picked low VNIs
 
 
 class PeerTable(Protocol):
@@ -69,21 +66,9 @@ def endpoint_mac(ip: ipaddress.IPv4Address) -> str:
     return "02:50:" + ":".join(f"{b:02x}" for b in ip.packed)
 
 
-def _int_option(options: dict, name: str, low: int, high: int, meaning: str) -> Optional[int]:
-    if name not in options:
-        return None
-    value = options[name]
-    try:
-        number = int(str(value), 10)
-    except ValueError:
-        number = None
-    if number is None or not low <= number <= high:
-        raise DriverError(f"-o {name}={value} is not valid: {meaning} must be a whole number from {low} to {high}")
-    return number
-
-
 class NetworkDriver:
-    def __init__(self, state: State, dataplane: KernelLayer, peers: PeerTable, host: str, vtep: str, name: str = "pyoverlay",
+    def __init__(self, state: State, dataplane: KernelLayer, peers: PeerTable, host: str, vtep: str,
+                 name: str = DRIVER_NAME,
                  dns: Optional[DnsListeners] = None):
         self.state = state
         self.dns = dns  # None: --no-dns
@@ -131,8 +116,8 @@ class NetworkDriver:
         if OPT_BLOCK_SIZE in generic:
             block_size = check_block_size(ipaddress.ip_network(subnet), generic[OPT_BLOCK_SIZE])
         max_mtu = self.dataplane.underlay_mtu() - VXLAN_OVERHEAD
-        vni = _int_option(generic, OPT_VNI, VNI_MIN, VNI_MAX, "the VXLAN network identifier")
-        mtu = _int_option(generic, OPT_MTU, MIN_MTU, max_mtu, f"the MTU (the underlay carries at most {max_mtu} inside VXLAN)")
+        vni = rules.vni_option(generic)
+        mtu = rules.mtu_option(generic, max_mtu)
 
         if self.state.network(network_id):
             return  # the engine repeated itself
@@ -177,11 +162,7 @@ class NetworkDriver:
         """Find or make the overlay for this subnet/VNI and record this host on it."""
         for _ in range(20):
             claim = self.state.subnet_claim(subnet)
-            if vni is not None and claim is not None and claim.vni != vni:
-                raise DriverError(
-                    f"subnet {subnet} is already used by the pyoverlay network with VNI "
-                    f"{claim.vni}; use -o {OPT_VNI}={claim.vni} or another --subnet"
-                )
+            rules.check_subnet_vni(subnet, vni, claim.vni if claim else None)
             target = vni if vni is not None else (claim.vni if claim else self._free_vni())
             overlay = self.state.overlay(target)
             if overlay is None:
@@ -194,28 +175,15 @@ class NetworkDriver:
             def join(current: Optional[Overlay]) -> Overlay:
                 if current is None:
                     raise _Retry()
-                if current.subnet != subnet:
-                    raise DriverError(
-                        f"VNI {target} is already used by the pyoverlay network on "
-                        f"{current.subnet}; choose another -o {OPT_VNI} or use --subnet {current.subnet}"
-                    )
-                if mtu is not None and mtu != current.mtu:
-                    raise DriverError(
-                        f"the pyoverlay network with VNI {target} uses MTU {current.mtu} on other "
-                        f"hosts; use -o {OPT_MTU}={current.mtu} or leave the option out"
-                    )
+                rules.check_vni_subnet(target, subnet, current.subnet)
+                rules.check_overlay_mtu(target, mtu, current.mtu)
                 used = current.block_size or default_block_size(ipaddress.ip_network(subnet))
                 if block_size is not None and block_size != used:
                     raise DriverError(
                         f"the pyoverlay network with VNI {target} uses address blocks of "
                         f"/{used} on other hosts; use -o {OPT_BLOCK_SIZE}={used} or leave the option out"
                     )
-                if current.mtu > max_mtu:
-                    raise DriverError(
-                        f"the pyoverlay network with VNI {target} uses MTU {current.mtu}, but this "
-                        f"host's underlay carries at most {max_mtu} inside VXLAN; recreate the "
-                        f"network everywhere with -o {OPT_MTU}={max_mtu}"
-                    )
+                rules.check_underlay_carries(target, current.mtu, max_mtu)
                 other = current.networks.get(self.host)
                 if other and other != network_id:
                     raise DriverError(
@@ -233,8 +201,7 @@ class NetworkDriver:
         raise DriverError("the store is too busy to create the network; retry the command")
 
     def _free_vni(self) -> int:
-        used = {o.vni for o in self.state.overlays()}
-        return next(v for v in range(VNI_AUTO_START, VNI_MAX + 1) if v not in used)
+        return rules.free_vni({o.vni for o in self.state.overlays()})
 
     def _leave_overlay(self, vni: int, network_id: str) -> None:
         def leave(current: Optional[Overlay]) -> Optional[Overlay]:

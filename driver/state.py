@@ -438,6 +438,13 @@ class State:
         """Delete catalog/<name> if it is still at that revision."""
         return self.delete_if_unchanged(catalog_key(name), revision)
 
+    def catalog_entries(self) -> dict[str, NamedNetwork]:
+        return {name: entry for name, entry, _ in self._entries(CATALOG, NamedNetwork)}
+
+    def every_engine_network(self) -> dict[tuple[str, str], EngineNetwork]:
+        """(host, name) -> what that host's engine holds under that catalog name."""
+        return {(rec.host, rec.name): rec for _, rec, _ in self._entries(ENGINE, EngineNetwork)}
+
     def engine_networks(self, host: str) -> dict[str, EngineNetwork]:
         """engine/<host>/: name -> record. These are the host's own records,
         which its catalog writes again: one that does not decode is dropped."""
@@ -455,9 +462,12 @@ class State:
 
     def names_of(self, host: str) -> dict[tuple[int, str], NameRecord]:
         """names/ records one host published: (vni, endpoint ID) -> record."""
+        return {key: rec for key, rec in self.names().items() if rec.host == host}
+
+    def names(self) -> dict[tuple[int, str], NameRecord]:
+        """Every host's names/ records: (vni, endpoint ID) -> record."""
         kvs, _ = self.store.list(NAMES)
-        return {_vni_key(kv.key, NAMES): rec for kv in kvs
-                if (rec := decode_name(kv.key, kv.value)) is not None and rec.host == host}
+        return {_vni_key(kv.key, NAMES): rec for kv in kvs if (rec := decode_name(kv.key, kv.value)) is not None}
 
     def put_name(self, vni: int, endpoint_id: str, record: NameRecord, lease: int = 0) -> None:
         self.store.put(name_key(vni, endpoint_id), record.to_json(), lease=lease)

@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
-import os
 import sys
 
-from .commands import add_operator_commands
+from driver.dataplane import default_route_address
+from driver.dns.upstreams import parse_upstreams
+from ops.commandline import add_operator_commands
+from ops.dnsconfig import add_parser as add_dns_config_parser
+
 from .logs import use_json
-
-DEFAULT_SOCKET = "/run/docker/plugins/pyoverlay.sock"
-DEFAULT_STORE = "sqlite:///var/lib/pyoverlay/state.db"
-
-
-def _env(name: str, default=None):
-    return os.environ.get("PYOVERLAY_" + name, default)
+# Flag defaults and PYOVERLAY_* live in settings.py (ops/ reads them there too);
+# the names stay importable from here.
+from .settings import (DEFAULT_BLOCK_GRACE, DEFAULT_DEFAULT_POOL, DEFAULT_DNS_ADDR, DEFAULT_ETCD_PREFIX,  # noqa: F401
+                       DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, DEFAULT_NAMES_TTL, DEFAULT_SOCKET, DEFAULT_STORE,
+                       DEFAULT_VXLAN_PORT, env_on)
+from .settings import env as _env
 
 
 def _add_store_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=_env("STORE", DEFAULT_STORE),
                         help="sqlite:///path (single host, default %(default)s) or etcd://h1:2379,h2:2379")
-    parser.add_argument("--etcd-prefix", default=_env("ETCD_PREFIX", "/pyoverlay/"))
+    parser.add_argument("--etcd-prefix", default=_env("ETCD_PREFIX", DEFAULT_ETCD_PREFIX))
     parser.add_argument("--etcd-cacert", default=_env("ETCD_CACERT"))
     parser.add_argument("--etcd-cert", default=_env("ETCD_CERT"))
     parser.add_argument("--etcd-key", default=_env("ETCD_KEY"))
@@ -45,24 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: the socket's basename")
     serve.add_argument("--advertise-addr", default=_env("ADVERTISE_ADDR"),
                        help="this host's underlay address (VTEP); default: the address of the default route's interface")
-    serve.add_argument("--vxlan-port", type=int, default=int(_env("VXLAN_PORT", "4789")))
-    serve.add_argument("--default-pool", default=_env("DEFAULT_POOL", "10.213.0.0/16"),
+    serve.add_argument("--vxlan-port", type=int, default=int(_env("VXLAN_PORT", DEFAULT_VXLAN_PORT)))
+    serve.add_argument("--default-pool", default=_env("DEFAULT_POOL", DEFAULT_DEFAULT_POOL),
                        help="range from which a /24 is taken for a network created without --subnet")
-    serve.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
+    serve.add_argument("--log-level", default=_env("LOG_LEVEL", DEFAULT_LOG_LEVEL),
                        choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"],
+    serve.add_argument("--log-format", default=_env("LOG_FORMAT", DEFAULT_LOG_FORMAT), choices=["text", "json"],
                        help="json: one JSON object per line")
     serve.add_argument("--docker-host", default=_env("DOCKER_HOST"),
                        help="the local engine, for cluster-wide network names (default: $DOCKER_HOST, "
                             "else unix:///var/run/docker.sock)")
     serve.add_argument("--catalog", action=argparse.BooleanOptionalAction,
-                       default=_env("CATALOG", "1").lower() not in ("0", "false", "no", "off"),
+                       default=env_on("CATALOG"),
                        help="share network names with every host: a network created on one appears on all "
                             "(through the engine's API; on unless --no-catalog or PYOVERLAY_CATALOG=0)")
     serve.add_argument("--metrics-addr", default=_env("METRICS_ADDR"),
                        help="HOST:PORT to serve Prometheus metrics on (default: no metrics)")
     # Per-host address blocks (driver/blocks.py).
-    serve.add_argument("--block-grace", type=float, default=_env("BLOCK_GRACE", "120"),
+    serve.add_argument("--block-grace", type=float, default=_env("BLOCK_GRACE", DEFAULT_BLOCK_GRACE),
                        help="seconds an empty address block stays with this host before it is given back "
                             "(default %(default)s)")
     _add_dns_flags(serve)
@@ -73,12 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- the cluster resolver (issue 10) -----------------------------------------------
 
-DEFAULT_DNS_ADDR = "169.254.53.53"
-
-
 def _add_dns_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--dns", action=argparse.BooleanOptionalAction,
-                       default=_env("DNS", "1").lower() not in ("0", "false", "no", "off"),
+                       default=env_on("DNS"),
                        help="answer container names of every host on --dns-addr (on unless --no-dns or "
                             "PYOVERLAY_DNS=0; the engine needs `pyoverlay dns-config --write` once)")
     serve.add_argument("--dns-addr", default=_env("DNS_ADDR", DEFAULT_DNS_ADDR),
@@ -86,15 +86,11 @@ def _add_dns_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--dns-upstream", default=_env("DNS_UPSTREAM"),
                        help="IP[:PORT],... to forward other names to (default: /etc/resolv.conf's servers, "
                             "read at start)")
-    serve.add_argument("--names-ttl", type=int, default=int(_env("NAMES_TTL", "10")),
+    serve.add_argument("--names-ttl", type=int, default=int(_env("NAMES_TTL", DEFAULT_NAMES_TTL)),
                        help="seconds a dead host's container names outlive it (their lease; default %(default)s)")
 
 
 def _dns_flags_problem(args) -> str:
-    import ipaddress
-
-    from driver.dns.upstreams import parse_upstreams
-
     try:
         ipaddress.IPv4Address(args.dns_addr)
     except ValueError:
@@ -110,9 +106,7 @@ def _dns_flags_problem(args) -> str:
 
 
 def _add_dns_config_command(commands) -> None:
-    from .dnsconfig import add_parser
-
-    add_parser(commands, _env, DEFAULT_DNS_ADDR)
+    add_dns_config_parser(commands)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,17 +123,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args) -> int:
-    from driver.dataplane import default_route_address
+    # Not a circle: the operator commands need not load Flask and gunicorn.
     from .server import Config, serve
 
-    advertise = args.advertise_addr or default_route_address()
+    vtep = args.advertise_addr or default_route_address()
     if args.dns:
         problem = _dns_flags_problem(args)
         if problem:
             print(f"pyoverlay: {problem}", file=sys.stderr)
             return 2
     serve(Config(
-        socket=args.socket, store=args.store, advertise_addr=advertise, vxlan_port=args.vxlan_port,
+        socket=args.socket, store=args.store, vtep=vtep, vxlan_port=args.vxlan_port,
         default_pool=args.default_pool, etcd_prefix=args.etcd_prefix, etcd_cacert=args.etcd_cacert,
         etcd_cert=args.etcd_cert, etcd_key=args.etcd_key, log_level=args.log_level,
         log_format=args.log_format, docker_host=args.docker_host, catalog=args.catalog,

@@ -29,9 +29,17 @@ from driver.network import NetworkDriver
 from driver.peersync import PeerSync
 from driver.state import State
 from driver.store import open_store
+from driver.defaults import DEFAULT_POOL, VXLAN_PORT
+# The cluster resolver (not built with --no-dns).
+from driver.dns.server import Resolver
+from driver.dns.upstreams import parse_upstreams, upstreams_from_resolv_conf
+from driver.dnslisteners import Listeners
+from driver.namepub import NamePublisher
+from driver.names import NameTable
 
 from .app import create_app
 from .metrics import Metrics
+from .settings import DEFAULT_DNS_ADDR, DEFAULT_ETCD_PREFIX
 
 log = logging.getLogger("pyoverlay")
 
@@ -42,10 +50,10 @@ VERSION = "0.1.0"
 class Config:
     socket: str
     store: str
-    advertise_addr: str
-    vxlan_port: int = 4789
-    default_pool: str = "10.213.0.0/16"
-    etcd_prefix: str = "/pyoverlay/"
+    vtep: str  # this host's underlay address (--advertise-addr)
+    vxlan_port: int = VXLAN_PORT
+    default_pool: str = DEFAULT_POOL
+    etcd_prefix: str = DEFAULT_ETCD_PREFIX
     etcd_cacert: str | None = None
     etcd_cert: str | None = None
     etcd_key: str | None = None
@@ -60,7 +68,7 @@ class Config:
     block_grace: float = 120.0  # seconds an empty address block stays with this host
     # The cluster resolver (issue 10): names of every host's containers.
     dns: bool = True
-    dns_addr: str = "169.254.53.53"
+    dns_addr: str = DEFAULT_DNS_ADDR
     dns_upstream: str | None = None  # "IP[:PORT],..."; None: the host's /etc/resolv.conf at start
     names_ttl: int = 10  # seconds a dead host's names outlive it (their lease)
 
@@ -87,21 +95,22 @@ class Runtime:
         )
         if self.metrics is not None:
             self.store = self.metrics.wrap_store(self.store)
-        host = config.advertise_addr
-        self.dataplane = Dataplane(vtep=config.advertise_addr, vxlan_port=config.vxlan_port)
-        self.peers = PeerSync(self.store, self.dataplane, vtep=config.advertise_addr, metrics=self.metrics)
+        vtep = config.vtep
+        host = vtep  # the store knows a host by its underlay address
+        self.dataplane = Dataplane(vtep=vtep, vxlan_port=config.vxlan_port)
+        self.peers = PeerSync(self.store, self.dataplane, vtep=vtep, metrics=self.metrics)
         # Only peer hosts' VTEPs may send VXLAN here; peer sync keeps the set.
         self.firewall = Firewall(port=config.vxlan_port)
         self.peers.on_vteps = self.firewall.allow
         state = State(self.store)
         self._build_dns(config, host)
-        self.network = NetworkDriver(state, self.dataplane, self.peers, host=host, vtep=host, name=config.name,
+        self.network = NetworkDriver(state, self.dataplane, self.peers, host=host, vtep=vtep, name=config.name,
                                      dns=self.dns_listeners)
         self.ipam = Ipam(state, host, default_pool=config.default_pool, host_routes=self.dataplane.routes,
                          block_grace=config.block_grace, metrics=self.metrics)
         self.network.claims_from = self.ipam.claims_from  # restore never frees what this process just claimed
-        self.membership = Membership(self.store, host, config.advertise_addr, VERSION)
-        self.last_seen = LastSeenWriter(self.store, host, config.advertise_addr)
+        self.membership = Membership(self.store, host, vtep, VERSION)
+        self.last_seen = LastSeenWriter(self.store, host, vtep)
         self.catalog = None
         if config.catalog:
             self.catalog = Catalog(state, Engine(config.docker_host), host, config.name, metrics=self.metrics,
@@ -115,12 +124,6 @@ class Runtime:
         self.resolver = self.names = self.name_publisher = self.dns_listeners = None
         if not config.dns:
             return
-        from driver.dns.server import Resolver
-        from driver.dns.upstreams import parse_upstreams, upstreams_from_resolv_conf
-        from driver.dnslisteners import Listeners
-        from driver.namepub import NamePublisher
-        from driver.names import NameTable
-
         upstreams = (parse_upstreams(config.dns_upstream) if config.dns_upstream
                      else upstreams_from_resolv_conf(exclude=(config.dns_addr,)))
         self.names = NameTable(self.store, metrics=self.metrics)

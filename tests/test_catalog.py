@@ -15,7 +15,7 @@ from driver.events import EngineEvent
 from driver.model import EngineNetwork, NamedNetwork, Network
 from driver.state import State, network_key
 from driver.store import open_store
-from plugin.doctor import FAIL, Doctor
+from ops.doctor import FAIL, Doctor
 from tests.engine_standin import StandinEngine
 
 H1 = "10.99.0.1"

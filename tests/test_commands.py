@@ -23,9 +23,9 @@ from driver.state import (
     subnet_index_key,
 )
 from driver.store import open_store
-from plugin import commands
+from ops import commands
 from plugin.cli import main
-from plugin.commands import CommandError, collect_status, network_create, network_rm, render_status
+from ops.commands import CommandError, collect_status, network_create, network_rm, render_status
 from tests.hosts import wait_for
 
 NOW = 1_700_000_000.0
@@ -92,14 +92,36 @@ def test_create_reuses_what_the_store_already_has_for_the_subnet(store):
 @pytest.mark.parametrize("args, message", [
     (("-bad", "10.40.0.0/24"), "network name '-bad' is not valid"),
     (("web", "10.40.0.1/24"), "not a valid IPv4 network"),
-    (("web", "10.40.0.0/24", "", 0), "--vni 0 is not valid"),
-    (("web", "10.40.0.0/24", "", None, 100), "--mtu 100 is not valid"),
-    (("web", "10.40.0.0/24", "10.41.0.1"), "--gateway 10.41.0.1 is not a usable address of 10.40.0.0/24"),
+    # The driver's own words (driver/rules.py): --vni N is -o vni=N.
+    (("web", "10.40.0.0/24", "", 0), "-o vni=0 is not valid"),
+    (("web", "10.40.0.0/24", "", None, 100), "-o com.docker.network.driver.mtu=100 is not valid"),
+    (("web", "10.40.0.0/24", "", None, 65486), "-o com.docker.network.driver.mtu=65486 is not valid"),
+    (("web", "10.40.0.0/24", "10.41.0.1"), "address 10.41.0.1 is not a usable address of 10.40.0.0/24"),
+    (("web", "10.40.0.0/24", "gw"), "'gw' is not a valid IPv4 address"),
     (("web", "10.40.0.0/24", "10.40.0.255"), "not a usable address"),
 ])
 def test_create_refuses_bad_input(store, args, message):
     with pytest.raises(CommandError, match=message.replace("(", r"\(")):
         network_create(store, *args)
+    assert store.list("catalog/")[0] == []
+
+
+def test_create_takes_docker_s_options(store):
+    # -o as `docker network create` takes it, so the driver's refusals ("use -o vni=N") apply here too.
+    entry = network_create(store, "web", "10.40.0.0/24", options={"vni": "5000", "com.docker.network.driver.mtu": "1400"})
+    assert (entry.vni, entry.mtu) == (5000, 1400)
+    same = network_create(store, "db", "10.41.0.0/24", vni=5001, options={"vni": "5001"})
+    assert same.vni == 5001
+
+
+@pytest.mark.parametrize("args, options, message", [
+    ((), {"block_size": "26"}, "unknown option -o block_size; pyoverlay network create accepts -o vni="),
+    ((5000,), {"vni": "5001"}, "--vni 5000 and -o vni=5001 disagree"),
+    ((), {"vni": "ten"}, "-o vni=ten is not valid: the VXLAN network identifier must be a whole number"),
+])
+def test_create_refuses_bad_options(store, args, options, message):
+    with pytest.raises(CommandError, match=message):
+        network_create(store, "web", "10.40.0.0/24", "", *args, options=options)
     assert store.list("catalog/")[0] == []
 
 
@@ -115,10 +137,10 @@ def test_create_refuses_conflicts_with_what_exists(store):
     with pytest.raises(CommandError, match="overlaps 10.60.0.0/24, already used"):
         network_create(store, "db", "10.60.0.0/23")
     put(store, subnet_index_key("10.70.0.0/24"), SubnetClaim(vni=6000))
-    with pytest.raises(CommandError, match="already used by the overlay with VNI 6000; use --vni 6000"):
+    with pytest.raises(CommandError, match="already used by the pyoverlay network with VNI 6000; use -o vni=6000"):
         network_create(store, "db", "10.70.0.0/24", vni=6001)
     put(store, overlay_key(7000), Overlay(7000, "10.80.0.0/24", 1450))
-    with pytest.raises(CommandError, match="VNI 7000 is already used by the overlay on 10.80.0.0/24"):
+    with pytest.raises(CommandError, match="VNI 7000 is already used by the pyoverlay network on 10.80.0.0/24"):
         network_create(store, "db", "10.90.0.0/24", vni=7000)
     put(store, pool_key("10.91.0.0/24"), Pool("10.91.0.0/24", [H1], gateway="10.91.0.1"))
     with pytest.raises(CommandError, match="already has gateway 10.91.0.1"):
@@ -306,6 +328,19 @@ def test_cli_create_status_rm_json(sqlite_url, capsys):
     assert capsys.readouterr().out.startswith("network web removed from the catalog")
     assert main(["network", "rm", "web", "--store", sqlite_url]) == 1
     assert "no network named web" in capsys.readouterr().err
+
+
+def test_cli_create_takes_dash_o_as_docker_does(sqlite_url, capsys):
+    assert main(["network", "create", "web", "--subnet", "10.40.0.0/24", "-o", "vni=4343",
+                 "--opt", "com.docker.network.driver.mtu=1400", "--wait", "0", "--store", sqlite_url, "--json"]) == 0
+    created = json.loads(capsys.readouterr().out)["network"]
+    assert (created["vni"], created["mtu"]) == (4343, 1400)
+    assert main(["network", "create", "db", "--subnet", "10.50.0.0/24", "-o", "vni=4343", "--wait", "0",
+                 "--store", sqlite_url]) == 1
+    assert "VNI 4343 is already used by another network in the catalog; choose another -o vni" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["network", "create", "db", "--subnet", "10.50.0.0/24", "-o", "vni", "--store", sqlite_url])
+    assert "'vni' is not KEY=VALUE" in capsys.readouterr().err
 
 
 def test_cli_rm_says_where_the_network_is_still_in_use(sqlite_url, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from plugin.cli import main
-from plugin.dnsconfig import host_upstreams, merged
+from ops.dnsconfig import host_upstreams, merged
 
 ADDR = "169.254.53.53"
 

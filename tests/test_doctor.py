@@ -21,7 +21,7 @@ from driver.model import Peer
 from driver.state import peer_key
 from driver.store import open_store
 from plugin.app import create_app
-from plugin.doctor import FAIL, IP_FORWARD, OK, SKIP, Doctor, exit_status, render
+from ops.doctor import FAIL, IP_FORWARD, OK, SKIP, Doctor, exit_status, render
 from tests.conftest import new_id
 from tests.hosts import wait_for
 from tests.test_protocol import make_endpoint, make_network
@@ -186,7 +186,7 @@ def test_wrong_advertise_address(plugin):
 
 # -- IP forwarding: read in the namespace doctor runs in (real kernel) --------------
 REPO_ROOT = Path(__file__).resolve().parent.parent
-READ_IP_FORWARD = "import json, dataclasses, plugin.doctor as d; print(json.dumps(dataclasses.asdict(d.check_ip_forward())))"
+READ_IP_FORWARD = "import json, dataclasses, ops.doctor as d; print(json.dumps(dataclasses.asdict(d.check_ip_forward())))"
 
 
 def ip_forward_check(netns: str) -> dict:

@@ -12,7 +12,7 @@ from driver.ipam import GATEWAY_REQUEST, Ipam
 from driver.network import NetworkDriver
 from driver.state import State
 from driver.store import open_store
-from plugin.commands import collect_status, render_status
+from ops.commands import collect_status, render_status
 from plugin.metrics import Metrics
 from tests.test_protocol import make_endpoint, make_network
 

@@ -331,3 +331,24 @@ def test_enable_ipv4_option_accepted_when_true_and_ipv6_only_refused(host, basel
         print(f"\nengine API {api}: no EnableIPv4 (Docker 28+), --ipv4=false not tried")
     assert not {"nov4", "v6only"} & set(host.docker("network", "ls", "--format", "{{.Name}}").split())
     assert_clean(host, baseline)
+
+
+@pytest.mark.parametrize("subnet, opts", [
+    ("10.20.5.0/24", ["-o", "vni=4700"]),  # the VNI carries 10.20.6.0/24 already
+    ("10.20.7.0/24", ["-o", "com.docker.network.driver.mtu=100"]),
+], ids=["vni-conflict", "bad-mtu"])
+def test_a_refusal_reads_the_same_from_docker_and_from_pyoverlay(host, subnet, opts):
+    """driver/rules.py answers both doors: docker's error carries, word for word, what
+    `pyoverlay network create` says against the same store."""
+    create_network(host, "web", "10.20.6.0/24", "-o", "vni=4700")
+    proc = host.docker_proc("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay",
+                            "--subnet", subnet, *opts, "other", check=False)
+    assert proc.returncode != 0, "docker created a network the rules refuse"
+    cli = host.run([host.python, "-m", "plugin.cli", "network", "create", "other", "--subnet", subnet, *opts,
+                    "--wait", "0", "--store", f"sqlite://{store_db(host)}"], check=False)
+    assert cli.returncode == 1, (cli.stdout, cli.stderr)
+    said = cli.stderr.strip().removeprefix("pyoverlay: ")
+    print(f"docker: {proc.stderr.strip()}\npyoverlay: {said}")
+    assert said and said in proc.stderr, (said, proc.stderr)
+    assert "other" not in host.docker("network", "ls", "--format", "{{.Name}}").split()
+    remove(host, networks=["web"])

@@ -20,30 +20,26 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Optional
 
-from driver.model import EngineNetwork, NamedNetwork
-from driver.dataplane import Dataplane, DataplaneError
+from driver.dataplane import Dataplane, DataplaneError, default_route_address
+from driver.defaults import DRIVER_NAME
 from driver.drift import KernelView, StoreView, drift
 from driver.engine import Engine, EngineRefused, EngineUnavailable
 from driver.model import Endpoint, Network, Peer
-from driver.network import VXLAN_OVERHEAD
-from driver.state import CATALOG, State, engine_prefix
+from driver.rules import VXLAN_OVERHEAD
+from driver.state import State
 from driver.store.base import Store, StoreError
 
-from .client import call
+from plugin.client import call
+from plugin.settings import DEFAULT_DAEMON_JSON, DEFAULT_DNS_ADDR, DEFAULT_SOCKET, DEFAULT_VXLAN_PORT, env, env_on
 
-OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
+from .checks import FAIL, OK, SKIP, WARN, Check  # noqa: F401 (importers take them from here too)
+from .doctor_dns import check_daemon_config, check_resolver
+from .storeargs import open_store_from
+
 SOCKET_TIMEOUT = 5.0
-
-
-@dataclass
-class Check:
-    name: str
-    status: str
-    summary: str
-    details: list[str] = field(default_factory=list)
 
 
 def _fmt(p: Peer) -> str:
@@ -52,7 +48,7 @@ def _fmt(p: Peer) -> str:
 
 class Doctor:
     def __init__(self, store: Store, host: str, dataplane: Dataplane, *, socket_path: Optional[str] = None,
-                 engine: Optional[Engine] = None, driver: str = "pyoverlay",
+                 engine: Optional[Engine] = None, driver: str = DRIVER_NAME,
                  ip_forward_path: Optional[str] = None,
                  dns_addr: Optional[str] = None, daemon_json: Optional[str] = None):
         self.ip_forward_path = ip_forward_path  # None: not checked
@@ -80,8 +76,6 @@ class Doctor:
         if self.ip_forward_path is not None:
             checks.append(check_ip_forward(self.ip_forward_path))
         if self.dns_addr:
-            from .doctor_dns import check_daemon_config, check_resolver
-
             checks.append(check_resolver(self.dns_addr))
             if self.daemon_json:
                 checks.append(check_daemon_config(self.daemon_json, self.dns_addr))
@@ -242,11 +236,9 @@ class Doctor:
         try:
             stored = {n.network_id: n for n in self._local_networks()}
             endpoints = self._local_endpoints()
-            catalog = {kv.key[len(CATALOG):]: NamedNetwork.from_json(kv.value)
-                       for kv in self.store.list(CATALOG)[0]}
-            prefix = engine_prefix(self.host)
-            records = {kv.key[len(prefix):]: EngineNetwork.from_json(kv.value)
-                       for kv in self.store.list(prefix)[0]}
+            catalog = self.state.catalog_entries()
+            records = {name: rec for (host, name), rec in self.state.every_engine_network().items()
+                       if host == self.host}
         except StoreError as e:
             return Check("engine", FAIL, f"cannot compare: {e}")
         problems, notes = [], []
@@ -330,42 +322,36 @@ def exit_status(checks: list[Check]) -> int:
 
 
 def add_parser(commands, with_store) -> None:
-    from .cli import DEFAULT_SOCKET, _env
-
     doctor = with_store(commands.add_parser("doctor", help="check this host against the store"))
-    doctor.add_argument("--socket", default=_env("SOCKET", DEFAULT_SOCKET))
-    doctor.add_argument("--advertise-addr", default=_env("ADVERTISE_ADDR"),
+    doctor.add_argument("--socket", default=env("SOCKET", DEFAULT_SOCKET))
+    doctor.add_argument("--advertise-addr", dest="vtep", default=env("ADVERTISE_ADDR"),
                         help="this host's underlay address (default: that of the default route's interface)")
-    doctor.add_argument("--vxlan-port", type=int, default=int(_env("VXLAN_PORT", "4789")))
-    doctor.add_argument("--docker-host", default=_env("DOCKER_HOST"),
+    doctor.add_argument("--vxlan-port", type=int, default=int(env("VXLAN_PORT", DEFAULT_VXLAN_PORT)))
+    doctor.add_argument("--docker-host", default=env("DOCKER_HOST"),
                         help="the local engine (default: $DOCKER_HOST, else unix:///var/run/docker.sock)")
     doctor.add_argument("--no-engine", action="store_true", help="do not compare with the engine")
-    doctor.add_argument("--dns-addr", default=_env("DNS_ADDR", "169.254.53.53"),
+    doctor.add_argument("--dns-addr", default=env("DNS_ADDR", DEFAULT_DNS_ADDR),
                         help="the cluster resolver's address (default %(default)s)")
-    doctor.add_argument("--daemon-json", default="/etc/docker/daemon.json",
+    doctor.add_argument("--daemon-json", default=DEFAULT_DAEMON_JSON,
                         help="the engine's daemon config, which must name the resolver (default %(default)s)")
     doctor.add_argument("--no-dns", action="store_true",
-                        default=_env("DNS", "1").lower() in ("0", "false", "no", "off"),
+                        default=not env_on("DNS"),
                         help="do not check the cluster resolver (default when PYOVERLAY_DNS=0)")
     doctor.set_defaults(run=_run)
 
 
 def _run(args) -> int:
-    from driver.dataplane import default_route_address
-
-    from .commands import open_store_from
-
     try:
-        host = args.advertise_addr or default_route_address()
+        vtep = args.vtep or default_route_address()
         store = open_store_from(args)
     except (ValueError, DataplaneError) as e:
         print(f"pyoverlay: {e}", file=sys.stderr)
         return 1
-    dataplane = Dataplane(vtep=host, vxlan_port=args.vxlan_port)
+    dataplane = Dataplane(vtep=vtep, vxlan_port=args.vxlan_port)
     engine = None if args.no_engine else Engine(args.docker_host, timeout=SOCKET_TIMEOUT)
     driver = os.path.basename(args.socket).removesuffix(".sock")
     try:
-        checks = Doctor(store, host, dataplane, socket_path=args.socket, engine=engine, driver=driver,
+        checks = Doctor(store, vtep, dataplane, socket_path=args.socket, engine=engine, driver=driver,
                         ip_forward_path=IP_FORWARD,
                         dns_addr=None if args.no_dns else args.dns_addr, daemon_json=args.daemon_json).run()
     finally:
@@ -374,7 +360,7 @@ def _run(args) -> int:
         if engine is not None:
             engine.close()
     if args.json:
-        print(json.dumps({"host": host, "ok": exit_status(checks) == 0,
+        print(json.dumps({"host": vtep, "ok": exit_status(checks) == 0,
                           "checks": [asdict(c) for c in checks]}, indent=2))
     else:
         print(render(checks), end="")

@@ -20,7 +20,8 @@ import sys
 import tempfile
 from typing import Iterable, Optional
 
-DEFAULT_DAEMON_JSON = "/etc/docker/daemon.json"
+from plugin.settings import DEFAULT_DAEMON_JSON, DEFAULT_DNS_ADDR, env
+
 RESOLV_CONFS = ("/etc/resolv.conf", "/run/systemd/resolve/resolv.conf")
 ENGINE_MAX_SERVERS = 3
 
@@ -111,14 +112,14 @@ def write_daemon_json(path: str, data: dict) -> Optional[str]:
     return backup
 
 
-def add_parser(commands, env, default_addr: str) -> None:
+def add_parser(commands) -> None:
     parser = commands.add_parser(
         "dns-config", help="the engine's daemon.json with pyoverlay's resolver first in `dns` (one-time setting)")
     parser.add_argument("--daemon-json", default=DEFAULT_DAEMON_JSON,
                         help="the engine's daemon config file (default %(default)s)")
     parser.add_argument("--write", action="store_true",
                         help="write it (the old file kept as PATH.bak); then restart the engine")
-    parser.add_argument("--dns-addr", default=env("DNS_ADDR", default_addr),
+    parser.add_argument("--dns-addr", default=env("DNS_ADDR", DEFAULT_DNS_ADDR),
                         help="the resolver's address (default %(default)s)")
     parser.add_argument("--dns-upstream", default=None,
                         help="IP,... to list after it (default: the host's /etc/resolv.conf servers, "

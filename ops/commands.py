@@ -4,28 +4,23 @@
 They read and write the store only, so they run on any machine that
 reaches it. Output is a readable table, or JSON with --json for scripts.
 Each command is a function over a store (tested with the in-memory one)
-plus a thin argparse wrapper.
+plus a thin argparse wrapper in commandline.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
-import json
 import re
-import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
 
-from driver.model import EngineNetwork, NamedNetwork
+from driver import rules
 from driver.errors import DriverError
-from driver.ipam import parse_subnet
-from driver.model import Host
-from driver.network import MIN_MTU, VNI_AUTO_START, VNI_MAX, VNI_MIN
-from driver.state import CATALOG, ENGINE, State, catalog_key
-from driver.store.base import Store, StoreError
+from driver.model import EngineNetwork, Host, NamedNetwork
+from driver.state import State
+from driver.store.base import Store
 
 # Docker's own rule for network names.
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
@@ -38,21 +33,9 @@ class CommandError(Exception):
 
 # -- reading the store -------------------------------------------------------
 
-def _records(store: Store, prefix: str, cls) -> dict[str, object]:
-    kvs, _ = store.list(prefix)
-    found = {}
-    for kv in kvs:
-        try:
-            found[kv.key[len(prefix):]] = cls.from_json(kv.value)
-        except (TypeError, ValueError):
-            continue  # a record another version wrote: not ours to judge here
-    return found
-
-
 def engine_records(store: Store) -> dict[tuple[str, str], EngineNetwork]:
     """(host, name) -> what that host's engine holds under that catalog name."""
-    return {tuple(key.split("/", 1)): rec for key, rec in _records(store, ENGINE, EngineNetwork).items()
-            if "/" in key}
+    return State(store).every_engine_network()
 
 
 def alive_hosts(store: Store) -> dict[str, Host]:
@@ -62,77 +45,85 @@ def alive_hosts(store: Store) -> dict[str, Host]:
 # -- network create ------------------------------------------------------------
 
 def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni: Optional[int] = None,
-                   mtu: Optional[int] = None, internal: bool = False) -> NamedNetwork:
-    """Check and write catalog/<name>; every host's catalog creates the network."""
+                   mtu: Optional[int] = None, internal: bool = False,
+                   options: Optional[dict[str, str]] = None) -> NamedNetwork:
+    """Check and write catalog/<name>; every host's catalog creates the network.
+
+    options: `-o KEY=VALUE` as `docker network create` takes them (vni, the
+    MTU); vni and mtu are the same given as --vni/--mtu. The checks are the
+    driver's own (driver/rules.py), so a refusal reads as docker's would."""
     if not _NAME.match(name):
         raise CommandError(f"network name {name!r} is not valid: use letters, digits, '_', '.', '-', "
                            "starting with a letter or digit")
     try:
-        net = parse_subnet(subnet)
+        options = _options(options, vni, mtu)
+        net = rules.parse_subnet(subnet)
+        subnet = str(net)
+        state = State(store)
+        if state.catalog_entry(name)[0] is not None:
+            raise CommandError(f"a network named {name} already exists in the catalog; "
+                               f"remove it first (pyoverlay network rm {name}) or pick another name")
+        mtu = rules.mtu_option(options)  # each host checks its own underlay when it creates the network
+        vni = rules.vni_option(options)
+        catalog = state.catalog_entries()
+        for other in catalog.values():
+            if ipaddress.ip_network(other.subnet).overlaps(net):
+                raise CommandError(f"subnet {subnet} overlaps {other.subnet} of network {other.name}; "
+                                   "choose another --subnet")
+        rules.check_overlap(net, (pool.subnet for pool in state.pools()))
+
+        found = state.subnet_claim(subnet)
+        claim = found.vni if found else None
+        if vni is not None:
+            rules.check_subnet_vni(subnet, vni, claim)
+            overlay = state.overlay(vni)
+            rules.check_vni_subnet(vni, subnet, overlay.subnet if overlay else None)
+            if any(o.vni == vni and o.name != name for o in catalog.values()):
+                raise CommandError(f"VNI {vni} is already used by another network in the catalog; "
+                                   f"choose another -o {rules.OPT_VNI}")
+        else:
+            vni = claim or _free_vni(state, catalog.values())
+
+        wanted = rules.usable_address(net, gateway) if gateway else None
+        pool = state.pool(subnet)
+        shared = pool.gateway if pool else ""
+        rules.check_gateway(net, wanted, shared)
+        # The same default the IPAM picks, so every host's inspect shows the same.
+        gateway = str(wanted or shared or rules.default_gateway(net))
     except DriverError as e:
         raise CommandError(str(e)) from None
-    subnet = str(net)
-    state = State(store)
-    if store.get(catalog_key(name)) is not None:
-        raise CommandError(f"a network named {name} already exists in the catalog; "
-                           f"remove it first (pyoverlay network rm {name}) or pick another name")
-    if mtu is not None and not MIN_MTU <= mtu <= 65535:
-        raise CommandError(f"--mtu {mtu} is not valid: use {MIN_MTU} to 65535 (and at most each host's "
-                           "underlay MTU minus 50)")
-    catalog = _records(store, CATALOG, NamedNetwork)
-    for other in catalog.values():
-        if ipaddress.ip_network(other.subnet).overlaps(net):
-            raise CommandError(f"subnet {subnet} overlaps {other.subnet} of network {other.name}; "
-                               "choose another --subnet")
-    for pool in state.pools():
-        theirs = ipaddress.ip_network(pool.subnet)
-        if theirs != net and theirs.overlaps(net):
-            raise CommandError(f"subnet {subnet} overlaps {pool.subnet}, already used by a pyoverlay "
-                               "network; choose another --subnet")
-
-    found = state.subnet_claim(subnet)
-    claim = found.vni if found else None
-    if vni is not None:
-        if not VNI_MIN <= vni <= VNI_MAX:
-            raise CommandError(f"--vni {vni} is not valid: use {VNI_MIN} to {VNI_MAX}")
-        if claim is not None and claim != vni:
-            raise CommandError(f"subnet {subnet} is already used by the overlay with VNI {claim}; "
-                               f"use --vni {claim} or another --subnet")
-        overlay = state.overlay(vni)
-        if overlay and overlay.subnet != subnet:
-            raise CommandError(f"VNI {vni} is already used by the overlay on "
-                               f"{overlay.subnet}; choose another --vni")
-        if any(o.vni == vni and o.name != name for o in catalog.values()):
-            raise CommandError(f"VNI {vni} is already used by another network in the catalog; "
-                               "choose another --vni")
-    else:
-        vni = claim or _free_vni(store, catalog.values())
-
-    if gateway:
-        try:
-            gw = ipaddress.ip_address(gateway)
-        except ValueError:
-            raise CommandError(f"--gateway {gateway!r} is not an IPv4 address") from None
-        if gw not in net or gw in (net.network_address, net.broadcast_address):
-            raise CommandError(f"--gateway {gateway} is not a usable address of {subnet}")
-    pool = state.pool(subnet)
-    shared = pool.gateway if pool else ""
-    if gateway and shared and gateway != shared:
-        raise CommandError(f"the overlay on {subnet} already has gateway {shared}; use --gateway {shared} "
-                           "or leave it out")
-    # The same default the IPAM picks, so every host's inspect shows the same.
-    gateway = gateway or shared or str(next(net.hosts()))
 
     entry = NamedNetwork(name, subnet, gateway, vni, mtu or 0, internal, origin="cli")
-    if not store.txn({catalog_key(name): 0}, put={catalog_key(name): entry.to_json()}):
+    if not State(store).add_catalog_entry(entry):
         raise CommandError(f"a network named {name} was added to the catalog meanwhile; "
                            "look at it with pyoverlay status")
     return entry
 
 
-def _free_vni(store: Store, catalog: Iterable[NamedNetwork]) -> int:
-    used = {o.vni for o in State(store).overlays()} | {c.vni for c in catalog}
-    return next(v for v in range(VNI_AUTO_START, VNI_MAX + 1) if v not in used)
+#: The -o options `pyoverlay network create` takes (block_size is per overlay, not in the catalog).
+CREATE_OPTIONS = (rules.OPT_VNI, rules.OPT_MTU)
+
+
+def _options(options: Optional[dict[str, str]], vni: Optional[int], mtu: Optional[int]) -> dict[str, str]:
+    """-o KEY=VALUE merged with --vni/--mtu, which are the same options."""
+    merged = dict(options or {})
+    unknown = sorted(set(merged) - set(CREATE_OPTIONS))
+    if unknown:
+        raise CommandError(f"unknown option {', '.join('-o ' + u for u in unknown)}; pyoverlay network create "
+                           f"accepts -o {rules.OPT_VNI}=<{rules.VNI_MIN}-{rules.VNI_MAX}> and "
+                           f"-o {rules.OPT_MTU}=<bytes> (or --vni, --mtu)")
+    for key, flag, value in ((rules.OPT_VNI, "--vni", vni), (rules.OPT_MTU, "--mtu", mtu)):
+        if value is None:
+            continue
+        if key in merged and str(merged[key]) != str(value):
+            raise CommandError(f"{flag} {value} and -o {key}={merged[key]} disagree: give it once")
+        merged[key] = str(value)
+    return merged
+
+
+def _free_vni(state: State, catalog: Iterable[NamedNetwork]) -> int:
+    used = {o.vni for o in state.overlays()} | {c.vni for c in catalog}
+    return rules.free_vni(used)
 
 
 @dataclass
@@ -167,14 +158,15 @@ def wait_created(store: Store, name: str, wait: float, clock=time.monotonic,
 
 def network_rm(store: Store, name: str) -> Optional[NamedNetwork]:
     """Delete catalog/<name>; every host's catalog removes the network where unused."""
-    kv = store.get(catalog_key(name))
-    if kv is None:
+    state = State(store)
+    entry, revision = state.catalog_entry(name)
+    if entry is None:
         if not any(n == name for (_, n) in engine_records(store)):
             raise CommandError(f"no network named {name} in the catalog (pyoverlay status lists them)")
         return None  # already deleted; still being removed somewhere
-    if not store.txn({kv.key: kv.mod_revision}, delete=[kv.key]):
+    if not state.delete_catalog_entry(name, revision):
         raise CommandError(f"network {name} changed meanwhile; run the command again")
-    return NamedNetwork.from_json(kv.value)
+    return entry
 
 
 def wait_removed(store: Store, name: str, wait: float, clock=time.monotonic,
@@ -229,7 +221,7 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
     alive = alive_hosts(store)
     state = State(store)
     seen = state.last_seen()
-    catalog = _records(store, CATALOG, NamedNetwork)
+    catalog = state.catalog_entries()
     overlays = {o.vni: o for o in state.overlays()}
     endpoints = state.endpoints()
     engines = engine_records(store)
@@ -298,15 +290,8 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
 
 def _add_names(store: Store, networks: list[dict]) -> None:
     """Each network's DNS names (the cluster resolver's records), as "names"."""
-    from driver.model import NameRecord
-    from driver.state import NAMES, parse_name_key
-
     by_vni: dict[int, list[dict]] = defaultdict(list)
-    for key, rec in _records(store, NAMES, NameRecord).items():
-        try:
-            vni, _ = parse_name_key(NAMES + key)
-        except ValueError:
-            continue
+    for (vni, _), rec in State(store).names().items():
         by_vni[vni].append({"name": rec.name, "aliases": list(rec.aliases), "address": rec.address,
                             "host": rec.host, "container": rec.container})
     for network in networks:
@@ -355,8 +340,8 @@ def render_status(status: dict, now: Optional[float] = None) -> str:
 def collect_blocks(store: Store, alive: set) -> list[dict]:
     """Every address block: its pool, holder, whether the holder is alive, and
     how many of its addresses are in use (by anyone: others may borrow)."""
-    state = State(store)
     used: dict[str, list[ipaddress.IPv4Address]] = defaultdict(list)
+    state = State(store)
     for subnet, ip in state.every_address():
         used[subnet].append(ipaddress.ip_address(ip))
     rows = []
@@ -381,109 +366,3 @@ def render_blocks(blocks: list[dict]) -> list[str]:
     detail = table(["HOST", "SUBNET", "BLOCK", "USED"], [
         (b["host"], b["subnet"], b["block"], f"{b['used']}/{b['size']}") for b in blocks])
     return ["", "ADDRESS BLOCKS", summary, "", detail]
-
-
-# -- argparse glue -----------------------------------------------------------------
-
-def add_operator_commands(commands, add_store_flags: Callable[[argparse.ArgumentParser], None]) -> None:
-    from . import doctor
-
-    def with_store(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        add_store_flags(parser)
-        parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-        return parser
-
-    network = commands.add_parser("network", help="networks on every host (the catalog)")
-    sub = network.add_subparsers(dest="network_command", required=True)
-    create = with_store(sub.add_parser("create", help="create a network on every host"))
-    create.add_argument("name")
-    create.add_argument("--subnet", required=True, help="IPv4 CIDR, for example 10.20.0.0/24")
-    create.add_argument("--gateway", default="", help="default: the subnet's first address")
-    create.add_argument("--vni", type=int, help=f"VXLAN network identifier (default: a free one from {VNI_AUTO_START})")
-    create.add_argument("--mtu", type=int, help="overlay MTU (default: each host's underlay MTU minus 50)")
-    create.add_argument("--internal", action="store_true", help="no way out of the overlay")
-    create.add_argument("--wait", type=float, default=10.0,
-                        help="seconds to wait for the hosts to create it (default %(default)s; 0: do not wait)")
-    create.set_defaults(run=_run_create)
-
-    rm = with_store(sub.add_parser("rm", help="remove a network from every host where no container uses it"))
-    rm.add_argument("name")
-    rm.add_argument("--wait", type=float, default=10.0,
-                    help="seconds to wait for the hosts to remove it (default %(default)s; 0: do not wait)")
-    rm.set_defaults(run=_run_rm)
-
-    status = with_store(commands.add_parser("status", help="hosts, networks and endpoints of the cluster"))
-    status.set_defaults(run=_run_status)
-
-    doctor.add_parser(commands, with_store)
-
-
-def open_store_from(args):
-    from driver.store import open_store
-
-    return open_store(args.store, prefix=args.etcd_prefix, cacert=args.etcd_cacert,
-                      cert=args.etcd_cert, key=args.etcd_key,
-                      user=args.etcd_user, password=args.etcd_password)
-
-
-def _guarded(fn):
-    """Operator errors and store failures become one line on stderr and exit 1."""
-    def run(args) -> int:
-        try:
-            return fn(args)
-        except (CommandError, StoreError, ValueError) as e:
-            print(f"pyoverlay: {e}", file=sys.stderr)
-            return 1
-    return run
-
-
-def _print_results(title: str, results: list[HostResult], as_json: bool, extra: dict) -> None:
-    if as_json:
-        print(json.dumps({**extra, "hosts": [asdict(r) for r in results]}, indent=2))
-        return
-    print(title)
-    if results:
-        print(table(["HOST", "RESULT", "DETAIL"], [(r.host, r.result, r.detail) for r in results]))
-
-
-@_guarded
-def _run_create(args) -> int:
-    store = open_store_from(args)
-    try:
-        entry = network_create(store, args.name, args.subnet, args.gateway, args.vni, args.mtu, args.internal)
-        results = wait_created(store, args.name, args.wait) if args.wait > 0 else []
-    finally:
-        store.close()
-    mtu = f", MTU {entry.mtu}" if entry.mtu else ""
-    title = (f"network {entry.name}: {entry.subnet}, gateway {entry.gateway}, VNI {entry.vni}{mtu}"
-             f"{', internal' if entry.internal else ''}; every host running pyoverlay creates it")
-    _print_results(title, results, args.json, {"network": asdict(entry)})
-    return 0 if all(r.result == "created" for r in results) else 1
-
-
-@_guarded
-def _run_rm(args) -> int:
-    store = open_store_from(args)
-    try:
-        entry = network_rm(store, args.name)
-        results = wait_removed(store, args.name, args.wait) if args.wait > 0 else []
-    finally:
-        store.close()
-    title = f"network {args.name} removed from the catalog" if entry else \
-        f"network {args.name} was already out of the catalog"
-    left = [r for r in results if r.result != "removed"]
-    if left and not args.json:
-        title += "; still on " + ", ".join(f"{r.host} ({r.result})" for r in left)
-    _print_results(title, results, args.json, {"network": args.name})
-    return 0 if not left else 1
-
-
-@_guarded
-def _run_status(args) -> int:
-    store = open_store_from(args)
-    try:
-        status = collect_status(store)
-    finally:
-        store.close()
-    print(json.dumps(status, indent=2) if args.json else render_status(status), end="" if not args.json else "\n")
-    return 0

@@ -15,6 +15,7 @@ import dns.message
 import dns.query
 import dns.rcode
 
+from .checks import FAIL, OK, WARN, Check
 from .dnsconfig import ConfigError, read_daemon_json
 
 FIX_CONFIG = "run `pyoverlay dns-config --write` and restart the engine (systemctl restart docker)"
@@ -22,8 +23,6 @@ FIX_CONFIG = "run `pyoverlay dns-config --write` and restart the engine (systemc
 
 def check_resolver(address: str, timeout: float = 5.0):
     # Longer than the resolver's own forwarding timeout (2 s): its SERVFAIL is an answer too.
-    from .doctor import FAIL, OK, Check
-
     query = dns.message.make_query(".", "NS")
     started = time.perf_counter()
     try:
@@ -40,8 +39,6 @@ def check_resolver(address: str, timeout: float = 5.0):
 
 
 def check_daemon_config(path: str, address: str):
-    from .doctor import FAIL, OK, WARN, Check  # noqa: F401 (FAIL: an unreadable file)
-
     name = "dns daemon config"
     try:
         data = read_daemon_json(path)

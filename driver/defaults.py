@@ -1,0 +1,14 @@
+"""Values with one meaning across the tree, defined once (issue 12, item 6).
+
+Imports nothing: the driver, the HTTP face, the operator commands and the
+flag defaults (plugin/settings.py) all read them from here.
+"""
+
+#: What the engine calls the driver when the socket is pyoverlay.sock (a managed
+#: plugin is pyoverlay:latest); also the IPAM's address space.
+DRIVER_NAME = "pyoverlay"
+ADDRESS_SPACE = "pyoverlay"
+#: IANA's VXLAN port; every host of an overlay must use the same one.
+VXLAN_PORT = 4789
+#: Where a /24 comes from for a network created without --subnet.
+DEFAULT_POOL = "10.213.0.0/16"

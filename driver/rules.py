@@ -1,0 +1,167 @@
+"""The network rules, in one place: what a network may be, what conflicts with
+what, and the defaults chosen when nothing is asked.
+
+The driver (network.py), the IPAM (ipam.py) and `pyoverlay network create`
+(ops/commands.py) all call these, so a refusal reads the same from
+`docker network create` and from `pyoverlay network create`. Pure functions
+over plain values: the callers read the store and hand in what they found.
+A refusal is a DriverError whose text says what to do, in the spelling of
+`docker network create` (`pyoverlay network create` takes the same `-o`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable, Optional
+
+from .errors import DriverError
+
+# Options of `docker network create -o` (also `pyoverlay network create -o`).
+OPT_MTU = "com.docker.network.driver.mtu"
+OPT_VNI = "vni"
+
+VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
+MIN_MTU = 576  # the smallest datagram every IPv4 host must accept
+MAX_MTU = 65535 - VXLAN_OVERHEAD  # the largest IPv4 datagram, less what VXLAN adds
+VNI_MIN, VNI_MAX = 1, 2**24 - 1
+VNI_AUTO_START = 4096  # as Docker's overlay, away from hand-picked low VNIs
+
+
+# -- options ---------------------------------------------------------------------
+
+def int_option(options: dict, name: str, low: int, high: int, meaning: str) -> Optional[int]:
+    """options[name] as a whole number from low to high; None when not given."""
+    if name not in options:
+        return None
+    value = options[name]
+    try:
+        number = int(str(value), 10)
+    except ValueError:
+        number = None
+    if number is None or not low <= number <= high:
+        raise DriverError(f"-o {name}={value} is not valid: {meaning} must be a whole number from {low} to {high}")
+    return number
+
+
+def vni_option(options: dict) -> Optional[int]:
+    return int_option(options, OPT_VNI, VNI_MIN, VNI_MAX, "the VXLAN network identifier")
+
+
+def mtu_option(options: dict, max_mtu: Optional[int] = None) -> Optional[int]:
+    """The overlay MTU asked for. max_mtu: what this host's underlay carries
+    inside VXLAN (None where no host is at hand, as for `pyoverlay network create`)."""
+    mtu = int_option(options, OPT_MTU, MIN_MTU, MAX_MTU,
+                     f"the MTU (at most each host's underlay MTU minus {VXLAN_OVERHEAD})")
+    if mtu is not None and max_mtu is not None and mtu > max_mtu:
+        raise DriverError(f"-o {OPT_MTU}={options[OPT_MTU]} is not valid: this host's underlay carries at most "
+                          f"{max_mtu} inside VXLAN; use -o {OPT_MTU}={max_mtu} or less")
+    return mtu
+
+
+def parse_subnet(text: str, what: str = "subnet") -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        raise DriverError(
+            f"{what} {text!r} is not a valid IPv4 network in CIDR form such as 10.20.0.0/24"
+        ) from None
+    if net.version != 4:
+        raise DriverError("pyoverlay does not support IPv6 yet; create the network without --ipv6")
+    if net.prefixlen > 30:
+        raise DriverError(f"{what} {text} is too small: use a /30 or larger")
+    return net
+
+
+def parse_ip(text: str) -> ipaddress.IPv4Address:
+    try:
+        ip = ipaddress.ip_interface(text).ip  # the engine sends both "a.b.c.d" and "a.b.c.d/n"
+    except ValueError:
+        raise DriverError(f"{text!r} is not a valid IPv4 address") from None
+    if ip.version != 4:
+        raise DriverError("pyoverlay does not support IPv6 yet; leave out --ip6 and --ipv6")
+    return ip
+
+
+def usable_address(subnet: ipaddress.IPv4Network, text: str) -> ipaddress.IPv4Address:
+    """An address a container or gateway may have: in the subnet, neither its
+    network nor its broadcast address."""
+    ip = parse_ip(text)
+    if ip not in subnet or ip in (subnet.network_address, subnet.broadcast_address):
+        raise DriverError(f"address {ip} is not a usable address of {subnet}")
+    return ip
+
+
+# -- conflicts with what the cluster already has ----------------------------------
+
+def check_overlap(subnet: ipaddress.IPv4Network, pools: Iterable[str]) -> None:
+    """A subnet may equal a pool (the same overlay on another host), not overlap one."""
+    for other in pools:
+        net = ipaddress.ip_network(other)
+        if net != subnet and net.overlaps(subnet):
+            raise DriverError(
+                f"subnet {subnet} overlaps {net}, already used by a pyoverlay network; "
+                "choose a --subnet that does not overlap it"
+            )
+
+
+def check_subnet_vni(subnet: str, vni: Optional[int], claimed: Optional[int]) -> None:
+    """A subnet belongs to one overlay: the VNI that claimed it (claimed), if any."""
+    if vni is not None and claimed is not None and claimed != vni:
+        raise DriverError(
+            f"subnet {subnet} is already used by the pyoverlay network with VNI "
+            f"{claimed}; use -o {OPT_VNI}={claimed} or another --subnet"
+        )
+
+
+def check_vni_subnet(vni: int, subnet: str, overlay_subnet: Optional[str]) -> None:
+    """A VNI carries one subnet: that of its overlay (overlay_subnet), if it has one."""
+    if overlay_subnet is not None and overlay_subnet != subnet:
+        raise DriverError(
+            f"VNI {vni} is already used by the pyoverlay network on "
+            f"{overlay_subnet}; choose another -o {OPT_VNI} or use --subnet {overlay_subnet}"
+        )
+
+
+def check_overlay_mtu(vni: int, mtu: Optional[int], overlay_mtu: int) -> None:
+    """Every host of an overlay uses the MTU it was made with."""
+    if mtu is not None and mtu != overlay_mtu:
+        raise DriverError(
+            f"the pyoverlay network with VNI {vni} uses MTU {overlay_mtu} on other "
+            f"hosts; use -o {OPT_MTU}={overlay_mtu} or leave the option out"
+        )
+
+
+def check_underlay_carries(vni: int, overlay_mtu: int, max_mtu: int) -> None:
+    """This host's underlay must carry the overlay's MTU inside VXLAN (max_mtu)."""
+    if overlay_mtu > max_mtu:
+        raise DriverError(
+            f"the pyoverlay network with VNI {vni} uses MTU {overlay_mtu}, but this "
+            f"host's underlay carries at most {max_mtu} inside VXLAN; recreate the "
+            f"network everywhere with -o {OPT_MTU}={max_mtu}"
+        )
+
+
+def check_gateway(subnet: ipaddress.IPv4Network, wanted: Optional[ipaddress.IPv4Address], shared: str) -> None:
+    """A network has one gateway on every host: the first one given (shared)."""
+    if shared and wanted and str(wanted) != shared:
+        raise DriverError(
+            f"the pyoverlay network on {subnet} already has gateway {shared} "
+            f"on other hosts; use --gateway {shared} or leave --gateway out"
+        )
+
+
+# -- defaults ---------------------------------------------------------------------
+
+def default_gateway(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    """The subnet's first address, as Docker's default IPAM picks."""
+    return next(subnet.hosts())
+
+
+def free_vni(used: Iterable[int]) -> int:
+    """The lowest VNI from VNI_AUTO_START that no overlay uses."""
+    taken = set(used)
+    for vni in range(VNI_AUTO_START, VNI_MAX + 1):
+        if vni not in taken:
+            return vni
+    raise DriverError(f"every VNI from {VNI_AUTO_START} to {VNI_MAX} is in use; pass -o {OPT_VNI}=<a free one below "
+                      f"{VNI_AUTO_START}> or remove unused networks")
