@@ -169,7 +169,7 @@ def _await(out: queue.Queue, value: str, timeout: float) -> Optional[float]:
 
 def measure(etcd: EtcdServer, n: int, n_range: int, warm: int, log) -> dict[str, dict[str, list[float]]]:
     clients = [Ours(etcd.endpoint), Theirs(etcd.endpoint), Theirs(etcd.endpoint, default_session=True)]
-    writer = EtcdStore([etcd.endpoint], prefix=PREFIX)  # the third client behind the watch events
+    writer = EtcdStore([etcd.endpoint], prefix=PREFIX)  # a client of its own makes the watched puts
     stops = []
     samples = {c.name: {op: [] for op in OPS} for c in clients}
     try:
@@ -219,7 +219,7 @@ def measure(etcd: EtcdServer, n: int, n_range: int, warm: int, log) -> dict[str,
 
         for op in OPS:
             reps = n_range if op.startswith("range") else n
-            log(f"etcdclient: {op}: {warm} warm-up + {reps} per client, alternating")
+            log(f"etcdclient: {op}: {warm} warm-up + {reps} per client, taking turns to go first")
             for i in range(warm + reps):
                 for c in clients[i % len(clients):] + clients[:i % len(clients)]:  # each goes first in turn
                     ms = timed(c, op, i)
