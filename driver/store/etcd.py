@@ -1,7 +1,7 @@
 """etcd v3 through its JSON gateway, with plain `requests` and our own watch.
 
 Why not etcd3gw: its watch dies silently when etcd restarts and ignores a
-compaction, so the watch had to be ours anyway; what is left is a few JSON
+compaction (`python -m bench.etcdclient` shows both), so the watch had to be ours anyway; what is left is a few JSON
 POSTs, and owning them gives failover that never repeats an ambiguous write,
 short timeouts and errors that name the store, with no new dependency.
 
