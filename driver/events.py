@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Callable, Optional, Protocol
 
+from .background import Background
 from .engine import Engine, EngineRefused, EngineUnavailable
 from .store.base import StoreError
 
@@ -122,10 +123,10 @@ class EventPump:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._subscribers: list[Subscriber] = []
-        self._stop = threading.Event()
+        self._job = Background("engine-events", self._run)
+        self._stop = self._job.stopping
         self._stream = None
         self._lock = threading.Lock()  # guards _stream between the pump and stop()
-        self._thread: Optional[threading.Thread] = None
         self.streams = 0  # streams opened (tests count them)
 
     def subscribe(self, subscriber: Subscriber) -> None:
@@ -133,16 +134,14 @@ class EventPump:
         self._subscribers.append(subscriber)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="engine-events", daemon=True)
-        self._thread.start()
+        self._job.start()
 
     def stop(self) -> None:
         self._stop.set()
         with self._lock:
             if self._stream is not None:
-                self._stream.close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+                self._stream.close()  # the pump may be blocked reading it
+        self._job.stop()
         self.engine.close()
 
     def _run(self) -> None:

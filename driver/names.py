@@ -26,7 +26,7 @@ from typing import Optional
 from .model import NameRecord
 from .state import NAMES, decode_name, parse_name_key
 from .store.base import Event, KeyValue, Store
-from .store.follow import follow
+from .background import store_watch
 
 log = logging.getLogger(__name__)
 
@@ -107,29 +107,18 @@ class NameTable:
         self._records: dict[str, NameRecord] = {}
         self._index = _Index()
         self._lock = threading.Lock()  # writers only: lookup reads one reference
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
         self.synced = threading.Event()  # the first snapshot is in
+        # The table keeps its last view through a store outage: known names keep resolving.
+        self._watch = store_watch("names", "names-watch", store, NAMES, self._on_snapshot, self._on_events,
+                                  metrics, meanwhile="answers come from the last view")
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._watch, name="names-watch", daemon=True)
-        self._thread.start()
+        self._watch.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._watch.stop()
 
     # -- the watch -----------------------------------------------------------
-
-    def _watch(self) -> None:
-        follow(self.store, NAMES, self._stop, self._on_snapshot, self._on_events, self._on_error)
-
-    def _on_error(self, exc: Exception) -> None:
-        # The table keeps its last view: known names keep resolving.
-        log.warning("names watch: %s (resuming; answers come from the last view)", exc)
-        if self.metrics is not None:
-            self.metrics.watch_error("names", exc)
 
     def _on_snapshot(self, kvs: list[KeyValue], revision: int) -> None:
         records = {}

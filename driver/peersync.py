@@ -17,7 +17,7 @@ from typing import Callable, Optional
 from .model import Peer
 from .state import PEERS, decode_peer
 from .store.base import Event, KeyValue, Store
-from .store.follow import follow
+from .background import store_watch
 
 log = logging.getLogger(__name__)
 
@@ -40,26 +40,14 @@ class PeerSync:
         self._vteps: Counter[str] = Counter()
         self._told: Optional[frozenset[str]] = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
         self.synced = threading.Event()  # set after the first snapshot is applied
+        self._watch = store_watch("peers", "peer-sync", store, PEERS, self._on_snapshot, self._on_events, metrics)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="peer-sync", daemon=True)
-        self._thread.start()
+        self._watch.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        follow(self.store, PEERS, self._stop, self._on_snapshot, self._on_events, self._on_error)
-
-    def _on_error(self, exc: Exception) -> None:
-        log.warning("peer watch: %s (resuming)", exc)
-        if self.metrics is not None:
-            self.metrics.watch_error("peers", exc)
+        self._watch.stop()
 
     def programmed(self) -> int:
         """Remote peers this host programs (for metrics)."""

@@ -131,6 +131,10 @@ class Runtime:
         self.dns_listeners = Listeners(self.dataplane, self.resolver, config.dns_addr)
         self.name_publisher = NamePublisher(State(self.store), Engine(config.docker_host), host, ttl=config.names_ttl)
 
+    def _dns_parts(self) -> list:
+        """The cluster resolver's parts, in the order they start (stopped in reverse)."""
+        return [] if self.resolver is None else [self.resolver, self.names, self.dns_listeners, self.name_publisher]
+
     def _build_engine_events(self, config: Config) -> None:
         """One engine event stream for the catalog and the name publisher (driver/events.py)."""
         subscribers = [s for s in (self.catalog, self.name_publisher) if s is not None]
@@ -139,12 +143,8 @@ class Runtime:
             self.engine_events.subscribe(subscriber)
 
     def start(self) -> None:
-        if self.resolver is not None:
-            # Before restore: it puts the overlays' listeners in place.
-            self.resolver.start()
-            self.names.start()
-            self.dns_listeners.start()
-            self.name_publisher.start()
+        for part in self._dns_parts():  # before restore: it puts the overlays' listeners in place
+            part.start()
         if self.metrics is not None:
             self.metrics.track_peers(self.peers.programmed)
             try:
@@ -183,11 +183,8 @@ class Runtime:
     def stop(self) -> None:
         if self.engine_events is not None:
             self.engine_events.stop()
-        if self.resolver is not None:
-            self.name_publisher.stop()
-            self.dns_listeners.stop()
-            self.resolver.stop()
-            self.names.stop()
+        for part in reversed(self._dns_parts()):
+            part.stop()
         if self.catalog is not None:
             self.catalog.stop()
         self.last_seen.stop()

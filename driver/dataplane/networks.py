@@ -78,18 +78,10 @@ class NetworkStage(Worker):
                 f"is VNI {vni} already used by another VXLAN device on port {self.vxlan_port} "
                 "in the host namespace? Delete that device or use another VNI",
             ):
-                host.ipr.link(
-                    "add",
-                    ifname=VXLAN,
-                    kind="vxlan",
-                    vxlan_id=vni,
-                    vxlan_port=self.vxlan_port,
-                    vxlan_local=self.vtep,
-                    vxlan_learning=0,
-                    vxlan_proxy=1,
-                    mtu=mtu,
-                    net_ns_fd=ns.fd,
-                )
+                # Learning off and ARP proxy on: peers come from the store only.
+                host.ipr.link("add", ifname=VXLAN, kind="vxlan", mtu=mtu, net_ns_fd=ns.fd,
+                              vxlan_id=vni, vxlan_port=self.vxlan_port, vxlan_local=self.vtep,
+                              vxlan_learning=0, vxlan_proxy=1)
             made.append(VXLAN)
         else:
             self._check_vxlan(vxlan, vni)

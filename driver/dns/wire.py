@@ -83,13 +83,9 @@ def read_query(wire: bytes) -> Query | Rejected:
     except Exception as e:  # noqa: BLE001 - dnspython raises many kinds on bad input
         # Only now read the header alone: most queries parse, and reading twice costs.
         return _unreadable(wire, f"unreadable: {type(e).__name__}")
-    if message.flags & dns.flags.QR:
-        # Never answer an answer: two servers would bounce errors forever.
-        return Rejected(None, "", "a response (QR set), not a query")
-    opcode = message.opcode()
-    if opcode != dns.opcode.QUERY:
-        return Rejected(_header_error(message, dns.rcode.NOTIMP), "refused",
-                        f"opcode {dns.opcode.to_text(opcode)}")
+    not_a_query = _not_a_query(message)
+    if not_a_query is not None:
+        return not_a_query
     if len(message.question) != 1:
         return Rejected(_header_error(message, dns.rcode.FORMERR), "formerr",
                         f"{len(message.question)} questions")
@@ -110,13 +106,19 @@ def _unreadable(wire: bytes, reason: str, rcode: int = dns.rcode.FORMERR) -> Rej
     header = _header(wire)
     if header is None:
         return Rejected(None, "", "shorter than a DNS header")
+    return _not_a_query(header) or Rejected(_header_error(header, rcode), _RCODE_OUTCOME[rcode], reason)
+
+
+def _not_a_query(header) -> Optional[Rejected]:
+    """A response, or an opcode other than QUERY: judged on the header alone."""
     if header.flags & dns.flags.QR:
+        # Never answer an answer: two servers would bounce errors forever.
         return Rejected(None, "", "a response (QR set), not a query")
     opcode = header.opcode()
     if opcode != dns.opcode.QUERY:
         return Rejected(_header_error(header, dns.rcode.NOTIMP), "refused",
                         f"opcode {dns.opcode.to_text(opcode)}")
-    return Rejected(_header_error(header, rcode), _RCODE_OUTCOME[rcode], reason)
+    return None
 
 
 def max_udp_size(query: dns.message.Message) -> int:
