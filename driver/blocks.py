@@ -28,8 +28,8 @@ from collections import Counter
 from typing import Callable, Iterable, Optional
 
 from .errors import DriverError
-from .model import Address, Block, Host
-from .state import ADDRESSES, BLOCKS, address_key, block_key, block_prefix, parse_pool_key
+from .model import Address, Block
+from .state import ADDRESSES, BLOCKS, State, decode_address, decode_block
 from .store.base import KeyValue, Store, StoreError
 from .store.follow import follow
 
@@ -168,6 +168,7 @@ class BlockAllocator:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.store = store
+        self.state = State(store)
         self.host = host
         self.block_size = block_size
         self.grace = grace
@@ -227,25 +228,27 @@ class BlockAllocator:
         return pool
 
     def _apply(self, prefix: str, key: str, value: Optional[str], revision: int) -> None:
+        entry = (decode_address if prefix == ADDRESSES else decode_block)(key, value)
+        if entry is None:
+            return  # not a record (skipped, logged once, counted by state.py)
+        subnet, item, record = entry
         try:
-            subnet, item = parse_pool_key(key, prefix)
             pool = self._pool(subnet)
             if prefix == ADDRESSES:
                 off = int(ipaddress.ip_address(item)) - pool.base
-                if value is None:
+                if record is None:
                     pool.used.pop(off, None)
                 else:
-                    address = Address.from_json(value)
-                    pool.used[off] = GATEWAY_HOLDER if address.kind == "gateway" else address.host
+                    pool.used[off] = GATEWAY_HOLDER if record.kind == "gateway" else record.host
                 pool.unsure.pop(off, None)
             else:
                 block = ipaddress.ip_network(item)
                 start = int(block.network_address) - pool.base
-                if value is None:
+                if record is None:
                     pool.blocks.pop(start, None)
                 else:
-                    pool.blocks[start] = [Block.from_json(value).host, revision, block.prefixlen]
-        except (ValueError, TypeError, KeyError) as e:
+                    pool.blocks[start] = [record.host, revision, block.prefixlen]
+        except (ValueError, TypeError, KeyError) as e:  # a key naming no address of its subnet
             log.warning("ignoring %s in the store: %s", key, e)
 
     def _snapshot(self, prefix: str, kvs: list[KeyValue], revision: int = 0) -> None:
@@ -311,8 +314,7 @@ class BlockAllocator:
                     )
                 borrowed = True
             ip = subnet.network_address + off
-            won = self.store.txn({address_key(key, str(ip)): 0},
-                                 put={address_key(key, str(ip)): Address(kind="container", host=self.host).to_json()})
+            won = self.state.claim_address(key, str(ip), Address(kind="container", host=self.host))
             with self._lock:
                 pool.pending.discard(off)
                 if won:
@@ -341,8 +343,7 @@ class BlockAllocator:
             return None
         start, rev = found
         block = ipaddress.ip_network((int(pool.net.network_address) + start, prefixlen))
-        key = block_key(subnet, str(block))
-        won = self.store.txn({key: rev}, put={key: Block(host=self.host, claimed=time.time()).to_json()})
+        won = self.state.claim_block(subnet, str(block), Block(host=self.host, claimed=time.time()), rev)
         with self._lock:
             if won:
                 current = pool.blocks.get(start)
@@ -362,22 +363,17 @@ class BlockAllocator:
         once (or this host is starved of CPU) the watch may lag by more blocks
         than a request has attempts. Only adds what is newer than the cache
         knows: a watch event still on its way may be older than this read."""
-        kvs, _ = self.store.list(block_prefix(subnet))
+        found = self.state.blocks(subnet)
         with self._lock:
-            for kv in kvs:
-                try:
-                    block = ipaddress.ip_network(parse_pool_key(kv.key, BLOCKS)[1])
-                    holder = Block.from_json(kv.value).host
-                except (ValueError, TypeError, KeyError):
-                    continue
+            for _, cidr, record, revision in found:  # keys state.py could not read are left out
+                block = ipaddress.ip_network(cidr)
                 start = int(block.network_address) - pool.base
                 current = pool.blocks.get(start)
-                if current is None or (current[1] < kv.mod_revision and current[1] != 0):
-                    pool.blocks[start] = [holder, kv.mod_revision, block.prefixlen]
+                if current is None or (current[1] < revision and current[1] != 0):
+                    pool.blocks[start] = [record.host, revision, block.prefixlen]
 
     def _alive(self) -> set[str]:
-        kvs, _ = self.store.list("hosts/")
-        return {Host.from_json(kv.value).host for kv in kvs} | {self.host}
+        return {h.host for h in self.state.hosts().values()} | {self.host}
 
     # -- the sweeper ------------------------------------------------------------
 
@@ -418,8 +414,7 @@ class BlockAllocator:
 
     def _drop(self, subnet: str, pool: _Pool, start: int, rev: int, prefixlen: int, restore: bool) -> None:
         block = ipaddress.ip_network((int(pool.net.network_address) + start, prefixlen))
-        key = block_key(subnet, str(block))
-        if self.store.txn({key: rev}, delete=[key]):
+        if self.state.release_block(subnet, str(block), rev):
             self._count("block_release")
             log.info("released empty address block %s", block)
         elif restore:
@@ -465,8 +460,7 @@ class BlockAllocator:
                         wanted.append((subnet, pool, j << shift, prefixlen))
         for subnet, pool, start, prefixlen in wanted:
             block = ipaddress.ip_network((int(pool.net.network_address) + start, prefixlen))
-            key = block_key(subnet, str(block))
-            if self.store.txn({key: 0}, put={key: Block(host=self.host, claimed=time.time()).to_json()}):
+            if self.state.claim_block(subnet, str(block), Block(host=self.host, claimed=time.time())):
                 with self._lock:
                     pool.blocks.setdefault(start, [self.host, 0, prefixlen])
                 self._count("block_adopt")

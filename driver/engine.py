@@ -151,16 +151,8 @@ class Engine:
         miscounts a network's endpoints when many containers start on it at
         once, listings among them (docs/engine-miscount.md); the catalog adds
         none to such a burst."""
-        try:
-            data = self._call(lambda api: api.inspect_container(container_id))
-        except EngineRefused as e:
-            if e.status == 404:
-                return None
-            raise
-        for settings in ((data.get("NetworkSettings") or {}).get("Networks") or {}).values():
-            if (settings or {}).get("NetworkID") == network_id and settings.get("EndpointID"):
-                return settings["EndpointID"], (data.get("Name") or container_id[:12]).lstrip("/")
-        return None
+        data = self.container(container_id)
+        return endpoint_in(data, network_id) if data is not None else None
 
     def create_network(self, name: str, driver: str, subnet: str, gateway: str,
                        options: Mapping[str, str], internal: bool) -> str:
@@ -172,11 +164,15 @@ class Engine:
     def remove_network(self, network_id: str) -> None:
         self._call(lambda api: api.remove_network(network_id))
 
-    def network_events(self) -> "EventStream":
-        """Subscribe to network events; the subscription holds once this returns."""
-        stream = self._call(lambda api: api.events(filters={"type": "network"}, decode=True))
+    def events(self) -> "EventStream":
+        """Subscribe to what the catalog and the name publisher follow (driver/events.py):
+        network create, destroy, connect and disconnect, container rename and destroy.
+        The engine ANDs the two filters, so container create comes too (subscribers skip it);
+        no exec or attach chatter. The subscription holds once this returns."""
+        filters = {"type": ["container", "network"],
+                   "event": ["create", "destroy", "connect", "disconnect", "rename"]}
+        stream = self._call(lambda api: api.events(filters=filters, decode=True))
         return EventStream(stream)
-
 
     # -- for the name publisher (driver/namepub.py) ----------------------------
 
@@ -192,13 +188,6 @@ class Engine:
     def running_containers(self) -> list[str]:
         """IDs of the running containers (only they have endpoints)."""
         return [c["Id"] for c in self._call(lambda api: api.containers(quiet=True))]
-
-    def name_events(self) -> "EventStream":
-        """Subscribe to what changes a container's names: network connect and
-        disconnect, container rename and destroy (no exec or attach chatter)."""
-        filters = {"type": ["container", "network"], "event": ["connect", "disconnect", "rename", "destroy"]}
-        stream = self._call(lambda api: api.events(filters=filters, decode=True))
-        return EventStream(stream)
 
 
 class EventStream:
@@ -218,6 +207,14 @@ class EventStream:
             self._stream.close()
         except Exception:
             pass  # already closed or never fully open
+
+
+def endpoint_in(inspect: dict, network_id: str) -> Optional[tuple[str, str]]:
+    """(endpoint ID, container name) of an inspected container on a network; None if it is not on it."""
+    for settings in ((inspect.get("NetworkSettings") or {}).get("Networks") or {}).values():
+        if (settings or {}).get("NetworkID") == network_id and settings.get("EndpointID"):
+            return settings["EndpointID"], (inspect.get("Name") or (inspect.get("Id") or "")[:12]).lstrip("/")
+    return None
 
 
 def _reason(e: BaseException) -> str:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
-from .model import Record
-from .state import seen_key
+from .model import LastSeen
+from .state import State
 from .store.base import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -21,16 +20,9 @@ log = logging.getLogger(__name__)
 INTERVAL = 60.0
 
 
-@dataclass
-class LastSeen(Record):
-    host: str
-    vtep: str
-    at: float  # seconds since the epoch
-
-
 class LastSeenWriter:
     def __init__(self, store: Store, host: str, vtep: str, interval: float = INTERVAL, clock=time.time):
-        self.store = store
+        self.state = State(store)
         self.host = host
         self.vtep = vtep
         self.interval = interval
@@ -46,7 +38,7 @@ class LastSeenWriter:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.store.put(seen_key(self.host), LastSeen(self.host, self.vtep, self.clock()).to_json())
+                self.state.put_last_seen(LastSeen(self.host, self.vtep, self.clock()))
                 wait = self.interval
             except StoreError as exc:
                 log.debug("last seen: %s", exc)  # membership already reports store trouble

@@ -8,7 +8,7 @@ import threading
 import time
 
 from .model import Host
-from .state import host_key
+from .state import State
 from .store.base import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class Membership:
             try:
                 if not self._lease or not self.store.keepalive(self._lease):
                     self._lease = self.store.grant_lease(self.ttl)
-                    self.store.put(host_key(self.record.host), self.record.to_json(), lease=self._lease)
+                    State(self.store).put_host(self.record, self._lease)
             except StoreError as exc:
                 self._lease = 0
                 log.warning("host record: %s", exc)

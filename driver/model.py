@@ -121,3 +121,78 @@ class Block(Record):
 
     host: str
     claimed: float = 0.0  # wall clock, for status
+
+
+@dataclass
+class LastSeen(Record):
+    """seen/<host>: when a host was last alive (kept after its lease is gone)."""
+
+    host: str
+    vtep: str
+    at: float  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class NameRecord(Record):
+    """names/<vni>/<endpoint_id>: what the cluster resolver answers for one endpoint."""
+
+    host: str  # the host that publishes it (its lease holds the key)
+    container: str  # container ID
+    name: str  # container name, without the leading "/"
+    address: str  # IPv4 on the overlay, no prefix length
+    network: str = ""  # the network's name in that host's engine
+    aliases: tuple[str, ...] = ()  # --network-alias (and the engine's own DNS names)
+
+    @classmethod
+    def from_json(cls, text: str) -> "NameRecord":
+        data = json.loads(text)
+        data["aliases"] = tuple(data.get("aliases") or ())
+        return cls(**data)
+
+
+# -- the catalog's records (driver/catalog/) -----------------------------------
+
+#: The network create options a catalog entry carries (as driver/network.py reads them).
+CATALOG_OPT_VNI = "vni"
+CATALOG_OPT_MTU = "com.docker.network.driver.mtu"
+
+
+@dataclass
+class NamedNetwork(Record):
+    """catalog/<name>: a network every host's engine should have."""
+
+    name: str
+    subnet: str
+    gateway: str = ""
+    vni: int = 0
+    mtu: int = 0  # the -o com.docker.network.driver.mtu given; 0: the overlay's own
+    internal: bool = False
+    origin: str = ""  # the host whose engine it came from, or "cli"
+
+    def options(self) -> dict[str, str]:
+        options = {CATALOG_OPT_VNI: str(self.vni)} if self.vni else {}
+        if self.mtu:
+            options[CATALOG_OPT_MTU] = str(self.mtu)
+        return options
+
+    def matches(self, info, vni: int = 0) -> bool:
+        """Is the engine's network (an EngineNetworkInfo) this one? vni: the overlay it is on (0: unknown)."""
+        return (
+            info.subnet == self.subnet
+            and info.internal == self.internal
+            and not (self.vni and vni and vni != self.vni)
+        )
+
+
+@dataclass
+class EngineNetwork(Record):
+    """engine/<host>/<name>: a catalog name as one host's engine holds it."""
+
+    name: str
+    host: str
+    network_id: str = ""  # "" while the engine refuses to create it
+    subnet: str = ""
+    containers: dict[str, str] = field(default_factory=dict)  # endpoint ID -> container name
+    catalogued: bool = False  # matched the catalog: deleting the entry removes it here
+    removing: bool = False  # deleted from the catalog; waits for its containers to leave
+    error: str = ""

@@ -2,18 +2,20 @@
 
     local engine -- events, container inspect -->  names/<vni>/<endpoint_id>  (under a lease)
 
-One worker thread owns the engine connection, as the catalog's does: it
-subscribes to the events that change a container's names (network connect
-and disconnect, rename, destroy), then makes a full pass (every running
-container, inspected) after connecting and every RESYNC seconds, and
-republishes one container per event. Container inspect only, never network
-inspect (engine.endpoint_of says why).
+A subscriber of the engine's events (driver/events.py: one stream per
+process, shared with the catalog) for those that change a container's names:
+network connect and disconnect, rename, destroy. Its worker thread makes a
+full pass (every running container, inspected) each time the stream opens
+and every RESYNC seconds, and republishes one container per event. Container
+inspect only, never network inspect (Engine.endpoint_of says why); a
+connect's inspect is shared with the catalog.
 
 The records ride a lease of this publisher's own, with the host record's TTL:
 a host that dies takes its names with it, and a new lease (after a store
 outage outlived the old one) means every record is written again. Writes
 that fail (the store is down) are retried with back-off; the rest of the
-cluster keeps the names it already has meanwhile.
+cluster keeps the names it already has meanwhile. The lease is kept alive
+while the engine is down too.
 
 Nothing here is on a request path: the driver never waits on it.
 """
@@ -26,10 +28,11 @@ import threading
 import time
 from typing import Optional
 
-from .engine import Engine, EngineRefused, EngineUnavailable
-from .model import Network
-from .state import NAMES, NameRecord, name_key, network_key
-from .store.base import Store, StoreError
+from .engine import Engine
+from .events import EngineEvent, QueuedSubscriber, attempt
+from .model import NameRecord
+from .state import State
+from .store.base import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,10 @@ RESYNC = 30.0
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 LEASE_TTL = 10  # seconds; as the host record's
 
+NameId = tuple[int, str]  # (VNI, endpoint ID): one names/ record
 
-def records_of(inspect: dict, host: str, vni_of) -> dict[str, NameRecord]:
+
+def records_of(inspect: dict, host: str, vni_of) -> dict[NameId, NameRecord]:
     """names/ records for one inspected container: one per endpoint on our networks.
 
     vni_of(network_id) -> VNI, or None for a network that is not this host's pyoverlay one."""
@@ -57,20 +62,24 @@ def records_of(inspect: dict, host: str, vni_of) -> dict[str, NameRecord]:
             continue
         # Aliases (and 25.0+'s DNSNames): --network-alias, the short ID; not the name again.
         aliases = {a for a in (settings.get("Aliases") or []) + (settings.get("DNSNames") or []) if a and a != name}
-        found[name_key(vni, endpoint)] = NameRecord(host=host, container=container, name=name, address=address,
-                                                   network=network, aliases=tuple(sorted(aliases)))
+        found[(vni, endpoint)] = NameRecord(host=host, container=container, name=name, address=address,
+                                            network=network, aliases=tuple(sorted(aliases)))
     return found
 
 
-class NamePublisher:
-    def __init__(self, store: Store, engine: Engine, host: str, ttl: int = LEASE_TTL, resync: float = RESYNC):
-        self.store = store
+class NamePublisher(QueuedSubscriber):
+    #: The engine events that change a container's names.
+    EVENTS = frozenset({("network", "connect"), ("network", "disconnect"), ("container", "rename"),
+                        ("container", "destroy")})
+
+    def __init__(self, state: State, engine: Engine, host: str, ttl: int = LEASE_TTL, resync: float = RESYNC):
+        self.state = state
         self.engine = engine
         self.host = host
         self.ttl = ttl
         self.resync = resync
-        self._desired: dict[str, NameRecord] = {}  # what the engine says, by key
-        self._written: dict[str, NameRecord] = {}  # what the store holds under our lease
+        self._desired: dict[NameId, NameRecord] = {}  # what the engine says
+        self._written: dict[NameId, NameRecord] = {}  # what the store holds under our lease
         self._lease = 0
         self._renewed = 0.0
         self._vnis: dict[str, Optional[int]] = {}  # network ID -> VNI (None: not ours)
@@ -85,101 +94,53 @@ class NamePublisher:
 
     def stop(self) -> None:
         self._stop.set()
-        self._queue.put(("stop", 0, None))
+        self._queue.put(("stop", None))
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self._lease:
             try:
-                self.store.revoke(self._lease)  # a clean stop: the names go now
+                self.state.store.revoke(self._lease)  # a clean stop: the names go now
             except StoreError:
                 pass  # they expire with the lease
         self.engine.close()
 
-    # -- the engine side -------------------------------------------------------
+    # -- the worker ----------------------------------------------------------------
 
     def _run(self) -> None:
-        delay, generation, reported = BACKOFF_MIN, 0, None
+        up, due, retry = False, 0.0, BACKOFF_MIN  # due: monotonic time of the next full pass
         while not self._stop.is_set():
-            try:
-                stream = self.engine.name_events()
-            except (EngineUnavailable, EngineRefused) as e:
-                (log.debug if reported == str(e) else log.warning)("names: %s; retrying", e)
-                reported = str(e)
-                self._keep_lease()
-                self._stop.wait(delay)
-                delay = min(delay * 2, BACKOFF_MAX)
-                continue
-            delay, reported, generation = BACKOFF_MIN, None, generation + 1
-            reader = threading.Thread(target=self._read, args=(stream, generation), name="names-events",
-                                      daemon=True)
-            reader.start()
-            try:
-                self._serve(generation)
-            except EngineUnavailable as e:
-                log.warning("names: lost the engine (%s); reconnecting", e)
-            except Exception:  # a bug here must not end publishing for good
-                log.exception("names: unexpected error; reconnecting")
-                self._stop.wait(delay)
-            finally:
-                stream.close()
-                reader.join(timeout=5)
-
-    def _read(self, stream, generation: int) -> None:
-        for event in stream:
-            self._queue.put(("event", generation, event))
-        self._queue.put(("closed", generation, None))
-
-    def _serve(self, generation: int) -> None:
-        due, retry = 0.0, BACKOFF_MIN  # due: monotonic time of the next full pass
-        while not self._stop.is_set():
-            now = time.monotonic()
-            if now >= due:
-                ok = self._attempt(self._pass)
+            if up and time.monotonic() >= due:
+                ok = attempt(self._pass, "names")
                 due = time.monotonic() + (self.resync if ok else retry)
                 retry = BACKOFF_MIN if ok else min(retry * 2, BACKOFF_MAX)
             self._keep_lease()
-            renew = self._renewed + self.ttl / 3 if self._lease else None
-            deadline = min(due, renew) if renew is not None else due
+            deadlines = [due] if up else [time.monotonic() + BACKOFF_MAX]
+            if self._lease:
+                deadlines.append(self._renewed + self.ttl / 3)
             try:
-                kind, gen, payload = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                kind, payload = self._queue.get(timeout=max(0.0, min(deadlines) - time.monotonic()))
             except queue.Empty:
                 continue
             if kind == "stop":
                 return
-            if gen != generation:
-                continue
-            if kind == "closed":
-                raise EngineUnavailable("the engine's event stream ended")
-            if not self._attempt(lambda: self._on_event(payload)):
+            if kind == "up":
+                up, due, retry = True, 0.0, BACKOFF_MIN
+            elif kind == "down":
+                up = False
+                log.warning("names: lost the engine (its event stream ended); waiting for it")
+            elif up and not attempt(lambda: self._on_event(payload), "names"):
                 # What the event changed may not be in desired yet: a full pass soon sets it right.
                 due = min(due, time.monotonic() + retry)
                 retry = min(retry * 2, BACKOFF_MAX)
 
-    def _attempt(self, step) -> bool:
-        try:
-            step()
-            return True
-        except StoreError as e:
-            log.warning("names: the store failed (%s); retrying", e)
-        except EngineRefused as e:
-            log.warning("names: the engine refused (%s); retrying", e)
-        return False
-
-    def _on_event(self, event: dict) -> None:
-        actor = event.get("Actor") or {}
-        kind = event.get("Type")
-        if kind == "network":
-            container = (actor.get("Attributes") or {}).get("container") or ""
-            if actor.get("ID") and self._vni(actor["ID"]) is None:
-                return  # another driver's network
-        else:
-            container = actor.get("ID") or event.get("id") or ""
-        if container:
-            self._republish(container)
+    def _on_event(self, event: EngineEvent) -> None:
+        if event.type == "network" and event.actor_id and self._vni(event.actor_id) is None:
+            return  # another driver's network
+        if event.container_id:
+            self._republish(event.container_id, event.container(self.engine))
             self._flush()
 
-    def _republish(self, container: str) -> None:
-        data = self.engine.container(container)
+    def _republish(self, container: str, data: Optional[dict]) -> None:
         fresh = records_of(data, self.host, self._vni) if data is not None else {}
         for key in [k for k, r in self._desired.items() if r.container == container and k not in fresh]:
             del self._desired[key]
@@ -196,20 +157,12 @@ class NamePublisher:
         self._desired = desired
         if not self._lease:
             self._new_lease()
-        kvs, _ = self.store.list(NAMES)
-        held = {}
-        for kv in kvs:
-            try:
-                rec = NameRecord.from_json(kv.value)
-            except (TypeError, ValueError):
-                continue
-            if rec.host == self.host:
-                held[kv.key] = rec
+        held = self.state.names_of(self.host)
         # Leftovers of an earlier run go; ours are written again if they differ.
         self._written = {k: r for k, r in held.items() if self._written.get(k) == r}
         for key in set(held) - set(self._written):
             if key not in desired:
-                self.store.delete(key)
+                self.state.delete_name(*key)
         self._flush()
         self.passes += 1
 
@@ -218,16 +171,16 @@ class NamePublisher:
             self._new_lease()
         for key, rec in list(self._desired.items()):
             if self._written.get(key) != rec:
-                self.store.put(key, rec.to_json(), lease=self._lease)
+                self.state.put_name(*key, rec, lease=self._lease)
                 self._written[key] = rec
         for key in [k for k in self._written if k not in self._desired]:
-            self.store.delete(key)
+            self.state.delete_name(*key)
             del self._written[key]
 
     # -- the lease -------------------------------------------------------------
 
     def _new_lease(self) -> None:
-        self._lease = self.store.grant_lease(self.ttl)
+        self._lease = self.state.store.grant_lease(self.ttl)
         self._renewed = time.monotonic()
         self._written = {}  # nothing is under the new lease yet
 
@@ -235,7 +188,7 @@ class NamePublisher:
         if not self._lease or time.monotonic() - self._renewed < self.ttl / 3:
             return
         try:
-            if self.store.keepalive(self._lease):
+            if self.state.store.keepalive(self._lease):
                 self._renewed = time.monotonic()
                 return
             log.warning("names: the lease expired; publishing every name again")
@@ -249,8 +202,7 @@ class NamePublisher:
 
     def _vni(self, network_id: str) -> Optional[int]:
         if network_id not in self._vnis:
-            kv = self.store.get(network_key(network_id))
-            network = Network.from_json(kv.value) if kv is not None else None
+            network = self.state.network(network_id)
             # A miss is kept too: the driver writes a network's record before the
             # engine has it, so no container can connect to a network unknown here.
             self._vnis[network_id] = network.vni if network is not None and network.host == self.host else None

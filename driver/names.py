@@ -23,7 +23,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .state import NAMES, NameRecord, parse_name_key
+from .model import NameRecord
+from .state import NAMES, decode_name, parse_name_key
 from .store.base import Event, KeyValue, Store
 from .store.follow import follow
 
@@ -133,7 +134,7 @@ class NameTable:
     def _on_snapshot(self, kvs: list[KeyValue], revision: int) -> None:
         records = {}
         for kv in kvs:
-            rec = _parse(kv.key, kv.value)
+            rec = decode_name(kv.key, kv.value)
             if rec is not None:
                 records[kv.key] = rec
         with self._lock:
@@ -144,7 +145,7 @@ class NameTable:
     def _on_events(self, events: list[Event]) -> None:
         with self._lock:
             for event in events:
-                rec = _parse(event.key, event.value) if event.kind == "put" and event.value else None
+                rec = decode_name(event.key, event.value) if event.kind == "put" and event.value else None
                 if rec is None:
                     self._records.pop(event.key, None)
                 else:
@@ -196,12 +197,3 @@ class NameTable:
 
     def records(self) -> dict[str, NameRecord]:
         return dict(self._records)
-
-
-def _parse(key: str, value: str) -> Optional[NameRecord]:
-    try:
-        parse_name_key(key)
-        return NameRecord.from_json(value)
-    except (TypeError, ValueError) as e:
-        log.warning("names: ignoring %s: %s", key, e)
-        return None

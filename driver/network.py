@@ -21,18 +21,8 @@ from .errors import DriverError
 from .rules import (  # noqa: F401 (the rules' names, importable from here as before)
     MIN_MTU, OPT_MTU, OPT_VNI, VNI_AUTO_START, VNI_MAX, VNI_MIN, VXLAN_OVERHEAD, parse_ip, parse_subnet,
 )
-from .model import Address, Endpoint, Network, Overlay, Pool, SubnetClaim
-from .state import (
-    State,
-    address_key,
-    address_prefix,
-    endpoint_key,
-    network_key,
-    overlay_key,
-    name_key,
-    peer_key,
-    subnet_index_key,
-)
+from .model import Address, Endpoint, Network, Overlay
+from .state import State
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +118,13 @@ class NetworkDriver:
             return  # the engine repeated itself
         vni = self._join_overlay(network_id, subnet, vni, mtu, max_mtu, block_size)
         with self._locks[vni]:
-            overlay = self.state.get(overlay_key(vni), Overlay)
+            overlay = self.state.overlay(vni)
             network = Network(
                 network_id=network_id, vni=vni, host=self.host, mtu=overlay.mtu,
                 subnet=subnet, internal=options.get(OPT_INTERNAL) in (True, "true"),
             )
             try:
-                self.state.create({network_key(network_id): network})
+                self.state.create_network(network)
                 self.dataplane.create_network(vni, network.mtu)
                 if self.dns is not None:
                     try:
@@ -145,7 +135,7 @@ class NetworkDriver:
                         raise
             except Exception:
                 self._leave_overlay(vni, network_id)
-                self.state.delete([network_key(network_id)])
+                self.state.delete_network(network_id)
                 raise
             self.peers.network_added(vni)
         log.info("network %s: overlay vni %d subnet %s mtu %d", network_id[:12], vni, subnet, network.mtu)
@@ -166,17 +156,14 @@ class NetworkDriver:
                       block_size: Optional[int] = None) -> int:
         """Find or make the overlay for this subnet/VNI and record this host on it."""
         for _ in range(20):
-            claim = self.state.get(subnet_index_key(subnet), SubnetClaim)
+            claim = self.state.subnet_claim(subnet)
             rules.check_subnet_vni(subnet, vni, claim.vni if claim else None)
             target = vni if vni is not None else (claim.vni if claim else self._free_vni())
-            overlay = self.state.get(overlay_key(target), Overlay)
+            overlay = self.state.overlay(target)
             if overlay is None:
                 overlay = Overlay(vni=target, subnet=subnet, mtu=mtu or max_mtu, networks={self.host: network_id},
                                   block_size=block_size or 0)
-                records = {overlay_key(target): overlay}
-                if claim is None:
-                    records[subnet_index_key(subnet)] = SubnetClaim(vni=target)
-                if self.state.create(records):
+                if self.state.create_overlay(overlay, claim_subnet=claim is None):
                     return target
                 continue  # another host made it first: join theirs
 
@@ -202,14 +189,14 @@ class NetworkDriver:
                 return current
 
             try:
-                self.state.update(overlay_key(target), Overlay, join)
+                self.state.update_overlay(target, join)
                 return target
             except _Retry:
                 continue
         raise DriverError("the store is too busy to create the network; retry the command")
 
     def _free_vni(self) -> int:
-        used = {o.vni for o in self.state.list("overlays/", Overlay)}
+        used = {o.vni for o in self.state.overlays()}
         return rules.free_vni(used)
 
     def _leave_overlay(self, vni: int, network_id: str) -> None:
@@ -220,9 +207,9 @@ class NetworkDriver:
                 del current.networks[self.host]
             return current if current.networks else None
 
-        overlay = self.state.get(overlay_key(vni), Overlay)
-        if self.state.update(overlay_key(vni), Overlay, leave) is None and overlay is not None:
-            self.state.delete([subnet_index_key(overlay.subnet)])
+        overlay = self.state.overlay(vni)
+        if self.state.update_overlay(vni, leave) is None and overlay is not None:
+            self.state.delete_subnet_claim(overlay.subnet)
 
     def delete_network(self, network_id: str) -> None:
         network = self.state.network(network_id)
@@ -230,7 +217,7 @@ class NetworkDriver:
             return  # engine clean-up of a network we no longer know
         with self._locks[network.vni]:
             # Endpoints the engine forgot (it crashed mid-way) must not outlive the network.
-            for endpoint in self.state.list("endpoints/", Endpoint):
+            for endpoint in self.state.endpoints():
                 if endpoint.network_id == network_id:
                     self._remove_endpoint(endpoint)
             self.peers.network_removed(network.vni)
@@ -238,7 +225,7 @@ class NetworkDriver:
                 self.dns.network_removed(network.vni)
             self.dataplane.delete_network(network.vni)
             self._leave_overlay(network.vni, network_id)
-            self.state.delete([network_key(network_id)])
+            self.state.delete_network(network_id)
         log.info("network %s removed (vni %d)", network_id[:12], network.vni)
 
     # Endpoints
@@ -277,7 +264,7 @@ class NetworkDriver:
         )
         # The peer record goes out now, before the container starts, so every
         # host can reach it the moment it runs.
-        if not self.state.create({endpoint_key(endpoint_id): endpoint, peer_key(network.vni, endpoint_id): endpoint.peer()}):
+        if not self.state.create_endpoint(endpoint):
             existing = self.state.endpoint(endpoint_id)
             if existing is None or replace(existing, sandbox="", dns_route=False) != endpoint:
                 raise DriverError(f"endpoint {endpoint_id[:12]} already exists with other settings")
@@ -287,11 +274,10 @@ class NetworkDriver:
         """The endpoint's address must be claimed by this host. It normally is
         (RequestAddress came first); if a restart released it as an orphan
         (see restore), claim it again rather than share it with a later container."""
-        key = address_key(subnet, str(ip))
-        holder = self.state.get(key, Address)
-        if holder is None and self.state.create({key: Address(kind="container", host=self.host)}):
+        holder = self.state.address(subnet, str(ip))
+        if holder is None and self.state.claim_address(subnet, str(ip), Address(kind="container", host=self.host)):
             return
-        holder = holder or self.state.get(key, Address)
+        holder = holder or self.state.address(subnet, str(ip))
         if holder is not None and (holder.kind != "container" or holder.host != self.host):
             what = "the network's gateway" if holder.kind == "gateway" else f"in use on host {holder.host}"
             raise DriverError(f"address {ip} is {what}; remove the container and start it again")
@@ -306,8 +292,7 @@ class NetworkDriver:
     def _remove_endpoint(self, endpoint: Endpoint, kernel: bool = True) -> None:
         if kernel:
             self.dataplane.delete_endpoint(endpoint.vni, endpoint.endpoint_id)
-        self.state.delete([endpoint_key(endpoint.endpoint_id), peer_key(endpoint.vni, endpoint.endpoint_id),
-                           name_key(endpoint.vni, endpoint.endpoint_id)])  # its DNS name goes now, not at the next event
+        self.state.delete_endpoint(endpoint)  # its DNS name goes now, not at the next event
         self._forget_dns_route(endpoint)
 
     def endpoint_oper_info(self, network_id: str, endpoint_id: str) -> dict:
@@ -344,8 +329,8 @@ class NetworkDriver:
             return False
         with self._dns_lock:
             if self._dns_routes is None:
-                self._dns_routes = {e.sandbox: e.endpoint_id for e in self.state.list("endpoints/", Endpoint)
-                                    if e.host == self.host and e.dns_route and e.sandbox}
+                self._dns_routes = {e.sandbox: e.endpoint_id for e in self.state.endpoints(host=self.host)
+                                    if e.dns_route and e.sandbox}
             holder = self._dns_routes.get(sandbox_key)
             if holder is not None and holder != endpoint.endpoint_id:
                 return False
@@ -355,7 +340,7 @@ class NetworkDriver:
                     raise DriverError(f"endpoint {endpoint.endpoint_id[:12]} is not known to pyoverlay on this host")
                 return replace(current, sandbox=sandbox_key, dns_route=True)
 
-            self.state.update(endpoint_key(endpoint.endpoint_id), Endpoint, mark)
+            self.state.update_endpoint(endpoint.endpoint_id, mark)
             self._dns_routes[sandbox_key] = endpoint.endpoint_id
             return True
 
@@ -380,8 +365,8 @@ class NetworkDriver:
     def restore(self) -> None:
         """Make the kernel match the store after a (re)start: networks this host
         holds exist, nothing else of ours does."""
-        networks = [n for n in self.state.list("networks/", Network) if n.host == self.host]
-        endpoints = [e for e in self.state.list("endpoints/", Endpoint) if e.host == self.host]
+        networks = self.state.networks(host=self.host)
+        endpoints = self.state.endpoints(host=self.host)
         wanted = {n.vni: n for n in networks}
         for vni in self.dataplane.networks() - set(wanted):
             self.dataplane.delete_network(vni)
@@ -408,19 +393,17 @@ class NetworkDriver:
         # Claims this process made (requests answered while restore ran) are
         # newer than the IPAM's first read of the addresses: never orphans.
         before = self.claims_from() if self.claims_from is not None else None
-        used = {(str(ipaddress.ip_interface(e.address).network), e.ip) for e in self.state.list("endpoints/", Endpoint)}
+        used = {(str(ipaddress.ip_interface(e.address).network), e.ip) for e in self.state.endpoints()}
         released = 0
-        for pool in self.state.list("pools/", Pool):
+        for pool in self.state.pools():
             if self.host not in pool.hosts:
                 continue
-            prefix = address_prefix(pool.subnet)
-            for kv in self.state.store.list(prefix)[0]:
-                address, ip = Address.from_json(kv.value), kv.key[len(prefix):]
-                if before is not None and kv.mod_revision > before:
+            for ip, address, revision in self.state.addresses(pool.subnet):
+                if before is not None and revision > before:
                     continue
                 if address.kind == "container" and address.host == self.host and (pool.subnet, ip) not in used:
                     # Only if unchanged since read: a claim made meanwhile is live.
-                    released += self.state.store.txn({kv.key: kv.mod_revision}, delete=[kv.key])
+                    released += self.state.release_address_if_unchanged(pool.subnet, ip, revision)
         return released
 
 

@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 from typing import Callable, Optional
 
 from .model import Peer
-from .state import PEERS, parse_peer_key
+from .state import PEERS, decode_peer
 from .store.base import Event, KeyValue, Store
 from .store.follow import follow
 
@@ -125,8 +125,10 @@ class PeerSync:
     def _on_snapshot(self, kvs: list[KeyValue], revision: int) -> None:
         table: defaultdict[int, dict[str, Peer]] = defaultdict(dict)
         for kv in kvs:
-            vni, endpoint_id = parse_peer_key(kv.key)
-            table[vni][endpoint_id] = Peer.from_json(kv.value)
+            entry = decode_peer(kv.key, kv.value)
+            if entry is not None:  # else skipped (logged once, counted by state.py)
+                vni, endpoint_id, peer = entry
+                table[vni][endpoint_id] = peer
         with self._lock:
             self._table = table
             self._vteps = Counter()
@@ -143,10 +145,12 @@ class PeerSync:
     def _on_events(self, events: list[Event]) -> None:
         with self._lock:
             for event in events:
-                vni, endpoint_id = parse_peer_key(event.key)
+                entry = decode_peer(event.key, event.value if event.kind == "put" else None)
+                if entry is None:
+                    continue  # skipped (logged once, counted by state.py)
+                vni, endpoint_id, peer = entry
                 peers = self._table[vni]
                 if event.kind == "put":
-                    peer = Peer.from_json(event.value)
                     old = peers.get(endpoint_id)
                     peers[endpoint_id] = peer
                     if vni in self._local:

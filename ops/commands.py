@@ -17,12 +17,9 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 from driver import rules
-from driver.catalog import EngineNetwork, NamedNetwork
 from driver.errors import DriverError
-from driver.lastseen import LastSeen
-from driver.model import Block, Endpoint, Host, Overlay, Pool, SubnetClaim
-from driver.state import CATALOG, ENGINE, SEEN, catalog_key, overlay_key, pool_key, subnet_index_key
-from driver.state import ADDRESSES, BLOCKS, NAMES, NameRecord, parse_name_key, parse_pool_key
+from driver.model import EngineNetwork, Host, NamedNetwork, NameRecord
+from driver.state import CATALOG, ENGINE, NAMES, State, catalog_key, parse_name_key
 from driver.store.base import Store
 
 # Docker's own rule for network names.
@@ -54,7 +51,7 @@ def engine_records(store: Store) -> dict[tuple[str, str], EngineNetwork]:
 
 
 def alive_hosts(store: Store) -> dict[str, Host]:
-    return _records(store, "hosts/", Host)
+    return State(store).hosts()
 
 
 # -- network create ------------------------------------------------------------
@@ -74,6 +71,7 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
         options = _options(options, vni, mtu)
         net = rules.parse_subnet(subnet)
         subnet = str(net)
+        state = State(store)
         if store.get(catalog_key(name)) is not None:
             raise CommandError(f"a network named {name} already exists in the catalog; "
                                f"remove it first (pyoverlay network rm {name}) or pick another name")
@@ -84,14 +82,14 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
             if ipaddress.ip_network(other.subnet).overlaps(net):
                 raise CommandError(f"subnet {subnet} overlaps {other.subnet} of network {other.name}; "
                                    "choose another --subnet")
-        rules.check_overlap(net, (pool.subnet for pool in _records(store, "pools/", Pool).values()))
+        rules.check_overlap(net, (pool.subnet for pool in state.pools()))
 
-        claim_kv = store.get(subnet_index_key(subnet))
-        claim = SubnetClaim.from_json(claim_kv.value).vni if claim_kv else None
+        found = state.subnet_claim(subnet)
+        claim = found.vni if found else None
         if vni is not None:
             rules.check_subnet_vni(subnet, vni, claim)
-            overlay_kv = store.get(overlay_key(vni))
-            rules.check_vni_subnet(vni, subnet, Overlay.from_json(overlay_kv.value).subnet if overlay_kv else None)
+            overlay = state.overlay(vni)
+            rules.check_vni_subnet(vni, subnet, overlay.subnet if overlay else None)
             if any(o.vni == vni and o.name != name for o in catalog.values()):
                 raise CommandError(f"VNI {vni} is already used by another network in the catalog; "
                                    f"choose another -o {rules.OPT_VNI}")
@@ -99,8 +97,8 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
             vni = claim or _free_vni(store, catalog.values())
 
         wanted = rules.usable_address(net, gateway) if gateway else None
-        pool_kv = store.get(pool_key(subnet))
-        shared = Pool.from_json(pool_kv.value).gateway if pool_kv else ""
+        pool = state.pool(subnet)
+        shared = pool.gateway if pool else ""
         rules.check_gateway(net, wanted, shared)
         # The same default the IPAM picks, so every host's inspect shows the same.
         gateway = str(wanted or shared or rules.default_gateway(net))
@@ -136,7 +134,7 @@ def _options(options: Optional[dict[str, str]], vni: Optional[int], mtu: Optiona
 
 
 def _free_vni(store: Store, catalog: Iterable[NamedNetwork]) -> int:
-    used = {o.vni for o in _records(store, "overlays/", Overlay).values()} | {c.vni for c in catalog}
+    used = {o.vni for o in State(store).overlays()} | {c.vni for c in catalog}
     return rules.free_vni(used)
 
 
@@ -232,10 +230,11 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
     """Hosts, networks and endpoints as the store knows them, plain data."""
     now = time.time() if now is None else now
     alive = alive_hosts(store)
-    seen = _records(store, SEEN, LastSeen)
+    state = State(store)
+    seen = state.last_seen()
     catalog = _records(store, CATALOG, NamedNetwork)
-    overlays = {o.vni: o for o in _records(store, "overlays/", Overlay).values()}
-    endpoints = list(_records(store, "endpoints/", Endpoint).values())
+    overlays = {o.vni: o for o in state.overlays()}
+    endpoints = state.endpoints()
     engines = engine_records(store)
 
     hosts = []
@@ -356,14 +355,13 @@ def render_status(status: dict, now: Optional[float] = None) -> str:
 def collect_blocks(store: Store, alive: set) -> list[dict]:
     """Every address block: its pool, holder, whether the holder is alive, and
     how many of its addresses are in use (by anyone: others may borrow)."""
+    state = State(store)
     used: dict[str, list[ipaddress.IPv4Address]] = defaultdict(list)
-    for kv in store.list(ADDRESSES)[0]:
-        subnet, ip = parse_pool_key(kv.key, ADDRESSES)
+    for subnet, ip in state.every_address():
         used[subnet].append(ipaddress.ip_address(ip))
     rows = []
-    for kv in store.list(BLOCKS)[0]:
-        subnet, cidr = parse_pool_key(kv.key, BLOCKS)
-        block, record = ipaddress.ip_network(cidr), Block.from_json(kv.value)
+    for subnet, cidr, record, _ in state.blocks():
+        block = ipaddress.ip_network(cidr)
         rows.append({"subnet": subnet, "block": cidr, "host": record.host, "alive": record.host in alive,
                      "used": sum(ip in block for ip in used[subnet]), "size": block.num_addresses})
     rows.sort(key=lambda r: (_host_order(r["host"]), ipaddress.ip_network(r["block"])))

@@ -26,13 +26,13 @@ from typing import Optional
 
 from pyroute2 import IPRoute
 
-from driver.catalog import EngineNetwork, NamedNetwork
 from driver.dataplane import Dataplane, DataplaneError, default_route_address
 from driver.defaults import DRIVER_NAME
 from driver.engine import Engine, EngineRefused, EngineUnavailable
+from driver.model import EngineNetwork, NamedNetwork
 from driver.model import Endpoint, Network, Peer
 from driver.rules import VXLAN_OVERHEAD
-from driver.state import CATALOG, PEERS, engine_prefix, host_key
+from driver.state import CATALOG, State, engine_prefix
 from driver.store.base import Store, StoreError
 
 from plugin.client import call
@@ -63,6 +63,7 @@ class Doctor:
         self.dns_addr = dns_addr  # None: the cluster resolver is not checked
         self.daemon_json = daemon_json
         self.store = store
+        self.state = State(store)
         self.host = host
         self.dataplane = dataplane
         self.socket_path = socket_path  # None: not checked
@@ -92,13 +93,11 @@ class Doctor:
 
     def _local_networks(self) -> list[Network]:
         if self._networks is None:
-            kvs, _ = self.store.list("networks/")
-            self._networks = [n for n in (Network.from_json(kv.value) for kv in kvs) if n.host == self.host]
+            self._networks = self.state.networks(host=self.host)
         return self._networks
 
     def _local_endpoints(self) -> list[Endpoint]:
-        kvs, _ = self.store.list("endpoints/")
-        return [e for e in (Endpoint.from_json(kv.value) for kv in kvs) if e.host == self.host]
+        return self.state.endpoints(host=self.host)
 
     def _ipr(self, netns: Optional[str]) -> IPRoute:
         return IPRoute(netns=netns, flags=0, groups=0) if netns else IPRoute(groups=0)
@@ -127,11 +126,10 @@ class Doctor:
     def check_store(self) -> Check:
         where = getattr(self.store, "url", "") or "the store"
         try:
-            kvs, _ = self.store.list("hosts/")
+            hosts = list(self.state.hosts())
         except StoreError as e:
             return Check("store", FAIL, f"{e}; check that the store runs and that --store points at it")
-        hosts = [kv.key[len("hosts/"):] for kv in kvs]
-        if host_key(self.host) not in {kv.key for kv in kvs}:
+        if self.host not in hosts:
             return Check("store", FAIL, f"{where} answers, but has no record of this host ({self.host}) "
                                         f"among {len(hosts)} live hosts: is the plugin running here with "
                                         f"--advertise-addr {self.host}?", sorted(hosts))
@@ -233,11 +231,9 @@ class Doctor:
 
     def check_peers(self) -> Check:
         try:
-            kvs, _ = self.store.list(PEERS)
             expected: dict[int, set[Peer]] = {}
-            for kv in kvs:
-                vni = int(kv.key[len(PEERS):].split("/", 1)[0])
-                peer = _peer(Peer.from_json(kv.value))
+            for vni, _, record in self.state.peers():
+                peer = _peer(record)
                 if peer.vtep != self.host:
                     expected.setdefault(vni, set()).add(peer)
             have = self.dataplane.networks()

@@ -77,6 +77,7 @@ class Metrics:
                                      "arrival to its answer (forwarded ones include the upstream)",
                                      ["outcome"], buckets=DNS_BUCKETS, registry=r)
         self._server = None
+        self.registry.register(BadRecords())
 
     def ipam_event(self, event: str) -> None:
         self.ipam_events.labels(event).inc()
@@ -169,3 +170,20 @@ class CountingStore:
         except StoreError:
             self._count("watch")
             raise
+
+
+class BadRecords:
+    """pyoverlay_store_bad_records: store records skipped because they did not
+    decode, by kind (driver/state.py counts them, each key once; read at scrape time)."""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        from driver.state import bad_records
+
+        family = CounterMetricFamily("pyoverlay_store_bad_records", "Store records skipped because they "
+                                     "did not decode (bad JSON, missing or mistyped fields, malformed key), "
+                                     "each key counted once, by kind", labels=["record"])
+        for kind, count in sorted(bad_records().items()):
+            family.add_metric([kind], count)
+        yield family

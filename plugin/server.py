@@ -20,8 +20,10 @@ from driver.catalog import Catalog
 from driver.dataplane import Dataplane
 from driver.firewall import Firewall
 from driver.engine import Engine
+from driver.events import EventPump
 from driver.ipam import Ipam
 from driver.lastseen import LastSeenWriter
+from driver.leftovers import Leftovers
 from driver.membership import Membership
 from driver.network import NetworkDriver
 from driver.peersync import PeerSync
@@ -111,8 +113,9 @@ class Runtime:
         self.last_seen = LastSeenWriter(self.store, host, vtep)
         self.catalog = None
         if config.catalog:
-            self.catalog = Catalog(self.store, Engine(config.docker_host), host, config.name, metrics=self.metrics,
-                                   forget=self._forget_network)
+            self.catalog = Catalog(state, Engine(config.docker_host), host, config.name, metrics=self.metrics,
+                                   leftovers=Leftovers(state, host, self._forget_network, self.metrics))
+        self._build_engine_events(config)
         self.restored = threading.Event()
 
     def _build_dns(self, config: Config, host: str) -> None:
@@ -126,7 +129,14 @@ class Runtime:
         self.names = NameTable(self.store, metrics=self.metrics)
         self.resolver = Resolver(self.names.lookup, upstreams, metrics=self.metrics)
         self.dns_listeners = Listeners(self.dataplane, self.resolver, config.dns_addr)
-        self.name_publisher = NamePublisher(self.store, Engine(config.docker_host), host, ttl=config.names_ttl)
+        self.name_publisher = NamePublisher(State(self.store), Engine(config.docker_host), host, ttl=config.names_ttl)
+
+    def _build_engine_events(self, config: Config) -> None:
+        """One engine event stream for the catalog and the name publisher (driver/events.py)."""
+        subscribers = [s for s in (self.catalog, self.name_publisher) if s is not None]
+        self.engine_events = EventPump(Engine(config.docker_host)) if subscribers else None
+        for subscriber in subscribers:
+            self.engine_events.subscribe(subscriber)
 
     def start(self) -> None:
         if self.resolver is not None:
@@ -148,6 +158,8 @@ class Runtime:
         self.last_seen.start()
         if self.catalog is not None:
             self.catalog.start()
+        if self.engine_events is not None:
+            self.engine_events.start()  # after its subscribers: they take its events from the first
         threading.Thread(target=self._restore, name="restore", daemon=True).start()
 
     def _forget_network(self, network_id: str, subnet: str) -> None:
@@ -169,6 +181,8 @@ class Runtime:
                 delay = min(delay * 2, 5.0)
 
     def stop(self) -> None:
+        if self.engine_events is not None:
+            self.engine_events.stop()
         if self.resolver is not None:
             self.name_publisher.stop()
             self.dns_listeners.stop()

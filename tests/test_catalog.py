@@ -1,146 +1,213 @@
-"""The catalog's engine side against a stand-in engine: what it asks the
-engine while containers come and go, and what it records when the engine
-refuses to remove a network. The real engine path is in
-tests/e2e/test_cluster_networks.py."""
+"""The catalog: its plan fed plain data (driver/catalog/plan.py), and its
+applier against a stand-in engine: what it asks the engine while containers
+come and go, and what it records when the engine refuses to remove a network.
+The real engine path is in tests/e2e/test_cluster_networks.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from driver.catalog import Catalog, EngineNetwork
-from driver.engine import EngineNetworkInfo, EngineRefused
-from driver.model import Network
-from driver.state import CATALOG, engine_network_key, network_key
+from driver.catalog.apply import Applier
+from driver.catalog.plan import Create, DropRecord, Later, Publish, Record, Remove, plan, plan_network
+from driver.catalog.table import DesiredTable
+from driver.engine import EngineNetworkInfo
+from driver.events import EngineEvent
+from driver.model import EngineNetwork, NamedNetwork, Network
+from driver.state import State, network_key
 from driver.store import open_store
 from ops.doctor import FAIL, Doctor
+from tests.engine_standin import StandinEngine
 
 H1 = "10.99.0.1"
 NET = "n" * 64
 WEB = EngineNetworkInfo(NET, "web", "pyoverlay", "pyoverlay", "10.40.0.0/24", "10.40.0.1")
+WEB_ENTRY = NamedNetwork("web", "10.40.0.0/24", vni=4096, origin=H1)
+MISCOUNT = f"error while removing network: network web id {NET} has active endpoints"
 
 
-class Engine:
-    """Answers as Docker Engine 20.10 does; counts network inspects."""
+def on(info: EngineNetworkInfo, **changes) -> EngineNetworkInfo:
+    return EngineNetworkInfo(**{**info.__dict__, **changes})
 
-    url = "unix:///var/run/docker.sock"
 
-    def __init__(self):
-        self.nets = {NET: WEB}
-        self.endpoints: dict[str, tuple[str, str]] = {}  # container ID -> (endpoint ID, name)
-        self.inspects = 0
-        self.refuse_remove = ""
+def catalogued(info: EngineNetworkInfo, **changes) -> EngineNetwork:
+    return EngineNetwork(info.name, H1, info.id, info.subnet, dict(info.containers), catalogued=True, **changes)
 
-    def networks(self, driver=None):
-        return [self.network(n) for n in self.nets]
 
-    def network_summaries(self):
-        return [(i.id, i.name, i.driver, (i.subnet,)) for i in self.nets.values()]
+def one(info, entry=None, record=None, vni=4096):
+    return plan_network(H1, "pyoverlay", info, entry, record, vni)
 
-    def network(self, network_id):
-        self.inspects += 1
-        info = self.nets.get(network_id)
-        if info is None:
-            return None
-        return EngineNetworkInfo(info.id, info.name, info.driver, info.ipam_driver, info.subnet, info.gateway,
-                                 containers={e: n for e, n in self.endpoints.values()},
-                                 attached={c: e for c, (e, _) in self.endpoints.items()})
 
-    def endpoint_of(self, container_id, network_id):
-        return self.endpoints.get(container_id)
+# -- the plan, on plain data ---------------------------------------------------------
 
-    def remove_network(self, network_id):
-        if self.refuse_remove:
-            raise EngineRefused(self.refuse_remove, 403)
-        del self.nets[network_id]
+def test_a_network_made_here_is_published_once_the_driver_has_recorded_it():
+    assert one(WEB) == [Publish(WEB, 4096)]
+    assert one(WEB, vni=0) == [Later("web", "the driver's record is not in the store (yet)")]
+    # Another IPAM's network is refused by the driver: nothing to share.
+    assert one(on(WEB, ipam_driver="default")) == []
 
-    def close(self):
-        pass
 
+def test_a_network_matching_the_catalog_is_recorded_with_its_containers():
+    busy = on(WEB, containers={"e1": "app1"})
+    assert one(busy, WEB_ENTRY) == [Record(catalogued(busy))]
+    # The VNI the driver recorded must be the catalog's, when both are known.
+    assert one(busy, WEB_ENTRY, vni=4097)[0].record.error
+
+
+def test_a_network_that_differs_from_the_catalog_says_what_to_do_and_is_kept():
+    [action] = one(on(WEB, subnet="10.41.0.0/24"), WEB_ENTRY)
+    assert isinstance(action, Record) and not action.record.catalogued
+    assert "docker network rm web" in action.record.error
+
+
+def test_a_network_that_left_the_catalog_goes_when_unused_and_waits_for_its_containers():
+    assert one(WEB, None, catalogued(WEB)) == [Remove(WEB)]
+    busy = on(WEB, containers={"e1": "app1"})
+    [action] = one(busy, None, catalogued(WEB))
+    assert action.record == catalogued(busy, removing=True) and "app1" in action.note
+    # Redefined in the catalog while the old one is still in use: the old one goes first.
+    assert one(WEB, NamedNetwork("web", "10.41.0.0/24"), catalogued(WEB, removing=True)) == [Remove(WEB)]
+    # A record of another network under that name (replaced meanwhile) removes nothing.
+    assert one(WEB, None, EngineNetwork("web", H1, "x" * 64, catalogued=True)) == [Publish(WEB, 4096)]
+
+
+def test_the_catalogs_networks_are_created_unless_the_name_is_taken_or_withdrawn():
+    db = NamedNetwork("db", "10.42.0.0/24", vni=4100)
+    assert plan(H1, "pyoverlay", {"db": db}, {}, {}, {}, {}) == [Create(db)]
+    [taken] = plan(H1, "pyoverlay", {"db": db}, {}, {"db": "bridge"}, {}, {})
+    assert taken.record.error.startswith("a bridge network named db already exists") and taken.warn
+    assert taken.record.network_id == "" and taken.record.subnet == db.subnet
+    assert plan(H1, "pyoverlay", {"db": db}, {}, {}, {}, {}, withdrawing={"db"}) == []
+
+
+def test_records_that_no_longer_say_anything_true_are_dropped():
+    gone = catalogued(WEB)  # its network left the engine while nobody watched
+    refusal = EngineNetwork("db", H1, subnet="10.42.0.0/24", error="the engine refused")  # db left the catalog
+    actions = plan(H1, "pyoverlay", {}, {}, {}, {"web": gone, "db": refusal}, {})
+    assert sorted(a.name for a in actions if isinstance(a, DropRecord)) == ["db", "web"]
+    assert actions == [DropRecord("web"), DropRecord("db")]
+
+
+def test_a_pass_plans_every_network_against_the_records_left_after_the_drops():
+    replaced = EngineNetwork("web", H1, "x" * 64, catalogued=True)  # the old web's record
+    actions = plan(H1, "pyoverlay", {}, {"web": WEB}, {"web": "pyoverlay"}, {"web": replaced}, {NET: 4096})
+    assert actions == [DropRecord("web"), Publish(WEB, 4096)]
+
+
+# -- the applier, against a stand-in engine ----------------------------------------
 
 @pytest.fixture
-def store():
+def state():
     s = open_store("memory://")
     s.put(network_key(NET), Network(NET, 4096, H1, 1450, "10.40.0.0/24").to_json())
-    yield s
+    yield State(s)
     s.close()
 
 
 @pytest.fixture
 def engine():
-    return Engine()
+    e = StandinEngine()
+    e.nets[NET] = WEB
+    return e
 
 
 @pytest.fixture
-def catalog(store, engine):
-    c = Catalog(store, engine, H1, "pyoverlay")
-    assert c._pass()  # publishes web
-    c._on_snapshot(store.list(CATALOG)[0], 0)
-    return c
+def applier(state, engine):
+    table = DesiredTable(state, on_change=lambda: None)
+    a = Applier(state, engine, H1, "pyoverlay", table)
+    assert a.run_pass()  # publishes web
+    entry, revision = state.catalog_entry("web")
+    assert entry == NamedNetwork("web", "10.40.0.0/24", "10.40.0.1", 4096, origin=H1)
+    table.load({"web": (entry, revision)})
+    return a
 
 
-def record(store) -> EngineNetwork:
-    return EngineNetwork.from_json(store.get(engine_network_key(H1, "web")).value)
+def record(state) -> EngineNetwork:
+    return state.engine_networks(H1)["web"]
 
 
 def event(action, container_id):
-    return {"Type": "network", "Action": action,
-            "Actor": {"ID": NET, "Attributes": {"container": container_id, "name": "web", "type": "pyoverlay"}}}
+    return EngineEvent({"Type": "network", "Action": action,
+                        "Actor": {"ID": NET, "Attributes": {"container": container_id, "name": "web",
+                                                            "type": "pyoverlay"}}})
 
 
-def test_containers_coming_and_going_are_recorded_without_network_inspects(store, engine, catalog):
-    engine.inspects = 0
+def test_containers_coming_and_going_are_recorded_without_network_inspects(state, engine, applier):
+    engine.asked.clear()
     for i in range(3):
-        engine.endpoints[f"c{i}"] = (f"e{i}", f"app{i}")
-        assert catalog._on_engine_event(event("connect", f"c{i}"))
-    assert record(store).containers == {"e0": "app0", "e1": "app1", "e2": "app2"}
-    del engine.endpoints["c1"]
-    assert catalog._on_engine_event(event("disconnect", "c1"))
-    assert record(store).containers == {"e0": "app0", "e2": "app2"}
+        engine.run(f"c{i}", f"app{i}", NET, f"e{i}", f"10.40.0.{i + 2}")
+        assert applier.on_event(event("connect", f"c{i}"))
+    assert record(state).containers == {"e0": "app0", "e1": "app1", "e2": "app2"}
+    del engine.containers["c1"]
+    assert applier.on_event(event("disconnect", "c1"))
+    assert record(state).containers == {"e0": "app0", "e2": "app2"}
     # Each network inspect is a network listing inside the engine; those are
     # what make Docker Engine 20.10 miscount endpoints under churn.
-    assert engine.inspects == 0
+    assert engine.count("network") == 0 and engine.count("container") == 3
 
 
-def test_a_container_gone_before_its_connect_is_handled_changes_nothing(store, engine, catalog):
-    assert catalog._on_engine_event(event("connect", "gone"))
-    assert catalog._on_engine_event(event("disconnect", "gone"))
-    assert record(store).containers == {}
+def test_a_connect_shares_its_container_inspect(state, engine, applier):
+    engine.run("c1", "app1", NET, "e1", "10.40.0.2")
+    connect = event("connect", "c1")
+    assert applier.on_event(connect)
+    assert connect.container(engine)["Name"] == "/app1"  # the name publisher's turn: no second inspect
+    assert engine.count("container") == 1
 
 
-def test_an_engine_that_miscounts_endpoints_is_named_with_what_to_do(store, engine, catalog):
-    store.delete(CATALOG + "web")  # `pyoverlay network rm web` on another host
-    catalog._on_snapshot([], 0)
-    engine.refuse_remove = f"error while removing network: network web id {NET} has active endpoints"
-    assert not catalog._pass()  # to be tried again
-    rec = record(store)
+def test_a_container_gone_before_its_connect_is_handled_changes_nothing(state, engine, applier):
+    assert applier.on_event(event("connect", "gone"))
+    assert applier.on_event(event("disconnect", "gone"))
+    assert record(state).containers == {}
+
+
+def withdraw_from_catalog(state, applier):
+    """`pyoverlay network rm web` on another host."""
+    _, revision = state.catalog_entry("web")
+    assert state.delete_catalog_entry("web", revision)
+    applier.table.load({})
+
+
+def test_an_engine_that_miscounts_endpoints_is_named_with_what_to_do(state, engine, applier):
+    withdraw_from_catalog(state, applier)
+    engine.refuse_remove = MISCOUNT
+    assert not applier.run_pass()  # to be tried again
+    rec = record(state)
     assert rec.removing and rec.network_id == NET
     assert "no container is on it" in rec.error and "systemctl restart docker" in rec.error
     # Restarted, the engine recounts and lets it go; the record goes with it.
     engine.refuse_remove = ""
-    assert catalog._pass()
-    assert NET not in engine.nets and store.get(engine_network_key(H1, "web")) is None
+    assert applier.run_pass()
+    assert NET not in engine.nets and "web" not in state.engine_networks(H1)
 
 
-def test_a_container_that_joined_before_the_removal_is_not_a_miscount(store, engine, catalog):
-    store.delete(CATALOG + "web")
-    catalog._on_snapshot([], 0)
-    engine.refuse_remove = f"error while removing network: network web id {NET} has active endpoints"
+def test_a_container_that_joined_before_the_removal_is_not_a_miscount(state, engine, applier):
+    withdraw_from_catalog(state, applier)
+    engine.refuse_remove = MISCOUNT
     real_remove = engine.remove_network
 
     def joined_meanwhile(network_id):
-        engine.endpoints["late"] = ("e9", "late")
+        engine.run("late", "late", NET, "e9", "10.40.0.9")
         real_remove(network_id)
 
     engine.remove_network = joined_meanwhile
-    assert not catalog._pass()
-    assert record(store).error == ""
+    assert not applier.run_pass()
+    assert record(state).error == ""
 
 
-def test_doctor_on_that_host_fails_and_says_what_to_do(store, engine, catalog):
-    store.delete(CATALOG + "web")
-    catalog._on_snapshot([], 0)
-    engine.refuse_remove = f"error while removing network: network web id {NET} has active endpoints"
-    catalog._pass()
-    check = Doctor(store, H1, dataplane=None, engine=engine).check_engine()
+def test_docker_network_rm_here_withdraws_the_name_from_the_catalog(state, engine, applier):
+    del engine.nets[NET]
+    assert applier.on_event(EngineEvent({"Type": "network", "Action": "destroy",
+                                         "Actor": {"ID": NET, "Attributes": {"name": "web", "type": "pyoverlay"}}}))
+    assert applier.wants_pass and "web" not in state.engine_networks(H1)
+    assert applier.run_pass()
+    assert state.catalog_entry("web") == (None, 0)
+    assert applier.table.snapshot() == {}  # not created again before the watch says so
+    assert engine.count("create_network") == 0
+
+
+def test_doctor_on_that_host_fails_and_says_what_to_do(state, engine, applier):
+    withdraw_from_catalog(state, applier)
+    engine.refuse_remove = MISCOUNT
+    applier.run_pass()
+    check = Doctor(state.store, H1, dataplane=None, engine=engine).check_engine()
     assert check.status == FAIL
     assert any("systemctl restart docker" in line for line in check.details), check

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from driver.catalog import EngineNetwork, NamedNetwork
+from driver.model import EngineNetwork, NamedNetwork
 from driver.lastseen import LastSeen, LastSeenWriter
 from driver.model import Endpoint, Host, Overlay, Pool, SubnetClaim
 from driver.network import endpoint_mac

@@ -96,7 +96,8 @@ def test_listeners_serve_the_name_table_in_the_overlay_namespace(a, network, con
     from driver.dns.server import Resolver
     from driver.dnslisteners import Listeners
     from driver.names import NameTable
-    from driver.state import NameRecord, name_key
+    from driver.model import NameRecord
+    from driver.state import name_key
     from driver.store.memory import MemoryStore
 
     network(a, 4302)

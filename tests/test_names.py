@@ -7,7 +7,8 @@ import pytest
 from driver.dns.server import Answer
 from driver.names import A, AAAA, NOERROR, NXDOMAIN, PTR, NameTable, ptr_address
 from driver.namepub import records_of
-from driver.state import NameRecord, name_key
+from driver.model import NameRecord
+from driver.state import name_key
 from driver.store.memory import MemoryStore
 
 WEB, DB = 4100, 4200  # two overlays
@@ -108,5 +109,5 @@ def test_records_of_an_inspected_container():
         }},
     }
     found = records_of(inspect, "h1", {"n-web": WEB}.get)
-    assert found == {name_key(WEB, "e1"): rec("h1", "c1" * 32, "front", "10.1.0.2", "web", ["c1c1c1c1c1c1", "www"])}
+    assert found == {(WEB, "e1"): rec("h1", "c1" * 32, "front", "10.1.0.2", "web", ["c1c1c1c1c1c1", "www"])}
     assert records_of({**inspect, "State": {"Running": False}}, "h1", {"n-web": WEB}.get) == {}
