@@ -27,6 +27,7 @@ from driver.network import NetworkDriver
 from driver.peersync import PeerSync
 from driver.state import State
 from driver.store import open_store
+from driver.sweep import EndpointSweep
 
 from .app import create_app
 from .metrics import Metrics
@@ -61,6 +62,8 @@ class Config:
     dns_addr: str = "169.254.53.53"
     dns_upstream: str | None = None  # "IP[:PORT],..."; None: the host's /etc/resolv.conf at start
     names_ttl: int = 10  # seconds a dead host's names outlive it (their lease)
+    # The endpoint sweep (driver/sweep.py): endpoints the engine forgot while the plugin was down.
+    sweep: bool = True
 
     @property
     def name(self) -> str:
@@ -105,6 +108,10 @@ class Runtime:
             self.catalog = Catalog(self.store, Engine(config.docker_host), host, config.name, metrics=self.metrics,
                                    forget=self._forget_network)
         self.restored = threading.Event()
+        self.sweep = None
+        if config.sweep:
+            self.sweep = EndpointSweep(state, Engine(config.docker_host), host, self.network.delete_endpoint,
+                                       self.ipam.release_address)
 
     def _build_dns(self, config: Config, host: str) -> None:
         """The cluster resolver: a table of every host's names, this host's
@@ -145,6 +152,8 @@ class Runtime:
         self.last_seen.start()
         if self.catalog is not None:
             self.catalog.start()
+        if self.sweep is not None:
+            self.sweep.start()
         threading.Thread(target=self._restore, name="restore", daemon=True).start()
 
     def _forget_network(self, network_id: str, subnet: str) -> None:
@@ -166,6 +175,8 @@ class Runtime:
                 delay = min(delay * 2, 5.0)
 
     def stop(self) -> None:
+        if self.sweep is not None:
+            self.sweep.stop()
         if self.resolver is not None:
             self.name_publisher.stop()
             self.dns_listeners.stop()
