@@ -63,7 +63,7 @@ class Config:
     dns_upstream: str | None = None  # "IP[:PORT],..."; None: the host's /etc/resolv.conf at start
     names_ttl: int = 10  # seconds a dead host's names outlive it (their lease)
     # The endpoint sweep (driver/sweep.py): endpoints the engine forgot while the plugin was down.
-    sweep: bool = True
+    sweep_grace: float = 60.0  # seconds; 0: no sweep
 
     @property
     def name(self) -> str:
@@ -109,9 +109,10 @@ class Runtime:
                                    forget=self._forget_network)
         self.restored = threading.Event()
         self.sweep = None
-        if config.sweep:
+        if config.sweep_grace > 0:
             self.sweep = EndpointSweep(state, Engine(config.docker_host), host, self.network.delete_endpoint,
-                                       self.ipam.release_address)
+                                       self.ipam.release_address, grace=config.sweep_grace,
+                                       every=min(10.0, max(config.sweep_grace / 3, 1.0)))
 
     def _build_dns(self, config: Config, host: str) -> None:
         """The cluster resolver: a table of every host's names, this host's
