@@ -11,7 +11,8 @@ none of its tables holds. After re-measuring a section, stamp it:
     scripts/stamp-docs SECTION COMMIT      # e.g. scripts/stamp-docs latency 1a2b3c4
     scripts/stamp-docs --list              # the sections, their stamps, how to re-measure each
 
-docs/reliability.md is stamped by tests/reliability_report.py itself.
+bench/run writes the stamp of each section it measured at a clean commit, and
+tests/reliability_report.py stamps docs/reliability.md: re-running them re-stamps.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Section:
 
 
 def _bench(key: str, heading: str, covers: list[str], rerun: str = "") -> Section:
-    return Section(key, BENCHMARKS, heading, tuple(covers + [f"bench/{key}.py", "bench/main.py"]),
+    return Section(key, BENCHMARKS, heading, tuple(covers + [f"bench/{key}.py"]),
                    rerun or f"bench/run --only {key}")
 
 
@@ -98,19 +99,27 @@ def read_stamp(body: str) -> tuple[str, list[str]] | None:
 
 
 def stamp(section: Section, commit: str, root: Path = ROOT) -> None:
-    """Write the section's stamp line (replacing its old one), right under its heading."""
+    """Write the section's stamp line: in place of its old one, else right under its heading."""
     path = root / section.doc
     text = path.read_text()
     line = section.stamp_line(commit)
-    if section.heading:
-        pattern = re.compile(r"^(## " + re.escape(section.heading) + r".*\n)(?:\n?" + STAMP.pattern[1:-1] + r"\n)?",
-                             re.M)
-        new, n = pattern.subn(lambda m: f"{m[1]}\n{line}\n", text, count=1)
-        if not n:
-            raise SystemExit(f"{section.doc}: no section headed '## {section.heading}'")
+    if not section.heading:
+        body_start, body_end = 0, len(text)
     else:
-        new = STAMP.sub(line, text, count=1) if STAMP.search(text) else text.replace("\n\n", f"\n\n{line}\n\n", 1)
-    path.write_text(new)
+        m = re.search(r"^## " + re.escape(section.heading) + r".*\n", text, re.M)
+        if m is None:
+            raise SystemExit(f"{section.doc}: no section headed '## {section.heading}'")
+        body_start = m.end()
+        nxt = re.search(r"^## ", text[body_start:], re.M)
+        body_end = body_start + nxt.start() if nxt else len(text)
+    body = text[body_start:body_end]
+    if STAMP.search(body):
+        body = STAMP.sub(line.replace("\\", "\\\\"), body, count=1)
+    elif section.heading:
+        body = f"\n{line}\n" + body
+    else:
+        body = body.replace("\n\n", f"\n\n{line}\n\n", 1)
+    path.write_text(text[:body_start] + body + text[body_end:])
 
 
 def git(*args: str, root: Path = ROOT) -> subprocess.CompletedProcess:
