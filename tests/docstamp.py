@@ -62,7 +62,11 @@ SECTIONS = [
            ".venv/bin/python -m bench.ipamscale --hosts 20 --endpoints 100 (then edit the table by hand)"),
     _bench("dns_resolver", "Cluster resolver (DNS), resolver alone", ["driver/dns/"],
            ".venv/bin/python -m bench.dns_resolver (then edit the table by hand)"),
-    Section("reliability", RELIABILITY, "", ("driver/", "plugin/", "tests/reliability.py", "tests/soak.py"),
+    Section("reliability", RELIABILITY, "", ("driver/", "plugin/", "tests/reliability.py", "tests/soak.py",
+                                             "tests/test_fuzz.py", "tests/test_isolation.py", "tests/e2e/test_isolation.py",
+                                             "tests/e2e/test_faults.py", "tests/e2e/test_concurrency.py",
+                                             "tests/test_sqlite_trouble.py", "tests/store/test_etcd_auth.py",
+                                             "tests/e2e/test_soak.py"),  # tests/reliability_report.py's TESTS
             ".venv/bin/python -m tests.reliability_report (stamps itself)"),
 ]
 #: Sections without figures of their own, exempt from stamps.

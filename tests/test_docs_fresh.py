@@ -79,3 +79,9 @@ def test_stamp_writes_one_line_under_the_heading(tmp_path):
     assert text.count("measured at:") == 1
     assert docstamp.read_stamp(docstamp.section_text(section, text)) == ("def5678", list(section.covers))
     assert docstamp.read_stamp(docstamp.section_text(docstamp.by_key("throughput"), text)) is None
+
+
+def test_the_reliability_stamp_covers_every_test_the_report_runs():
+    from tests.reliability_report import TESTS
+
+    assert set(TESTS) <= set(docstamp.by_key("reliability").covers)
