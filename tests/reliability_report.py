@@ -142,7 +142,7 @@ def long_soak() -> str:
     f, failed = data["figures"], data.get("failed") or ""
     lines = ["", SOAK_HEADING, "",
              f"`python -m bench.soak --minutes {f['minutes']} --json FILE`, then this report with "
-             f"`{SOAK_JSON_ENV}=FILE`; at the commit of this report's stamp. "
+             f"`{SOAK_JSON_ENV}=FILE`, on the code of this report's stamp. "
              + ("**It failed**: " + _cell(failed) if failed else "Every end-of-run check held: no leaked address, "
                 "endpoint, veth, bridge port, namespace or nft rule; every live container reachable from every host."),
              "", "| figure | value |", "|---|---|"]
@@ -153,8 +153,9 @@ def long_soak() -> str:
 
 def add_soak(path: str = "", commit: str = "") -> int:
     """--add-soak FILE COMMIT: put bench.soak's figures (measured at COMMIT) into
-    the report as it is, without running the tests again; COMMIT must be the
-    report's own (its stamp), else the report is run again with PYO_SOAK_JSON."""
+    the report as it is, without running the tests again; COMMIT must not differ
+    from the report's own (its stamp) in what the stamp covers, else the report
+    is run again with PYO_SOAK_JSON."""
     from tests.docstamp import read_stamp
 
     if not path or not commit:
@@ -162,7 +163,9 @@ def add_soak(path: str = "", commit: str = "") -> int:
         return 2
     text = OUT.read_text()
     stamp = read_stamp(text)
-    if stamp is None or stamp[0] != commit:
+    same = stamp is not None and subprocess.run(["git", "diff", "--quiet", stamp[0], commit, "--", *stamp[1]],
+                                                cwd=ROOT).returncode == 0
+    if not same:  # the soak must have run the code the report did
         print(f"the report is stamped {stamp and stamp[0]}, the soak ran at {commit}: run the report again "
               f"with {SOAK_JSON_ENV}={path}", file=sys.stderr)
         return 1
