@@ -150,12 +150,28 @@ def summary_rows(headlines: list[tuple[str, list]]) -> list[str]:
     return rows
 
 
+def _stamp_line(name: str, notes: str) -> str:
+    """The section's stamp when a clean commit was measured (none for uncommitted code)."""
+    import re
+
+    from tests.docstamp import by_key
+
+    m = re.search(r"code: (?:the checkout at|commit) ([0-9a-f]+)($| \(`git archive`\))", notes)
+    try:
+        return by_key(name).stamp_line(m[1]) if m else ""
+    except KeyError:
+        return ""
+
+
 def write_doc(results: list[dict], command: str, notes: str) -> None:
     doc = DOC.read_text() if DOC.exists() else INTRO
     for r in results:
         body = [f"## {r['title']}", "",
                 f"`{command}` on {r['date']}, {r['seconds']:.0f} s; load average {r['load']}.  ",
                 f"Machine: {notes}", ""]
+        stamp = _stamp_line(r["name"], notes) if not r.get("error") else ""
+        if stamp:  # tests/docstamp.py: the commit measured and what moves the figures
+            body += [stamp, ""]
         if r.get("error"):
             body += ["**The benchmark failed:**", "", "```", r["error"].rstrip(), "```", ""]
         else:

@@ -190,6 +190,16 @@ class Engine:
         return [c["Id"] for c in self._call(lambda api: api.containers(quiet=True))]
 
 
+    # -- for the endpoint sweep (driver/sweep.py) -------------------------------
+
+    def container_endpoints(self) -> set[str]:
+        """Endpoint IDs of every container the engine has, running or not: the
+        container list (no network listing, see endpoint_of), one call."""
+        return {settings["EndpointID"] for c in self._call(lambda api: api.containers(all=True))
+                for settings in ((c.get("NetworkSettings") or {}).get("Networks") or {}).values()
+                if (settings or {}).get("EndpointID")}
+
+
 class EventStream:
     """Iterate events until the engine goes away; close() from another thread ends it."""
 

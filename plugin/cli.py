@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--block-grace", type=float, default=_env("BLOCK_GRACE", DEFAULT_BLOCK_GRACE),
                        help="seconds an empty address block stays with this host before it is given back "
                             "(default %(default)s)")
+    # The endpoint sweep (driver/sweep.py).
+    serve.add_argument("--sweep-grace", type=float, default=_env("SWEEP_GRACE", "60"),
+                       help="seconds an endpoint no container of the engine has stays before it is removed "
+                            "(left when the plugin was down as its container went; 0: never; default %(default)s)")
     _add_dns_flags(serve)
     add_operator_commands(commands, _add_store_flags)
     _add_dns_config_command(commands)
@@ -139,7 +143,7 @@ def _serve(args) -> int:
         log_format=args.log_format, docker_host=args.docker_host, catalog=args.catalog,
         metrics_addr=args.metrics_addr, driver_name=args.driver_name,
         etcd_user=args.etcd_user, etcd_password=args.etcd_password,
-        block_grace=args.block_grace,
+        block_grace=args.block_grace, sweep_grace=args.sweep_grace,
         dns=args.dns, dns_addr=args.dns_addr, dns_upstream=args.dns_upstream, names_ttl=args.names_ttl,
     ))
     return 0

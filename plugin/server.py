@@ -36,6 +36,7 @@ from driver.dns.upstreams import parse_upstreams, upstreams_from_resolv_conf
 from driver.dnslisteners import Listeners
 from driver.namepub import NamePublisher
 from driver.names import NameTable
+from driver.sweep import EndpointSweep
 
 from .app import create_app
 from .metrics import Metrics
@@ -71,6 +72,8 @@ class Config:
     dns_addr: str = DEFAULT_DNS_ADDR
     dns_upstream: str | None = None  # "IP[:PORT],..."; None: the host's /etc/resolv.conf at start
     names_ttl: int = 10  # seconds a dead host's names outlive it (their lease)
+    # The endpoint sweep (driver/sweep.py): endpoints the engine forgot while the plugin was down.
+    sweep_grace: float = 60.0  # seconds; 0: no sweep
 
     @property
     def name(self) -> str:
@@ -117,6 +120,11 @@ class Runtime:
                                    leftovers=Leftovers(state, host, self._forget_network, self.metrics))
         self._build_engine_events(config)
         self.restored = threading.Event()
+        self.sweep = None
+        if config.sweep_grace > 0:
+            self.sweep = EndpointSweep(state, Engine(config.docker_host), host, self.network.delete_endpoint,
+                                       self.ipam.release_address, grace=config.sweep_grace,
+                                       every=min(10.0, max(config.sweep_grace / 3, 1.0)))
 
     def _build_dns(self, config: Config, host: str) -> None:
         """The cluster resolver: a table of every host's names, this host's
@@ -160,6 +168,8 @@ class Runtime:
             self.catalog.start()
         if self.engine_events is not None:
             self.engine_events.start()  # after its subscribers: they take its events from the first
+        if self.sweep is not None:
+            self.sweep.start()
         threading.Thread(target=self._restore, name="restore", daemon=True).start()
 
     def _forget_network(self, network_id: str, subnet: str) -> None:
@@ -181,6 +191,8 @@ class Runtime:
                 delay = min(delay * 2, 5.0)
 
     def stop(self) -> None:
+        if self.sweep is not None:
+            self.sweep.stop()
         if self.engine_events is not None:
             self.engine_events.stop()
         for part in reversed(self._dns_parts()):

@@ -44,6 +44,7 @@ WARM_UP = 20.0  # seconds before samples count towards the slope
 #: A docker run may fail when a fault (its host's plugin killed, etcd
 #: restarted) happened while it ran or up to this long before it began.
 FAULT_GRACE = 5.0
+SWEEP_WAIT = 60 + 2 * 10 + 30  # driver/sweep.py's GRACE and EVERY, and the 30 s this always had
 REACH = r'for ip in "$@"; do (ping -c1 -W2 "$ip" >/dev/null 2>&1 && echo "ok $ip" || echo "no $ip") & done; wait'
 
 
@@ -243,7 +244,9 @@ class Soak:
             addresses = {k.rsplit("/", 1)[1] for k in kv if k.startswith(f"addresses/{SUBNET.replace('/', '_')}/")}
             return len(endpoints) == len(ips) and addresses == set(ips.values()) | {SUBNET.rsplit(".", 1)[0] + ".1"}
 
-        wait_for(store_agrees, 30, lambda: f"the store to hold exactly the {len(ips)} live containers' endpoints and "
+        # An endpoint the engine forgot while a plugin was down goes by the sweep,
+        # SWEEP_WAIT at most after the run (its default grace plus two passes).
+        wait_for(store_agrees, SWEEP_WAIT, lambda: f"the store to hold exactly the {len(ips)} live containers' endpoints and "
                  f"addresses: {sorted(k for k in store(self.etcd) if not k.startswith(('hosts/', 'seen/')))}")
         for h in self.hosts:
             def kernel_agrees(h=h) -> bool:

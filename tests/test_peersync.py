@@ -59,3 +59,28 @@ def test_restart_never_narrows_the_vtep_filter_or_wipes_peers():
     finally:
         sync.stop()
         store.close()
+
+
+def test_removing_a_stale_twin_puts_the_live_peers_entries_back():
+    """Two peers with one IP and MAC (a stale endpoint's address handed out again):
+    removing the stale one removes that IP's and MAC's kernel entries, so the live
+    one is programmed again, and reachable."""
+    store = open_store("memory://")
+    stale = Peer(ip="10.20.0.9", mac="02:50:0a:14:00:09", vtep=REMOTE)
+    live = Peer(ip="10.20.0.9", mac="02:50:0a:14:00:09", vtep="10.99.0.3")
+    store.put(peer_key(5000, "e" * 64), stale.to_json())
+    store.put(peer_key(5000, "f" * 64), live.to_json())
+    dataplane = RecordingDataplane()
+    sync = PeerSync(store, dataplane, vtep=LOCAL)
+    sync.start()
+    try:
+        assert sync.synced.wait(5)
+        sync.network_added(5000)
+        sync.restored()
+        store.delete(peer_key(5000, "e" * 64))
+        wait_for(lambda: ("remove", 5000, stale) in dataplane.calls, 5, "the stale peer to go")
+        removed = dataplane.calls.index(("remove", 5000, stale))
+        assert ("add", 5000, live) in dataplane.calls[removed:], dataplane.calls
+    finally:
+        sync.stop()
+        store.close()

@@ -1,0 +1,120 @@
+"""The endpoint sweep's rule (driver/sweep.py), on a real in-memory store with
+the engine's two listings given: what goes, what stays, and when. The real path
+(an engine that forgot an endpoint while the plugin was down) is
+tests/e2e/test_faults.py::test_endpoint_forgotten_while_plugin_down_is_swept."""
+
+from __future__ import annotations
+
+from driver.model import Address, Endpoint
+from driver.state import State, address_key, endpoint_key
+from driver.store.memory import MemoryStore
+from driver.sweep import EndpointSweep
+
+NET, OTHER_NET = "a" * 64, "b" * 64
+SUBNET = "10.5.0.0/24"
+
+
+class FakeEngine:
+    def __init__(self):
+        self.endpoints: set[str] = set()
+        self.networks = {NET}
+        self.network_listings = 0
+
+    def container_endpoints(self):
+        return set(self.endpoints)
+
+    def network_summaries(self):
+        self.network_listings += 1
+        return [(n, "name", "pyoverlay", (SUBNET,)) for n in self.networks]
+
+
+class Clock:
+    t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def setup(host="h1"):
+    state = State(MemoryStore())
+    engine, clock, calls = FakeEngine(), Clock(), []
+
+    def delete_endpoint(network_id, endpoint_id):
+        calls.append(("DeleteEndpoint", endpoint_id))
+        state.delete([endpoint_key(endpoint_id)])
+
+    def release_address(pool_id, address):
+        calls.append(("ReleaseAddress", address))
+        state.delete([address_key(pool_id, address)])
+
+    sweep = EndpointSweep(state, engine, host, delete_endpoint, release_address, grace=60, clock=clock)
+    return state, engine, clock, calls, sweep
+
+
+def add(state, eid, ip, network=NET, host="h1", claim=True):
+    if claim:
+        assert state.create({address_key(SUBNET, ip): Address(kind="container", host=host)})
+    assert state.create({endpoint_key(eid): Endpoint(endpoint_id=eid, network_id=network, vni=7, host=host,
+                                                     address=f"{ip}/24", mac="02:00:00:00:00:01", vtep="10.99.0.2")})
+
+
+def test_an_endpoint_the_engine_forgot_goes_only_after_the_grace():
+    state, engine, clock, calls, sweep = setup()
+    add(state, "1" * 64, "10.5.0.2")
+    assert sweep.sweep() == [] and calls == []  # first sighting: could be a CreateEndpoint in flight
+    clock.t = 59
+    assert sweep.sweep() == [] and calls == []
+    clock.t = 60
+    assert sweep.sweep() == ["1" * 64]
+    assert calls == [("DeleteEndpoint", "1" * 64), ("ReleaseAddress", "10.5.0.2")]
+    assert state.endpoint("1" * 64) is None and state.get(address_key(SUBNET, "10.5.0.2"), Address) is None
+
+
+def test_an_endpoint_a_container_lists_stays_and_a_sighting_resets():
+    state, engine, clock, calls, sweep = setup()
+    add(state, "1" * 64, "10.5.0.2")
+    sweep.sweep()  # unknown: in flight
+    clock.t = 30
+    engine.endpoints.add("1" * 64)  # the container runs now
+    sweep.sweep()
+    engine.endpoints.clear()  # then goes, with the plugin down
+    clock.t = 70
+    assert sweep.sweep() == []  # unknown since 70, not since 0
+    clock.t = 129
+    assert sweep.sweep() == []
+    clock.t = 130
+    assert sweep.sweep() == ["1" * 64]
+
+
+def test_other_hosts_and_networks_the_engine_lacks_are_never_judged():
+    state, engine, clock, calls, sweep = setup()
+    add(state, "1" * 64, "10.5.0.2", host="h2")  # another host's endpoint
+    add(state, "2" * 64, "10.5.0.3", network=OTHER_NET)  # an engine that is not ours would lack the network
+    for t in (0, 100, 200):
+        clock.t = t
+        assert sweep.sweep() == []
+    assert calls == []
+
+
+def test_no_network_listing_while_every_record_is_listed():
+    state, engine, clock, calls, sweep = setup()
+    add(state, "1" * 64, "10.5.0.2")
+    engine.endpoints.add("1" * 64)
+    for t in (0, 100):
+        clock.t = t
+        sweep.sweep()
+    assert engine.network_listings == 0 and calls == []
+
+
+def test_an_address_claimed_again_after_the_endpoint_is_left_alone():
+    state, engine, clock, calls, sweep = setup()
+    add(state, "1" * 64, "10.5.0.2")
+    sweep.sweep()
+    # The engine released the address (its ReleaseAddress got through) and a new
+    # container on this host claimed it; its CreateEndpoint is still to come.
+    state.delete([address_key(SUBNET, "10.5.0.2")])
+    assert state.create({address_key(SUBNET, "10.5.0.2"): Address(kind="container", host="h1")})
+    clock.t = 60
+    assert sweep.sweep() == ["1" * 64]
+    assert calls == [("DeleteEndpoint", "1" * 64)]
+    assert state.get(address_key(SUBNET, "10.5.0.2"), Address) is not None
