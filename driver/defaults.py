@@ -10,5 +10,10 @@ DRIVER_NAME = "pyoverlay"
 ADDRESS_SPACE = "pyoverlay"
 #: IANA's VXLAN port; every host of an overlay must use the same one.
 VXLAN_PORT = 4789
+#: The network create options every door reads (docker -o, the catalog, pyoverlay network create).
+OPT_VNI = "vni"
+OPT_MTU = "com.docker.network.driver.mtu"
+#: The VXLAN network identifier is 24 bits; 0 means none.
+VNI_MAX = 2**24 - 1
 #: Where a /24 comes from for a network created without --subnet.
 DEFAULT_POOL = "10.213.0.0/16"

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from .defaults import OPT_MTU, OPT_VNI
+
 
 class Record:
     def to_json(self) -> str:
@@ -153,8 +155,6 @@ class NameRecord(Record):
 # -- the catalog's records (driver/catalog/) -----------------------------------
 
 #: The network create options a catalog entry carries (as driver/network.py reads them).
-CATALOG_OPT_VNI = "vni"
-CATALOG_OPT_MTU = "com.docker.network.driver.mtu"
 
 
 @dataclass
@@ -170,9 +170,9 @@ class NamedNetwork(Record):
     origin: str = ""  # the host whose engine it came from, or "cli"
 
     def options(self) -> dict[str, str]:
-        options = {CATALOG_OPT_VNI: str(self.vni)} if self.vni else {}
+        options = {OPT_VNI: str(self.vni)} if self.vni else {}
         if self.mtu:
-            options[CATALOG_OPT_MTU] = str(self.mtu)
+            options[OPT_MTU] = str(self.mtu)
         return options
 
     def matches(self, info, vni: int = 0) -> bool:

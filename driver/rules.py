@@ -14,16 +14,15 @@ from __future__ import annotations
 import ipaddress
 from typing import Iterable, Optional
 
+from .defaults import OPT_MTU, OPT_VNI, VNI_MAX  # noqa: F401 (the rules' names)
 from .errors import DriverError
 
 # Options of `docker network create -o` (also `pyoverlay network create -o`).
-OPT_MTU = "com.docker.network.driver.mtu"
-OPT_VNI = "vni"
 
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
 MIN_MTU = 576  # the smallest datagram every IPv4 host must accept
 MAX_MTU = 65535 - VXLAN_OVERHEAD  # the largest IPv4 datagram, less what VXLAN adds
-VNI_MIN, VNI_MAX = 1, 2**24 - 1
+VNI_MIN = 1
 VNI_AUTO_START = 4096  # as Docker's overlay, away from hand-picked low VNIs
 
 

@@ -29,9 +29,10 @@ STAMP = re.compile(r"^measured at: (?P<commit>\S+) · covers: (?P<files>.+)$", r
 
 # What moves each figure: the request path, the kernel layer, the store, and the bench itself.
 _REQUEST = ["plugin/app.py", "plugin/schemas.py", "plugin/server.py", "driver/network.py", "driver/ipam.py",
-            "driver/blocks.py", "driver/state.py", "driver/model.py", "driver/store/", "driver/dataplane.py"]
-_PEERS = ["driver/peersync.py", "driver/dataplane.py", "driver/network.py", "driver/store/"]
-_DNS = ["driver/dns/", "driver/names.py", "driver/namepub.py", "driver/dnsplane.py", "driver/dnslisteners.py"]
+            "driver/blocks.py", "driver/state.py", "driver/model.py", "driver/store/", "driver/dataplane/"]
+_PEERS = ["driver/peersync.py", "driver/dataplane/", "driver/network.py", "driver/store/"]
+_DNS = ["driver/dns/", "driver/names.py", "driver/namepub.py", "driver/events.py", "driver/dataplane/dnsplane.py",
+        "driver/dnslisteners.py"]
 
 
 @dataclass(frozen=True)
@@ -53,15 +54,17 @@ def _bench(key: str, heading: str, covers: list[str], rerun: str = "") -> Sectio
 
 SECTIONS = [
     _bench("latency", "Socket latency", _REQUEST + ["bench/calls.py"]),
-    _bench("dockerrun", "docker run on a pyoverlay network", _REQUEST + ["driver/firewall.py", "driver/catalog.py"]),
+    _bench("dockerrun", "docker run on a pyoverlay network", _REQUEST + ["driver/catalog/", "driver/events.py"]),
     _bench("convergence", "Convergence", _PEERS + ["plugin/app.py", "plugin/schemas.py"]),
-    _bench("throughput", "Throughput", ["driver/dataplane.py", "driver/firewall.py"]),
+    _bench("throughput", "Throughput", ["driver/dataplane/"]),
     _bench("scale", "Scale without Docker", _PEERS + ["driver/ipam.py", "driver/blocks.py", "plugin/server.py"]),
     _bench("dns", "Names across hosts", _DNS),
     _bench("ipamscale", "Cluster IPAM at scale", ["driver/ipam.py", "driver/blocks.py", "driver/store/"],
            ".venv/bin/python -m bench.ipamscale --hosts 20 --endpoints 100 (then edit the table by hand)"),
     _bench("dns_resolver", "Cluster resolver (DNS), resolver alone", ["driver/dns/"],
            ".venv/bin/python -m bench.dns_resolver (then edit the table by hand)"),
+    _bench("etcdclient", "etcd clients", ["driver/store/etcd.py", "driver/store/etcd_watch.py", "driver/store/follow.py"],
+           ".venv/bin/python -m bench.etcdclient --write"),
     Section("reliability", RELIABILITY, "", ("driver/", "plugin/", "tests/reliability.py", "tests/soak.py",
                                              "tests/test_fuzz.py", "tests/test_isolation.py", "tests/e2e/test_isolation.py",
                                              "tests/e2e/test_faults.py", "tests/e2e/test_concurrency.py",

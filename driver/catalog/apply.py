@@ -16,7 +16,8 @@ from typing import Optional
 from ..engine import Engine, EngineNetworkInfo, EngineRefused, endpoint_in
 from ..events import EngineEvent
 from ..leftovers import Leftovers
-from ..model import CATALOG_OPT_MTU, CATALOG_OPT_VNI, EngineNetwork, NamedNetwork
+from ..defaults import OPT_MTU, OPT_VNI
+from ..model import EngineNetwork, NamedNetwork
 from ..state import State
 from .plan import Action, Create, DropRecord, Later, Publish, Record, Remove, plan, plan_network, refused
 from .table import DesiredTable
@@ -87,7 +88,7 @@ class Applier:
         if network is not None:
             return network.vni
         try:
-            return int(info.options.get(CATALOG_OPT_VNI) or 0)
+            return int(info.options.get(OPT_VNI) or 0)
         except ValueError:
             return 0
 
@@ -95,7 +96,7 @@ class Applier:
         # Only a gateway given explicitly: the other hosts' IPAM hands out the
         # same shared one anyway, and every engine then shows the same settings.
         try:
-            mtu = int(info.options.get(CATALOG_OPT_MTU) or 0)
+            mtu = int(info.options.get(OPT_MTU) or 0)
         except ValueError:
             mtu = 0
         entry = NamedNetwork(info.name, info.subnet, info.gateway, vni, mtu, info.internal, origin=self.host)

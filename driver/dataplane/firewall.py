@@ -52,6 +52,8 @@ import subprocess
 import threading
 from typing import Iterable, Optional
 
+from driver.defaults import VXLAN_PORT
+
 log = logging.getLogger(__name__)
 
 TABLE = "pyoverlay"
@@ -69,7 +71,7 @@ class Firewall:
 
     netns: a namespace path to program instead of our own (tests)."""
 
-    def __init__(self, port: int = 4789, netns: Optional[str] = None, nft: str = "nft"):
+    def __init__(self, port: int = VXLAN_PORT, netns: Optional[str] = None, nft: str = "nft"):
         self.port = int(port)
         self.netns = netns
         self.nft = nft

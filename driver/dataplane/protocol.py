@@ -1,7 +1,7 @@
 """What the network driver (driver/network.py) asks of the kernel layer.
 
 Dataplane satisfies it; a unit test hands NetworkDriver a recording stand-in
-instead (tests/test_network_ops.py), so the driver's operations are tested
+instead (tests/test_network.py), so the driver's operations are tested
 without the kernel. Peer sync asks only set_peers/add_peer/remove_peer
 (tests/test_peersync.py's stand-in).
 """

@@ -22,6 +22,8 @@ from typing import Callable, Iterator, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from driver.defaults import VXLAN_PORT
+
 from .base import NS_PREFIX, DataplaneError, ipv4, missing, step
 
 T = TypeVar("T")
@@ -106,7 +108,7 @@ class Worker:
     def __init__(
         self,
         vtep: str,
-        vxlan_port: int = 4789,
+        vxlan_port: int = VXLAN_PORT,
         netns_dir: str = "/run/netns",
         host_netns: str | None = None,
     ):
