@@ -39,8 +39,11 @@ log = logging.getLogger(__name__)
 
 #: Seconds to set up a TCP (and TLS) connection to one endpoint.
 CONNECT_TIMEOUT = 1.0
-#: Seconds for etcd to answer a request once connected.
-REQUEST_TIMEOUT = 3.0
+#: Seconds for etcd to answer a request once connected. Long enough for the
+#: surviving members to elect a leader when the leader dies (a write waits for
+#: it; under load that took over 3 s here), short enough that `docker run`
+#: fails within seconds when etcd is cut off.
+REQUEST_TIMEOUT = 5.0
 #: Seconds of silence on a watch stream before etcd is probed.
 WATCH_IDLE_TIMEOUT = 10.0
 
