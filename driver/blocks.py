@@ -314,7 +314,7 @@ class BlockAllocator:
                     )
                 borrowed = True
             ip = subnet.network_address + off
-            won = self.state.claim_address(key, str(ip), Address(kind="container", host=self.host))
+            won = self.state.claim_address(key, str(ip), Address.container(self.host))
             with self._lock:
                 pool.pending.discard(off)
                 if won:

@@ -234,7 +234,7 @@ class Ipam:
         return gateway
 
     def _claim(self, subnet, ip: ipaddress.IPv4Address) -> ipaddress.IPv4Address:
-        if self.state.claim_address(str(subnet), str(ip), Address(kind="container", host=self.host)):
+        if self.state.claim_address(str(subnet), str(ip), Address.container(self.host)):
             return ip
         holder = self.state.address(str(subnet), str(ip))
         what = "the network's gateway" if holder and holder.kind == "gateway" else "already in use"

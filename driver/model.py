@@ -10,6 +10,7 @@ and its Addresses are the IPAM side, shared by every host using the subnet.
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import asdict, dataclass, field
 
 from .defaults import OPT_MTU, OPT_VNI
@@ -97,6 +98,14 @@ class Pool(Record):
 class Address(Record):
     kind: str  # "gateway" or "container"
     host: str  # the host that asked for it
+    # Random per claim: two claims of one host are otherwise byte for byte
+    # alike, and a claim whose answer was lost is told from another's by its
+    # bytes (driver/store/etcd.py).
+    token: str = ""
+
+    @classmethod
+    def container(cls, host: str) -> "Address":
+        return cls(kind="container", host=host, token=secrets.token_hex(8))
 
 
 @dataclass

@@ -279,7 +279,7 @@ class NetworkDriver:
         (RequestAddress came first); if a restart released it as an orphan
         (see restore), claim it again rather than share it with a later container."""
         holder = self.state.address(subnet, str(ip))
-        if holder is None and self.state.claim_address(subnet, str(ip), Address(kind="container", host=self.host)):
+        if holder is None and self.state.claim_address(subnet, str(ip), Address.container(self.host)):
             return
         holder = holder or self.state.address(subnet, str(ip))
         if holder is not None and (holder.kind != "container" or holder.host != self.host):

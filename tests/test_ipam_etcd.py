@@ -68,9 +68,10 @@ def raw_keys(etcd: EtcdServer, prefix: str) -> dict[str, dict]:
 
 
 def addresses_in_store(etcd: EtcdServer, prefix: str, subnet: str) -> dict[str, dict]:
-    """ip -> Address record of the subnet, from etcd."""
+    """ip -> Address record of the subnet, from etcd, without its random claim token."""
     head = f"addresses/{subnet.replace('/', '_')}/"
-    return {k[len(head):]: v for k, v in raw_keys(etcd, prefix).items() if k.startswith(head)}
+    return {k[len(head):]: {f: x for f, x in v.items() if f != "token"}
+            for k, v in raw_keys(etcd, prefix).items() if k.startswith(head)}
 
 
 def bare(cidr: str) -> str:

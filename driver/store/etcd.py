@@ -2,8 +2,17 @@
 
 Why not etcd3gw: its watch dies silently when etcd restarts and ignores a
 compaction (`python -m bench.etcdclient` shows both), so the watch had to be ours anyway; what is left is a few JSON
-POSTs, and owning them gives failover that never repeats an ambiguous write,
+POSTs, and owning them gives failover that settles an ambiguous write (below),
 short timeouts and errors that name the store, with no new dependency.
+
+A write whose answer is lost (the member it went to lost its leader, which
+drops the proposal it had forwarded; or the read timed out) may or may not
+have been applied. Instead of failing the engine's call, the client settles
+it: a txn is sent again, which its compares make safe (had the first applied,
+they now fail), and when the second one fails its compares the keys are read
+back: holding exactly what this txn wrote, it was ours. Records that two
+writers could write byte for byte alike carry a token of their own for this
+(model.Address.token). A plain put or delete is simply sent again.
 
 The watch is a streaming POST /v3/watch read from a raw socket: a timed-out
 read on a socket is harmless (a buffered HTTP response would be corrupted by
@@ -39,10 +48,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds to set up a TCP (and TLS) connection to one endpoint.
 CONNECT_TIMEOUT = 1.0
-#: Seconds for etcd to answer a request once connected. Long enough for the
-#: surviving members to elect a leader when the leader dies (a write waits for
-#: it; under load that took over 3 s here), short enough that `docker run`
-#: fails within seconds when etcd is cut off.
+#: Seconds for etcd to answer a request once connected. A write that waited
+#: this long for a new leader is settled by sending it again (above), so this
+#: need not outlast an election; it is short enough that `docker run` fails
+#: within seconds when etcd is cut off (a write: twice this, for the resend).
 REQUEST_TIMEOUT = 5.0
 #: Seconds of silence on a watch stream before etcd is probed.
 WATCH_IDLE_TIMEOUT = 10.0
@@ -225,9 +234,8 @@ class EtcdStore(Store):
             except requests.RequestException as e:
                 why = _describe(e, self._timeouts)
                 if not retry and not _not_sent(e):
-                    raise StoreError(
-                        f"etcd at {ep} failed during a write ({why}); it may or may not have been applied"
-                    ) from e
+                    raise _Unsure(f"etcd at {ep} failed during a write ({why}); it may or may not have been applied",
+                                  None) from e
                 errors.append(f"{ep}: {why}")
                 continue
             try:
@@ -253,6 +261,8 @@ class EtcdStore(Store):
             if code == _UNAVAILABLE and retry:
                 errors.append(f"{ep}: {msg}")
                 continue
+            if code == _UNAVAILABLE:  # "leader changed", "request timed out": the proposal's fate is unknown
+                raise _Unsure(f"etcd at {ep}: {msg} during a write; it may or may not have been applied", code)
             raise _GatewayError(f"etcd at {ep}: {msg}{self._auth_hint(code, msg)}", code)
         raise self._unreachable(errors)
 
@@ -295,10 +305,10 @@ class EtcdStore(Store):
         body = {"key": self._key(key), "value": _b64(value.encode())}
         if lease:
             body["lease"] = str(lease)
-        return int(self._post("/v3/kv/put", body, retry=False)["header"]["revision"])
+        return int(self._write("/v3/kv/put", body)["header"]["revision"])
 
     def delete(self, key: str) -> bool:
-        data = self._post("/v3/kv/deleterange", {"key": self._key(key)}, retry=False)
+        data = self._write("/v3/kv/deleterange", {"key": self._key(key)})
         return int(data.get("deleted", 0)) > 0
 
     def txn(
@@ -324,8 +334,37 @@ class EtcdStore(Store):
                 req["lease"] = str(lease)
             ops.append({"request_put": req})
         ops += [{"request_delete_range": {"key": self._key(key)}} for key in delete]
-        data = self._post("/v3/kv/txn", {"compare": cmps, "success": ops, "failure": []}, retry=False)
+        body = {"compare": cmps, "success": ops, "failure": []}
+        try:
+            data = self._post("/v3/kv/txn", body, retry=False)
+        except _Unsure as unsure:
+            data = self._resend(body, unsure)
+            if not data.get("succeeded", False) and self._holds(put, delete):
+                log.warning("%s: a txn whose answer was lost had been applied (read back)", self.url)
+                return True
         return bool(data.get("succeeded", False))
+
+    def _write(self, path: str, body: dict) -> dict:
+        """A put or delete: sent again if its answer was lost (the same value, the same key)."""
+        try:
+            return self._post(path, body, retry=False)
+        except _Unsure as unsure:
+            return self._resend(body, unsure, path)
+
+    def _resend(self, body: dict, unsure: "_Unsure", path: str = "/v3/kv/txn") -> dict:
+        log.warning("%s; sending it again", unsure)
+        try:
+            return self._post(path, body, retry=True)
+        except StoreError as e:
+            raise StoreError(f"{unsure}; sent again: {e}") from e
+
+    def _holds(self, put: Mapping[str, str], delete: Iterable[str]) -> bool:
+        """True if every key of put holds exactly its value and every key of delete is gone."""
+        for key, value in put.items():
+            kv = self.get(key)
+            if kv is None or kv.value != value:
+                return False
+        return all(self.get(key) is None for key in delete) and bool(put or delete)
 
     def watch(self, prefix: str, start_revision: int, stop: threading.Event) -> Iterator[list[Event]]:
         start, end = self._prefix_range(prefix)
@@ -442,3 +481,7 @@ class _GatewayError(StoreError):
     def __init__(self, message: str, code: Optional[int]):
         super().__init__(message)
         self.code = code
+
+
+class _Unsure(_GatewayError):
+    """A write was sent and its answer lost: it may or may not have been applied."""

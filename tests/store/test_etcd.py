@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from driver.store import StoreError, open_store
-from driver.store.etcd import REQUEST_TIMEOUT, EtcdStore
+from driver.store.etcd import REQUEST_TIMEOUT, EtcdStore, _Unsure
 from tests.etcdserver import EtcdServer, EtcdTLS
 
 from .conftest import etcd_store
@@ -58,7 +58,7 @@ def test_first_endpoint_dead_fails_over(etcd_server, watchers):
     assert time.monotonic() - began < 2.0
 
 
-def test_write_with_unknown_outcome_is_not_repeated_elsewhere(etcd):
+def test_write_whose_answer_is_lost_is_sent_again(etcd):
     # Two endpoints; the first accepts connections but does not answer.
     other = EtcdServer()
     other.start()
@@ -66,16 +66,53 @@ def test_write_with_unknown_outcome_is_not_repeated_elsewhere(etcd):
         prefix = f"/amb-{uuid.uuid4().hex[:6]}/"
         store = EtcdStore([etcd.endpoint, other.endpoint], prefix=prefix, request_timeout=0.5)
         etcd.pause()
-        with pytest.raises(StoreError, match="may or may not have been applied"):
-            store.put("k", "v")
-        assert store.get("k") is None  # a read moves on to the next endpoint...
-        assert store.put("k2", "v") > 0  # ...and later writes stay there
-        etcd.resume()
-        # The put that may have reached the paused etcd was not sent again to the other.
-        assert EtcdStore([other.endpoint], prefix=prefix).get("k") is None
-        assert EtcdStore([etcd.endpoint], prefix=prefix).get("k2") is None
+        began = time.monotonic()
+        assert store.put("k", "v") > 0  # the same key and value again: the same end state
+        assert store.txn({"c": 0}, {"c": "claimed"})  # its compare guards a second send
+        assert time.monotonic() - began < 4 * 0.5 + 1.0  # one lost answer per call, then the other endpoint
+        assert store.get("k").value == "v" and store.get("c").value == "claimed"
     finally:
+        etcd.resume()
         other.close()
+
+
+class _LostAnswers(EtcdStore):
+    """Loses the answer of the next `lose` txns, after etcd applied them when
+    `applied`: what a client sees when the member it wrote to lost its leader."""
+
+    lose, applied = 0, True
+
+    def _post(self, path, body, *, retry, **kw):
+        if path == "/v3/kv/txn" and not retry and self.lose:
+            self.lose -= 1
+            if self.applied:
+                super()._post(path, body, retry=retry, **kw)
+            raise _Unsure("etcd at test: leader changed during a write; it may or may not have been applied", 14)
+        return super()._post(path, body, retry=retry, **kw)
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["applied", "dropped"])
+def test_txn_whose_answer_is_lost_is_settled(etcd_server, applied):
+    store = _LostAnswers([etcd_server.endpoint], prefix=f"/lost-{uuid.uuid4().hex[:6]}/")
+    store.applied = applied
+    store.lose = 1
+    assert store.txn({"claim": 0}, {"claim": "mine"})  # a claim: applied once, reported once
+    assert store.get("claim").value == "mine"
+    rev = store.get("claim").mod_revision
+    store.lose = 1
+    assert store.txn({"claim": rev}, {"claim": "updated"})  # a compare-and-set
+    rev2 = store.get("claim").mod_revision
+    assert store.get("claim").value == "updated"
+    store.lose = 1
+    assert store.txn({"claim": rev2}, delete=["claim"]) and store.get("claim") is None
+
+
+def test_lost_claim_on_a_key_another_writer_holds_is_refused(etcd_server):
+    store = _LostAnswers([etcd_server.endpoint], prefix=f"/lost-{uuid.uuid4().hex[:6]}/")
+    store.put("claim", "theirs")
+    store.lose, store.applied = 1, False
+    assert not store.txn({"claim": 0}, {"claim": "mine"})
+    assert store.get("claim").value == "theirs"
 
 
 @pytest.mark.parametrize("how", ["killed", "paused"])
