@@ -446,13 +446,14 @@ class State:
         return {(rec.host, rec.name): rec for _, rec, _ in self._entries(ENGINE, EngineNetwork)}
 
     def engine_networks(self, host: str) -> dict[str, EngineNetwork]:
-        """engine/<host>/: name -> record. These are the host's own records,
-        which its catalog writes again: one that does not decode is dropped."""
+        """engine/<host>/: name -> record; one that does not decode is left out."""
+        return {name: rec for name, rec, _ in self._entries(engine_prefix(host), EngineNetwork)}
+
+    def unreadable_engine_networks(self, host: str) -> list[str]:
+        """The names under engine/<host>/ whose record does not decode."""
         prefix = engine_prefix(host)
         kvs, _ = self.store.list(prefix)
-        records = {name: rec for name, rec, _ in self._entries(prefix, EngineNetwork)}
-        self.delete(kv.key for kv in kvs if kv.key[len(prefix):] not in records)
-        return records
+        return [kv.key[len(prefix):] for kv in kvs if decode(kv.key, kv.value, EngineNetwork) is None]
 
     def put_engine_network(self, record: EngineNetwork) -> None:
         self.store.put(engine_network_key(record.host, record.name), record.to_json())

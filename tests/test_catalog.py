@@ -13,7 +13,7 @@ from driver.catalog.table import DesiredTable
 from driver.engine import EngineNetworkInfo
 from driver.events import EngineEvent
 from driver.model import EngineNetwork, NamedNetwork, Network
-from driver.state import State, network_key
+from driver.state import State, engine_network_key, network_key
 from driver.store import open_store
 from ops.doctor import FAIL, Doctor
 from tests.engine_standin import StandinEngine
@@ -211,3 +211,13 @@ def test_doctor_on_that_host_fails_and_says_what_to_do(state, engine, applier):
     check = Doctor(state.store, H1, dataplane=None, engine=engine).check_engine()
     assert check.status == FAIL
     assert any("systemctl restart docker" in line for line in check.details), check
+
+
+def test_a_pass_deletes_this_hosts_unreadable_records_and_no_one_elses(state, applier):
+    ghost, theirs = engine_network_key(H1, "ghost"), engine_network_key("10.99.0.2", "web")
+    state.store.put(ghost, "{not json")  # no network of that name: no plan would write it again
+    state.store.put(theirs, "{not json")
+    assert applier.run_pass()
+    assert state.store.get(ghost) is None
+    assert state.store.get(theirs).value == "{not json"  # another host's, for its own catalog
+    assert record(state).network_id == NET

@@ -55,6 +55,8 @@ class Applier:
         names = {name: driver for _, name, driver, _ in summaries}
         desired = self.table.snapshot()
         self.records = self.state.engine_networks(self.host)
+        for name in self.state.unreadable_engine_networks(self.host):
+            self.state.delete_engine_network(self.host, name)  # our own record: the plan writes it again
         ok = self._withdraw_pending(desired)
         if self.leftovers is not None:
             self.leftovers.sweep(summaries, lambda network_id: self.engine.network(network_id) is not None)
