@@ -144,10 +144,8 @@ def expect_one_of(reply: bytes, query: dns.message.Message, upstream_said: Optio
     assert query.is_response(r) and r.rcode() == dns.rcode.SERVFAIL, (reply, upstream_said)
 
 
-@fuzz(120)
-@given(script=replies(), qid=st.integers(0, 0xFFFF))
-def test_upstream_replies_over_udp(rig, script, qid):
-    served, upstream, client = rig
+def recording(upstream, script) -> list[bytes]:
+    """Serve script's replies from upstream; the list fills with what it said."""
     said: list[bytes] = []
 
     def record(q: bytes):
@@ -157,6 +155,14 @@ def test_upstream_replies_over_udp(rig, script, qid):
         return reply
 
     upstream.script = record
+    return said
+
+
+@fuzz(120)
+@given(script=replies(), qid=st.integers(0, 0xFFFF))
+def test_upstream_replies_over_udp(rig, script, qid):
+    served, upstream, client = rig
+    said = recording(upstream, script)
     q = dns.message.make_query("example.org", "A", id=qid)
     # One client socket for every example: a second answer to an earlier
     # query would be read here first, and not match.
@@ -169,15 +175,7 @@ def test_upstream_replies_over_udp(rig, script, qid):
 @given(script=replies())
 def test_upstream_replies_over_tcp(rig, script):
     served, upstream, _ = rig
-    said: list[bytes] = []
-
-    def record(q: bytes):
-        reply = script(q)
-        if reply is not None:
-            said.append(reply)
-        return reply
-
-    upstream.script = record
+    said = recording(upstream, script)
     q = dns.message.make_query("example.org", "A")
     with socket.create_connection(served.address, timeout=3) as c:
         w = q.to_wire()
