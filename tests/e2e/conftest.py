@@ -10,11 +10,14 @@ import os
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Optional
 
 import pytest
 
-from tests.hosts import NamespaceHost, SessionLock, Underlay, build_image_tar, sweep_leftovers, wait_for
+from tests.etcdserver import EtcdServer
+from tests.hosts import UNDERLAY_ADDR, NamespaceHost, SessionLock, Underlay, build_image_tar, sweep_leftovers, wait_for
 from tests.hosts_ssh import HOSTS_ENV, hosts_from_env
 from tests.engines import engine_version
 
@@ -146,6 +149,23 @@ class HostFactory:
                 errors.append(f"{host.name}: {exc!r}")
         if errors:
             raise RuntimeError("host teardown failed: " + "; ".join(errors))
+
+
+@contextmanager
+def etcd_and_hosts(underlay: Underlay, workdir, image_tar, n: int, etcd: Optional[EtcdServer] = None,
+                   **host_options) -> Iterator[tuple[EtcdServer, HostFactory, list[NamespaceHost]]]:
+    """A module's cluster: etcd on the underlay (or the one given) and n hosts
+    with their engines up, plugins not started; torn down after, hosts first."""
+    etcd = etcd or EtcdServer(UNDERLAY_ADDR, netns=underlay.netns)
+    factory = HostFactory(underlay, workdir, image_tar)
+    try:
+        etcd.start()
+        yield etcd, factory, factory(n, **host_options)
+    finally:
+        try:
+            factory.close()
+        finally:
+            etcd.close()
 
 
 @pytest.fixture

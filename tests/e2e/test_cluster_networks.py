@@ -18,9 +18,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from driver.catalog import PHANTOM_GRACE
-from tests.e2e.conftest import FACTORY, HostFactory
+from tests.e2e.conftest import FACTORY, HostFactory, etcd_and_hosts
 from tests.etcdserver import EtcdServer
-from tests.hosts import IMAGE, PLUGIN_EXE, UNDERLAY_ADDR, NamespaceHost, wait_for
+from tests.hosts import IMAGE, PLUGIN_EXE, NamespaceHost, wait_for
 
 #: Bound for a change on one host to show on the others (the goal: about a
 #: second; after an engine restart, up to the catalog's PHANTOM_GRACE more).
@@ -47,20 +47,12 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(underlay, e2e_workdir, image_tar):
-    etcd = EtcdServer(UNDERLAY_ADDR, netns=underlay.netns)
-    factory = HostFactory(underlay, e2e_workdir, image_tar)
-    try:
-        etcd.start()
-        c = Cluster(etcd, factory, factory(3))
+    with etcd_and_hosts(underlay, e2e_workdir, image_tar, 3) as (etcd, factory, hosts):
+        c = Cluster(etcd, factory, hosts)
         # The third host's plugin starts later, in the first test: a host that joins.
         for h in c.hosts[:2]:
             c.start_plugin(h)
         yield c
-    finally:
-        try:
-            factory.close()
-        finally:
-            etcd.close()
 
 
 @pytest.fixture

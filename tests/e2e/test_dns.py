@@ -14,7 +14,6 @@ containers. The last test kills a host.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import FACTORY, HostFactory
+from tests.e2e.conftest import FACTORY, HostFactory, etcd_and_hosts
 from tests.etcdserver import EtcdServer
 from tests.hosts import IMAGE, PLUGIN_EXE, UNDERLAY_ADDR, NamespaceHost, wait_for
 
@@ -87,15 +86,12 @@ def rcode(host: NamespaceHost, container: str, qname: str, qtype: str = "A", **k
 
 @pytest.fixture(scope="module")
 def cluster(underlay, e2e_workdir, image_tar):
-    etcd = EtcdServer(UNDERLAY_ADDR, netns=underlay.netns)
-    factory = HostFactory(underlay, e2e_workdir, image_tar)
     upstream = underlay.spawn(
         [sys.executable, "-P", str(ROOT / "tests" / "dnsupstream.py"), UNDERLAY_ADDR, str(UPSTREAM_PORT),
          "--a", f"{EXT_NAME}={EXT_ADDR}", "--txt-big", f"{BIG_NAME}={BIG_COUNT}",
          *(f"--a={name}={DECOY}" for name in DECOYED)], "dnsupstream.log")
-    try:
-        etcd.start()
-        hosts = factory(3, daemon_config={"dns": [DNS_ADDR, UNDERLAY_ADDR]})
+    with etcd_and_hosts(underlay, e2e_workdir, image_tar, 3,
+                        daemon_config={"dns": [DNS_ADDR, UNDERLAY_ADDR]}) as (etcd, factory, hosts):
         c = Cluster(etcd, factory, hosts)
         for h in hosts:
             c.start_plugin(h)
@@ -116,11 +112,6 @@ def cluster(underlay, e2e_workdir, image_tar):
         c.ips["inner3"] = run(h3, "inner3", "--network", "sealed")
         c.ips["plain"] = run(h1, "plain")  # the default bridge
         yield c
-    finally:
-        try:
-            factory.close()
-        finally:
-            etcd.close()
 
 
 @pytest.fixture
@@ -140,7 +131,13 @@ def answered(host, container, qname, want: list[str], **kw):
         seen[:] = [query(host, container, qname, **kw)]
         return sorted(seen[0]["answers"]) == sorted(want)
 
-    wait_for(ok, CONVERGE, lambda: f"{qname} from {container} on {host.name} to answer {want}: got {seen}")
+    def why() -> str:
+        # Which hop failed: the engine's resolver, or pyoverlay's (asked directly from the container).
+        direct = query(host, container, qname, server=DNS_ADDR) if kw.get("server", EMBEDDED) == EMBEDDED else None
+        return (f"{qname} from {container} on {host.name} to answer {want}: got {seen}; "
+                f"pyoverlay's resolver asked directly: {direct}")
+
+    wait_for(ok, CONVERGE, why)
 
 
 # -- what resolves ---------------------------------------------------------------

@@ -24,12 +24,13 @@ import shutil
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from driver.state import engine_network_key
-from tests.e2e.conftest import FACTORY, HostFactory, clear_hosts, ensure_network
+from tests.e2e.conftest import FACTORY, clear_hosts, ensure_network, etcd_and_hosts
 from tests.e2e.etcd_members import members_url, reconfigure, run_keys, start_together, three_members
 from tests.etcdserver import EtcdServer
 from tests.hosts import IMAGE, LOCK_WAIT, UNDERLAY_ADDR, NamespaceHost, wait_for
@@ -88,18 +89,10 @@ def cluster(underlay, e2e_workdir, image_tar):
     workdir = Path(e2e_workdir) / "etcd-faults"
     workdir.mkdir(exist_ok=True)
     etcd = EtcdServer(UNDERLAY_ADDR, netns=underlay.netns, workdir=str(workdir))
-    factory = HostFactory(underlay, e2e_workdir, image_tar)
-    try:
-        etcd.start()
-        hosts = factory(3)
+    with etcd_and_hosts(underlay, e2e_workdir, image_tar, 3, etcd) as (etcd, factory, hosts):
         for h in hosts:
             h.start_plugin(etcd.url)
         yield Cluster(etcd, factory, hosts)
-    finally:
-        try:
-            factory.close()
-        finally:
-            etcd.close()
 
 
 @pytest.fixture
@@ -400,15 +393,34 @@ def test_partitioned_host_catches_up_on_missed_peer_events(hosts, cluster):
            partitioned_run_s=round(took, 1), catch_up_s=round(caught_up, 1))
 
 
-def test_losing_one_of_three_etcd_members_is_invisible(hosts, cluster, underlay):
-    h1, h2, _ = hosts
+@contextmanager
+def three_member_etcd(on, cluster, underlay):
+    """Three etcd members started together, the plugins of the hosts `on`
+    restarted against all three; after, those hosts cleared and back on the
+    module's etcd, the members gone."""
     members = three_members(underlay)
     try:
         start_together(members)
         url = members_url(members)
-        for h in (h1, h2):
+        for h in on:
             h.kill_plugin()
             h.start_plugin(url)
+        yield members, url
+    finally:
+        for h in on:
+            for name in h.docker("ps", "-aq").split():
+                h.docker_proc("rm", "-f", name, check=False)
+            for net in h.docker("network", "ls", "-q", "--filter", "driver=pyoverlay").split():
+                h.docker_proc("network", "rm", net, check=False)
+            h.kill_plugin()
+            h.start_plugin(cluster.url())
+        for m in members:
+            m.close()
+
+
+def test_losing_one_of_three_etcd_members_is_invisible(hosts, cluster, underlay):
+    h1, h2, _ = hosts
+    with three_member_etcd((h1, h2), cluster, underlay) as (members, url):
         ensure_network((h1, h2), "ha", "10.64.0.0/24", 6400)
         run(h1, "ca", "ha")
         b = run(h2, "cb", "ha")
@@ -429,16 +441,6 @@ def test_losing_one_of_three_etcd_members_is_invisible(hosts, cluster, underlay)
                "plugin, pings running, then 3 docker run on two hosts",
                held=f"0 of {sent} pings lost; every docker run worked (slowest {max(started):.2f} s); the new "
                     "container reachable across hosts", runs=3, errors=0, slowest_run_s=round(max(started), 2))
-    finally:
-        for h in (h1, h2):
-            for name in h.docker("ps", "-aq").split():
-                h.docker_proc("rm", "-f", name, check=False)
-            for net in h.docker("network", "ls", "-q", "--filter", "driver=pyoverlay").split():
-                h.docker_proc("network", "rm", net, check=False)
-            h.kill_plugin()
-            h.start_plugin(cluster.url())
-        for m in members:
-            m.close()
 
 
 def test_quorum_loss_keeps_traffic_fails_fast_and_recovers(hosts, cluster, underlay):
@@ -448,13 +450,7 @@ def test_quorum_loss_keeps_traffic_fails_fast_and_recovers(hosts, cluster, under
     member's data is wiped and it is removed and added again (etcdctl's
     member remove/add, through the v3 gateway): the cluster serves again."""
     h1, h2, _ = hosts
-    members = three_members(underlay)
-    try:
-        start_together(members)
-        url = members_url(members)
-        for h in (h1, h2):
-            h.kill_plugin()
-            h.start_plugin(url)
+    with three_member_etcd((h1, h2), cluster, underlay) as (members, url):
         plugin_pids = {h.name: h._plugin.pid for h in (h1, h2)}
         ensure_network((h1, h2), "quorum", "10.66.0.0/24", 6600)
         run(h1, "qa", "quorum")
@@ -516,16 +512,6 @@ def test_quorum_loss_keeps_traffic_fails_fast_and_recovers(hosts, cluster, under
                     "re-added member caught up and docker run worked on both hosts",
                pings_lost=sent - got, fail_fast_s=round(took, 1), recover_s=round(recovered, 1),
                no_quorum_s=round(back_at - lost_at, 1))
-    finally:
-        for h in (h1, h2):
-            for name in h.docker("ps", "-aq").split():
-                h.docker_proc("rm", "-f", name, check=False)
-            for net in h.docker("network", "ls", "-q", "--filter", "driver=pyoverlay").split():
-                h.docker_proc("network", "rm", net, check=False)
-            h.kill_plugin()
-            h.start_plugin(cluster.url())
-        for m in members:
-            m.close()
 
 
 def run_ip(host: NamespaceHost, name: str, net: str) -> str:

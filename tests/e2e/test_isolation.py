@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import FACTORY, HostFactory, clear_hosts, ensure_network
+from tests.e2e.conftest import FACTORY, clear_hosts, ensure_network, etcd_and_hosts
 from tests.etcdserver import EtcdServer, EtcdTLS
 from tests.hosts import IMAGE, PLUGIN_SOCKET, PREFIX, UNDERLAY_ADDR, NamespaceHost, wait_for
 from tests.reliability import record
@@ -65,19 +65,11 @@ def secure(underlay, e2e_workdir, image_tar):
     tls = EtcdTLS(cert=pki["server.crt"], key=pki["server.key"], ca=pki["ca.crt"], client_ca=pki["ca.crt"],
                   client_cert=pki["client.crt"], client_key=pki["client.key"])
     etcd = EtcdServer(UNDERLAY_ADDR, netns=underlay.netns, tls=tls, workdir=str(work))
-    factory = HostFactory(underlay, e2e_workdir, image_tar)
-    try:
-        etcd.start()
-        hosts = factory(2)
+    with etcd_and_hosts(underlay, e2e_workdir, image_tar, 2, etcd) as (etcd, factory, hosts):
         cluster = Secure(etcd, pki, rogue, factory, hosts)
         for h in hosts:
             cluster.start(h)
         yield cluster
-    finally:
-        try:
-            factory.close()
-        finally:
-            etcd.close()
 
 
 @pytest.fixture
