@@ -323,6 +323,7 @@ def run_until_it_works(host: NamespaceHost, net: str, timeout: float) -> tuple[s
     return ip, time.monotonic() - t0
 
 
+@pytest.mark.engine_neutral  # the store's faults: the engine only calls
 def test_etcd_outage_traffic_flows_new_runs_fail_fast_then_recover(hosts, cluster):
     h1, h2, _ = hosts
     ensure_network((h1, h2), "outage", "10.62.0.0/24", 6200)
@@ -359,6 +360,7 @@ def test_etcd_outage_traffic_flows_new_runs_fail_fast_then_recover(hosts, cluste
            reachable_s=round(reachable, 1))
 
 
+@pytest.mark.engine_neutral  # the store's faults: the engine only calls
 def test_partitioned_host_catches_up_on_missed_peer_events(hosts, cluster):
     """h1 cannot reach etcd while h2 starts a container; once the partition
     heals, h1 programs it by itself (its watch resumes where it stopped)."""
@@ -418,6 +420,7 @@ def three_member_etcd(on, cluster, underlay):
             m.close()
 
 
+@pytest.mark.engine_neutral  # the store's faults: the engine only calls
 def test_losing_one_of_three_etcd_members_is_invisible(hosts, cluster, underlay):
     h1, h2, _ = hosts
     with three_member_etcd((h1, h2), cluster, underlay) as (members, url):
@@ -443,6 +446,7 @@ def test_losing_one_of_three_etcd_members_is_invisible(hosts, cluster, underlay)
                     "container reachable across hosts", runs=3, errors=0, slowest_run_s=round(max(started), 2))
 
 
+@pytest.mark.engine_neutral  # the store's faults: the engine only calls
 def test_quorum_loss_keeps_traffic_fails_fast_and_recovers(hosts, cluster, underlay):
     """Two of three etcd members killed while containers on two hosts talk:
     the traffic goes on, `docker run` fails within seconds naming etcd; the

@@ -25,6 +25,9 @@ from tests.hosts import IMAGE, PLUGIN_SOCKET, PREFIX, UNDERLAY_ADDR, NamespaceHo
 from tests.reliability import record
 from tests.test_isolation import SEND, vxlan_echo_request
 
+# Plugin, store and kernel: the engine only calls (.ci/run runs these on the current engine).
+pytestmark = pytest.mark.engine_neutral
+
 OUTSIDER_INDEX = 200  # 10.99.0.200: on the underlay, never a pyoverlay host
 
 

@@ -88,6 +88,7 @@ def test_endpoint_forgotten_while_plugin_down_is_swept(hosts, cluster):
 
 
 @pytest.mark.slow
+@pytest.mark.engine_neutral  # a check for leaks in the plugin
 def test_soak_churn_kills_and_etcd_restart_leak_nothing(hosts, cluster):
     name = "test_soak_churn_kills_and_etcd_restart_leak_nothing"
     soak = Soak(hosts, cluster.etcd, SECONDS, seeded(name), unstick=lambda host, error: _unstick(name, host, error))
