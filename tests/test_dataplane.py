@@ -256,6 +256,22 @@ def test_create_network_is_complete_and_idempotent(a, network):
     assert not [n for n, link in links(a.ns).items() if link.get("linkinfo", {}).get("info_kind") == "vxlan"]
 
 
+def test_bridge_mac_never_follows_its_ports(a, network):
+    """The resolver's address is on br0 and containers cache br0's MAC for it:
+    a bridge left to itself takes its lowest port's MAC and changes it when
+    that port goes, so br0's MAC is pinned at creation (and on a repeat)."""
+    ov = network(a, 4103, 1400)
+    pinned = links(ov)["br0"]["address"]
+    with IPRoute(netns=ov, flags=0, groups=0) as h:
+        h.link("add", ifname="lowport", kind="veth", peer="lowpeer", address="02:00:00:00:00:01")
+        h.link("set", index=h.link_lookup(ifname="lowport")[0], master=h.link_lookup(ifname="br0")[0], state="up")
+        assert links(ov)["br0"]["address"] == pinned  # not the new, lower port's
+        h.link("del", ifname="lowport")
+    assert links(ov)["br0"]["address"] == pinned
+    a.dp.create_network(4103, 1400)  # a repeat (restore) keeps it
+    assert links(ov)["br0"]["address"] == pinned
+
+
 def test_create_network_racing_with_itself_makes_one_good_network(lab, a, network):
     others = [lab.dataplane(a) for _ in range(2)]  # other "processes": flock, not a thread lock
     callers = [a.dp, a.dp, *others]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from typing import Iterable
 
 from pyroute2 import netns as pr_netns
@@ -23,6 +24,13 @@ from .base import BRIDGE, NS_PREFIX, VXLAN, DataplaneError, check_mtu, check_vni
 from .worker import Handle, Worker, is_netns
 
 _NS_NAME = re.compile(r"^" + NS_PREFIX + r"([0-9]+)$")
+
+
+def _local_mac() -> str:
+    """A random locally administered unicast MAC."""
+    b = bytearray(secrets.token_bytes(6))
+    b[0] = (b[0] & 0xFE) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
 
 
 class NetworkStage(Worker):
@@ -61,9 +69,16 @@ class NetworkStage(Worker):
     def _build_network(self, host: Handle, ns: Handle, vni: int, mtu: int, made: list[str]) -> None:
         what = f"create_network VNI {vni}"
         with step(f"{what}: creating {BRIDGE}"):
+            # br0's MAC is pinned: a bridge left to itself takes its lowest port's
+            # MAC and changes it when that port goes, and containers that cached
+            # the old one for the resolver's address (DNS_ADDR, on br0) then get
+            # no answer until their ARP entry ages out (15 s and more).
             if ns.index(BRIDGE) is None:
-                ns.ipr.link("add", ifname=BRIDGE, kind="bridge", mtu=mtu)
+                ns.ipr.link("add", ifname=BRIDGE, kind="bridge", mtu=mtu, address=_local_mac())
                 made.append(BRIDGE)
+            else:  # made by an earlier version: pin the MAC it has now
+                current = ns.ipr.link("get", ifname=BRIDGE)[0].get_attr("IFLA_ADDRESS")
+                ns.ipr.link("set", index=ns.index(BRIDGE), address=current)
             ns.bridge = ns.index(BRIDGE)
         vxlan = None
         with step(f"{what}: reading {VXLAN}"):
