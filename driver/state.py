@@ -93,6 +93,24 @@ def block_key(subnet: str, block: str) -> str:
     return block_prefix(subnet) + subnet_key(block)
 
 
+def ip_key_prefixes(block: ipaddress.IPv4Network, most: int = 16) -> Optional[list[str]]:
+    """Prefixes of the address keys' IP part that together hold every address
+    of block, and a few others (the caller filters): keys are dotted decimal,
+    so a block is not one key range; .64/26 is '6' '7' '8' '9' '10' '11' '12'.
+    None when it would take more than `most` (a block spanning many /24s)."""
+    first, last = int(block.network_address), int(block.broadcast_address)
+    found = set()
+    for net24 in range(first >> 8, (last >> 8) + 1):
+        head = str(ipaddress.IPv4Address(net24 << 8))[:-1]  # "a.b.c."
+        lo, hi = max(first, net24 << 8) & 255, min(last, net24 << 8 | 255) & 255
+        if lo == 0 and hi == 255:
+            found.add(head)
+        else:
+            found.update(head + (str(n) if n < 10 else str(n)[:-1]) for n in range(lo, hi + 1))
+    prefixes = sorted(p for p in found if not any(q != p and p.startswith(q) for q in found))
+    return prefixes if len(prefixes) <= most else None
+
+
 def host_key(host: str) -> str:
     return f"hosts/{host}"
 
@@ -358,6 +376,21 @@ class State:
     def addresses(self, subnet: str) -> list[tuple[str, Address, int]]:
         """(ip, address, mod_revision) for every claimed address of subnet."""
         return self._entries(address_prefix(subnet), Address)
+
+    def addresses_in(self, subnet: str, block: str) -> list[tuple[str, Address, int]]:
+        """(ip, address, mod_revision) for every claimed address inside block:
+        a few short lists (ip_key_prefixes), not the whole pool's."""
+        inside, found = ipaddress.ip_network(block), {}
+        prefixes = ip_key_prefixes(inside)
+        for prefix in prefixes if prefixes is not None else [""]:
+            for ip, record, revision in self._entries(address_prefix(subnet) + prefix, Address):
+                ip = prefix + ip
+                try:
+                    if ipaddress.ip_address(ip) in inside:
+                        found[ip] = (ip, record, revision)
+                except ValueError:
+                    _skipped(address_key(subnet, ip), "malformed key")
+        return list(found.values())
 
     def every_address(self) -> list[tuple[str, str]]:
         """(subnet, ip) of every claimed address of every pool."""

@@ -258,3 +258,35 @@ def test_a_bad_gateway_record_is_refused_clearly_and_left_for_the_operator():
         assert store.get(state_mod.address_key(SUBNET, "10.70.0.1")).value == "{not json"
     finally:
         ipam.close()
+
+
+def test_addresses_in_a_block_are_read_without_the_rest_of_the_pool():
+    """State.addresses_in: every claimed address inside the block, none outside,
+    from lists of a few key prefixes (keys are dotted decimal: a block is no one
+    key range). Random blocks of random pools; the seed is printed."""
+    from tests.seed import rng
+
+    r = rng("test_addresses_in_a_block_are_read_without_the_rest_of_the_pool")
+    for _ in range(40):
+        plen = r.randint(16, 24)
+        pool = ipaddress.ip_network((r.getrandbits(32) >> (32 - plen) << (32 - plen), plen))
+        size = r.randint(max(plen, 20), 30)
+        block = next(pool.subnets(new_prefix=size)) if r.random() < 0.2 else \
+            ipaddress.ip_network((int(pool.network_address) + r.randrange(pool.num_addresses >> (32 - size))
+                                  * (1 << (32 - size)), size))
+        store = open_store("memory://")
+        st = State(store)
+        near = range(max(int(pool.network_address), int(block.network_address) - 300),
+                     min(int(pool.broadcast_address), int(block.broadcast_address) + 300) + 1)
+        claimed = {str(ipaddress.ip_address(i)) for i in r.sample(near, min(len(near), 200))}
+        for ip in claimed:
+            st.claim_address(str(pool), ip, Address.container(HOST))
+        reads = []
+        real_list = store.list
+        store.list = lambda prefix: reads.append(prefix) or real_list(prefix)
+        got = {ip for ip, _, _ in st.addresses_in(str(pool), str(block))}
+        assert got == {ip for ip in claimed if ipaddress.ip_address(ip) in block}, (pool, block)
+        prefixes = state_mod.ip_key_prefixes(block)
+        assert prefixes is not None and len(reads) == len(prefixes) <= 16, (block, reads)
+    # A block spanning more /24s than that is read as the whole pool, still filtered.
+    assert state_mod.ip_key_prefixes(ipaddress.ip_network("10.0.0.0/16")) is None
