@@ -8,9 +8,17 @@ are full a host claims another, starting from a point derived from its name
 so hosts do not all try the same one; when no block is free it borrows a free
 address from anyone's block.
 
-The fast path reads nothing from the store: every host follows addresses/
-and blocks/ with a watch (store/follow.py) and keeps each pool's used
-addresses and blocks in memory, so RequestAddress is one transaction.
+The fast path reads nothing from the store: a host keeps each pool's blocks
+(followed with a watch, store/follow.py: one event per block claim) and the
+addresses it knows of in memory, so RequestAddress is one transaction. It
+does not follow addresses/: every host would then process every other host's
+every address, and that fan-out, not the claims, was what a burst from many
+hosts spent its CPU on. Which addresses are taken it learns instead from one
+read at start, from its own claims and releases, from a claim that fails
+(someone holds that address: borrowed or --ip), and from reading its own
+blocks' addresses now and then (refresh). Only the slow paths read more: a
+pool with no free block is read whole before borrowing, and a dead host's
+block is read before it is taken over or given back.
 
 A sweeper gives back a block that stayed empty for the grace period, removes
 empty blocks of hosts whose lease expired, and adopts unclaimed blocks holding
@@ -42,6 +50,13 @@ DEFAULT_GRACE = 120.0
 #: A claim this process lost without the watch telling it the winner yet is
 #: taken as in use for this long (the watch normally answers in milliseconds).
 UNSURE_FOR = 10.0
+#: Seconds between reads of this host's own blocks' addresses (others' --ip or
+#: borrowed addresses in them, or released: the cache has no watch on them).
+REFRESH_EVERY = 30.0
+#: Seconds between looks for blocks of hosts whose lease expired.
+REAP_EVERY = 10.0
+#: A pool read whole for borrowing is good for this long.
+BORROW_READ_FOR = 1.0
 GATEWAY_HOLDER = ""  # the gateway belongs to the pool, not to a host
 
 
@@ -78,6 +93,8 @@ class _Pool:
         self.unsure: dict[int, float] = {}  # offset -> when a claim of ours on it failed
         self.pending: set[int] = set()  # offsets this process is claiming right now
         self.blocks: dict[int, list] = {}  # start offset -> [holder, mod_revision (0: ours, not seen yet), prefixlen]
+        self.freed: dict[int, float] = {}  # offset -> when this host released it (a read begun before is stale there)
+        self.read_whole = float("-inf")  # when the whole pool was last read (for borrowing)
         # One block claim at a time per host: callers that find the blocks full
         # together wait for one new block rather than each claiming one.
         self.claiming = threading.Lock()
@@ -180,6 +197,8 @@ class BlockAllocator:
         self._stop = threading.Event()
         self._started = False
         self._empty_since: dict[tuple[str, int], float] = {}
+        self._learnt: dict[tuple[str, int], float] = {}  # own block -> when its addresses were last read
+        self._reaped = float("-inf")
         self._first = zlib.crc32(host.encode())  # where this host starts looking
         # The revision of the first read of addresses/: every claim this process
         # makes comes after it (requests wait for that read).
@@ -192,14 +211,28 @@ class BlockAllocator:
             if self._started:
                 return
             self._started = True
-        for prefix in (ADDRESSES, BLOCKS):
-            threading.Thread(target=follow, name=f"ipam-{prefix[:-1]}", daemon=True, args=(
-                self.store, prefix, self._stop,
-                lambda kvs, rev, p=prefix: self._snapshot(p, kvs, rev),
-                lambda events, p=prefix: self._events(p, events),
-                lambda exc, p=prefix: self._watch_error(p, exc),
-            )).start()
+        threading.Thread(target=follow, name="ipam-blocks", daemon=True, args=(
+            self.store, BLOCKS, self._stop,
+            lambda kvs, rev: self._snapshot(BLOCKS, kvs, rev),
+            lambda events: self._events(BLOCKS, events),
+            lambda exc: self._watch_error(BLOCKS, exc),
+        )).start()
+        threading.Thread(target=self._first_read, name="ipam-addresses", daemon=True).start()
         threading.Thread(target=self._sweeper, name="ipam-sweeper", daemon=True).start()
+
+    def _first_read(self) -> None:
+        """Every pool's addresses, once (until it succeeds): the cache's start."""
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                kvs, revision = self.store.list(ADDRESSES)
+            except StoreError as e:
+                self._watch_error(ADDRESSES, e)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            self._snapshot(ADDRESSES, kvs, revision)
+            return
 
     def stop(self) -> None:
         self._stop.set()
@@ -252,6 +285,7 @@ class BlockAllocator:
             log.warning("ignoring %s in the store: %s", key, e)
 
     def _snapshot(self, prefix: str, kvs: list[KeyValue], revision: int = 0) -> None:
+        """A whole read of addresses/ (at start) or blocks/ (the watch's lists)."""
         with self._lock:
             if prefix == ADDRESSES and not self.first_revision:
                 self.first_revision = revision
@@ -271,15 +305,54 @@ class BlockAllocator:
                 self._apply(prefix, e.key, e.value, e.revision)
 
     def released(self, subnet: str, ip: ipaddress.IPv4Address) -> None:
-        """This host freed ip: usable again at once, before the watch says so."""
+        """This host freed ip: usable again at once."""
         with self._lock:
             pool = self._pools.get(subnet)
             if pool is not None:
-                pool.used.pop(int(ip) - pool.base, None)
+                off = int(ip) - pool.base
+                pool.used.pop(off, None)
+                pool.freed[off] = self.clock()
+
+    def _learn(self, subnet: str, pool: _Pool, block: Optional[tuple[int, int]]) -> None:
+        """Read the addresses of block ((start, prefixlen): a few short lists),
+        or of the whole pool (None), and make the cache hold exactly those
+        there; what this host claimed or freed while the read ran stays."""
+        began = self.clock()
+        span = None if block is None else pool.span(*block)
+        with self._lock:
+            before = set(pool.used) if span is None else {off for off in span if off in pool.used}
+        if block is None:
+            found = [(ip, record) for ip, record, _ in self.state.addresses(subnet)]
+        else:
+            found = [(ip, record) for ip, record, _ in self.state.addresses_in(subnet, str(self._cidr(pool, *block)))]
+        with self._lock:
+            if self._pools.get(subnet) is not pool:
+                return  # forgotten meanwhile
+            stored = {}
+            for ip, record in found:
+                off = int(ipaddress.ip_address(ip)) - pool.base
+                if span is None or off in span:
+                    stored[off] = GATEWAY_HOLDER if record.kind == "gateway" else record.host
+            for off in before - stored.keys() - pool.pending:
+                pool.used.pop(off, None)
+                pool.unsure.pop(off, None)
+            for off, holder in stored.items():
+                if pool.freed.get(off, float("-inf")) < began:
+                    pool.used[off] = holder
+                    pool.unsure.pop(off, None)
+            for off, when in list(pool.freed.items()):
+                if when < began - 60:
+                    del pool.freed[off]
+            if span is None:
+                pool.read_whole = began
 
     def forget(self, subnet: str) -> None:
         with self._lock:
             self._pools.pop(subnet, None)
+
+    @staticmethod
+    def _cidr(pool: _Pool, start: int, prefixlen: int) -> ipaddress.IPv4Network:
+        return ipaddress.ip_network((pool.base + start, prefixlen))
 
     # -- allocation -------------------------------------------------------------
 
@@ -290,6 +363,7 @@ class BlockAllocator:
     def allocate(self, subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
         """A free address of subnet, claimed for this host."""
         self.ready()
+        began = self.clock()
         key = str(subnet)
         prefixlen = self.block_size(subnet)
         for _ in range(ATTEMPTS):
@@ -307,7 +381,16 @@ class BlockAllocator:
                     continue  # won (room now) or lost (the cache learnt of it): look again
             if off is None:
                 with self._lock:
+                    stale = self.clock() - pool.read_whole > BORROW_READ_FOR
+                if stale:  # no block free: which addresses are free is only known from the store
+                    self._learn(key, pool, None)
+                with self._lock:
                     off = pool.pick_any(self._first % pool.net.num_addresses, self.clock())
+                    full_since = pool.read_whole
+                if off is None and full_since < began:  # "full" only from a read this call saw begin
+                    self._learn(key, pool, None)
+                    with self._lock:
+                        off = pool.pick_any(self._first % pool.net.num_addresses, self.clock())
                 if off is None:
                     raise DriverError(
                         f"no free address left in {subnet}; remove unused containers or use a larger --subnet"
@@ -337,10 +420,17 @@ class BlockAllocator:
             found = pool.free_block(prefixlen, self._first % count, self.host, None)
         if found is None:
             alive = self._alive()
-            with self._lock:
-                found = pool.free_block(prefixlen, self._first % count, self.host, alive)
-        if found is None:
-            return None
+            while True:
+                with self._lock:
+                    found = pool.free_block(prefixlen, self._first % count, self.host, alive)
+                if found is None:
+                    return None
+                # A dead host's block looks empty to a cache that does not follow
+                # its addresses: read them before taking it over.
+                self._learn(subnet, pool, (found[0], prefixlen))
+                with self._lock:
+                    if pool.empty(found[0], prefixlen):
+                        break
         start, rev = found
         block = ipaddress.ip_network((int(pool.net.network_address) + start, prefixlen))
         won = self.state.claim_block(subnet, str(block), Block(host=self.host, claimed=time.time()), rev)
@@ -349,8 +439,14 @@ class BlockAllocator:
                 current = pool.blocks.get(start)
                 if current is None or current[0] != self.host:  # the watch may have told us first
                     pool.blocks[start] = [self.host, 0, prefixlen]
+                # What the cache knows of others' addresses there may be old
+                # (the first read): learn the block as it is now.
+                stale = any(pool.used.get(off, self.host) not in (self.host, GATEWAY_HOLDER)
+                            for off in pool.span(start, prefixlen))
             elif pool.blocks.get(start, [None, rev])[1] == rev:
                 pool.blocks[start] = ["?", -1, prefixlen]  # the watch will name the winner
+        if won and stale:
+            self._learn(subnet, pool, (start, prefixlen))
         self._count("block_claim" if won else "cas_retry")
         if not won:
             self._catch_up(subnet, pool)
@@ -391,13 +487,14 @@ class BlockAllocator:
 
     def sweep(self) -> None:
         now = self.clock()
+        self._refresh(now)
         release, foreign = [], False
         with self._lock:
             for subnet, pool in self._pools.items():
                 for start, (holder, rev, prefixlen) in list(pool.blocks.items()):
                     empty = pool.empty(start, prefixlen)
                     if holder != self.host:
-                        foreign = foreign or (empty and rev > 0 and holder != "?")
+                        foreign = foreign or (rev > 0 and holder != "?")
                         continue
                     mark = (subnet, start)
                     if not empty:
@@ -408,9 +505,30 @@ class BlockAllocator:
         for subnet, pool, start, rev, prefixlen in release:
             self._drop(subnet, pool, start, rev, prefixlen, restore=True)
             self._empty_since.pop((subnet, start), None)
-        if foreign:
+        if foreign and now - self._reaped >= min(REAP_EVERY, self.grace):
+            self._reaped = now
             self._reap()
         self._adopt()
+
+    def _refresh(self, now: float) -> None:
+        """Read this host's blocks' addresses: every REFRESH_EVERY (grace, if
+        shorter), and soon after a claim there failed (someone's address the
+        cache did not know)."""
+        every = min(REFRESH_EVERY, self.grace)
+        due = []
+        with self._lock:
+            for subnet, pool in self._pools.items():
+                for start, (holder, _, prefixlen) in pool.blocks.items():
+                    if holder != self.host:
+                        continue
+                    span = pool.span(start, prefixlen)
+                    last = self._learnt.get((subnet, start), float("-inf"))
+                    unsure = any(off in span and when > last for off, when in pool.unsure.items())
+                    if unsure or now - last >= every:
+                        due.append((subnet, pool, start, prefixlen))
+        for subnet, pool, start, prefixlen in due:
+            self._learnt[(subnet, start)] = now
+            self._learn(subnet, pool, (start, prefixlen))
 
     def _drop(self, subnet: str, pool: _Pool, start: int, rev: int, prefixlen: int, restore: bool) -> None:
         block = ipaddress.ip_network((int(pool.net.network_address) + start, prefixlen))
@@ -422,18 +540,21 @@ class BlockAllocator:
                 pool.blocks.setdefault(start, [self.host, rev, prefixlen])
 
     def _reap(self) -> None:
-        """Empty blocks of hosts whose lease expired go back to the pool."""
+        """Empty blocks of hosts whose lease expired go back to the pool (their
+        addresses read first: the cache does not follow other hosts')."""
         alive = self._alive()
         dead = []
         with self._lock:
             for subnet, pool in self._pools.items():
                 for start, (holder, rev, prefixlen) in pool.blocks.items():
-                    if holder in alive or holder == "?" or rev <= 0:
-                        continue
-                    if pool.empty(start, prefixlen):
+                    if holder not in alive and holder != "?" and rev > 0:
                         dead.append((subnet, pool, start, rev, prefixlen))
-        for item in dead:
-            self._drop(*item, restore=False)
+        for subnet, pool, start, rev, prefixlen in dead:
+            self._learn(subnet, pool, (start, prefixlen))
+            with self._lock:
+                empty = pool.empty(start, prefixlen)
+            if empty:
+                self._drop(subnet, pool, start, rev, prefixlen, restore=False)
 
     def _adopt(self) -> None:
         """Unclaimed blocks whose addresses are all this host's become its own:

@@ -206,6 +206,16 @@ class Lab:
         for i in range(0, len(ops), 100):  # etcd's default limit of operations per transaction is 128
             self.etcd.request("POST", "/v3/kv/txn", {"compare": [], "success": ops[i:i + 100], "failure": []})
 
+    def etcd_metric(self, name: str) -> float:
+        """A counter from etcd's own /metrics, summed over its labels."""
+        out = subprocess.run(["ip", "netns", "exec", self.ul, "curl", "-sf", "--max-time", "10",
+                              f"{self.etcd.endpoint}/metrics"], capture_output=True, text=True, timeout=15,
+                             check=True).stdout
+        found = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines()
+                 if line.startswith(name + " ") or line.startswith(name + "{")]
+        assert found, f"etcd has no metric {name}"
+        return sum(found)
+
     def blocks(self, subnet: str) -> dict[str, str]:
         """block CIDR -> holder host."""
         head = f"blocks/{subnet.replace('/', '_')}/"
