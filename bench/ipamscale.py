@@ -214,10 +214,11 @@ def measure(ctx, n_hosts: int, per_host: int, probes: int, workers: int, result:
                 f"p99 {fmt(result['burst_one_host']['p99'])} ms")
         from bench.env import cpu_seconds
         pids = cluster.plugin_pids() + [cluster.etcd.pid]
-        cpu0 = cpu_seconds(pids)
+        cpu0, etcd_cpu0 = cpu_seconds(pids), cpu_seconds([cluster.etcd.pid])
         m0 = etcd_metrics(cluster.etcd)
         b = burst(cluster, BURST_PER_HOST, BURST_CALLERS, workers)
         cpu_per_request = (cpu_seconds(pids) - cpu0) * 1000 / max(1, len(b["addresses"]))
+        etcd_cpu_per_request = (cpu_seconds([cluster.etcd.pid]) - etcd_cpu0) * 1000 / max(1, len(b["addresses"]))
         m1 = etcd_metrics(cluster.etcd)
         stored = store_addresses(cluster.etcd)
         blocks = store_blocks(cluster.etcd)
@@ -229,7 +230,7 @@ def measure(ctx, n_hosts: int, per_host: int, probes: int, workers: int, result:
                            "etcd_requests": m1["handled"] - m0["handled"],
                            "blocks": sum(blocks.values()), "hosts_with_blocks": len(blocks),
                            "seconds": b["seconds"], "per_second": len(b["addresses"]) / max(1e-6, b["seconds"]),
-                           "cpu_ms_per_request": cpu_per_request}
+                           "cpu_ms_per_request": cpu_per_request, "etcd_cpu_ms_per_request": etcd_cpu_per_request}
         ctx.log(f"{n_hosts} hosts: burst {n_hosts}x{BURST_PER_HOST}: p50 {fmt(result['burst']['p50'])} ms, "
                 f"p99 {fmt(result['burst']['p99'])} ms, {b['duplicates']} duplicates, {len(b['errors'])} errors, "
                 f"{sum(blocks.values())} blocks")
@@ -288,7 +289,7 @@ def measure(ctx, n_hosts: int, per_host: int, probes: int, workers: int, result:
 
 def report(results: list[dict], command: str) -> str:
     rows = ["| hosts | endpoints | RequestAddress alone p50 / p99 | one host's burst (25, 4 callers) p50 / p99 | "
-            "burst (hosts x 25, 4 callers each) p50 / p99 | burst rate, CPU per request (plugins + etcd) | "
+            "burst (hosts x 25, 4 callers each) p50 / p99 | burst rate, CPU per request (plugins + etcd; of it etcd) | "
             "duplicates | burst errors | blocks after burst | convergence p50 / p99 | CPU per peer event | "
             "restart (flushed), all peers back | PSS per plugin median / max | etcd req/s idle / burst / fill | etcd DB |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -297,7 +298,7 @@ def report(results: list[dict], command: str) -> str:
         rows.append(
             f"| {r['hosts']} | {r['hosts'] * r['endpoints_per_host']} | {fmt(r['alone']['p50'])} / {fmt(r['alone']['p99'])} ms | "
             f"{fmt(o['p50'])} / {fmt(o['p99'])} ms | "
-            f"{fmt(b['p50'])} / {fmt(b['p99'])} ms | {b['per_second']:.0f}/s, {fmt(b['cpu_ms_per_request'])} ms | {b['duplicates']} (etcd: {b['stored_duplicates']}) | {b['errors']} | "
+            f"{fmt(b['p50'])} / {fmt(b['p99'])} ms | {b['per_second']:.0f}/s, {fmt(b['cpu_ms_per_request'])} ms ({fmt(b.get('etcd_cpu_ms_per_request', 0))} etcd) | {b['duplicates']} (etcd: {b['stored_duplicates']}) | {b['errors']} | "
             f"{b['blocks']} on {b['hosts_with_blocks']} hosts | {fmt(c['p50'])} / {fmt(c['p99'])} ms | "
             f"{fmt(c['cpu_ms_per_event'], 2)} ms | {fmt(r['restart']['restored_s'], 2)} s ({r['restart']['peers']} peers) | "
             f"{fmt(r['pss_mb']['median'])} / {fmt(r['pss_mb']['max'])} MB | "
