@@ -124,8 +124,8 @@ class PluginClient:
 
 # -- processes ------------------------------------------------------------------
 
-def process_tree(pid: int) -> list[int]:
-    """pid and its descendants (gunicorn master, worker, any short forks)."""
+def _children() -> dict[int, list[int]]:
+    """ppid -> its child pids, for every process now."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -135,6 +135,17 @@ def process_tree(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def child_pids(pid: int) -> list[int]:
+    """pid's children (not theirs)."""
+    return _children().get(pid, [])
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (gunicorn master, worker, any short forks)."""
+    children = _children()
     out, todo = [], [pid]
     while todo:
         p = todo.pop()

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from bench.env import process_tree, rss_kb
+from bench.env import child_pids, rss_kb
 from tests.hosts import IMAGE, wait_for
 
 PREFIX = "/pyoverlay/"
@@ -53,11 +53,10 @@ def plugin_usage(host) -> tuple[int, int, int]:
     """(Rss kB, Pss kB, open fds) of the host's plugin: the gunicorn master and
     its workers. Not their children: a worker's short forks (pyroute2's netns
     helper, a fork that holds every fd of the worker; nft) come and go between
-    samples, and one caught at the last sample reads as a leak (CI once saw
-    89 -> 107 fds in 2 minutes where the 10-minute soak's slope was 0.13/min)."""
+    samples, and are not the plugin's own."""
     rss = pss = fds = 0
     master = host._plugin.pid
-    for pid in [master] + [p for p in process_tree(master) if _parent(p) == master]:
+    for pid in [master] + child_pids(master):
         r, p = rss_kb(pid)
         rss, pss = rss + r, pss + p
         try:
@@ -65,14 +64,6 @@ def plugin_usage(host) -> tuple[int, int, int]:
         except OSError:
             pass
     return rss, pss, fds
-
-
-def _parent(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
 
 
 def slope_per_minute(samples: list[tuple[float, float]]) -> float:
