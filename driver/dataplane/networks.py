@@ -127,6 +127,12 @@ class NetworkStage(Worker):
         self._call(self._delete_network, vni)
 
     def _delete_network(self, vni: int) -> None:
+        # Deferred work on this network (Leave's veth deletions) is done now,
+        # while its namespace is there; what fails goes with the namespace.
+        try:
+            self._run_deferred_now(lambda key: getattr(key, "vni", None) == vni)
+        except DataplaneError:
+            pass
         with self._dir_lock():
             self._destroy_ns(vni)
 
