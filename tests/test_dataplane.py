@@ -258,6 +258,24 @@ def test_create_network_is_complete_and_idempotent(a, network):
     assert not [n for n, link in links(a.ns).items() if link.get("linkinfo", {}).get("info_kind") == "vxlan"]
 
 
+def bridge_nf(ns: str) -> dict[str, str]:
+    out = run(ns, "sh", "-c", "grep . /proc/sys/net/bridge/bridge-nf-call-*", check=True).stdout
+    return {line.split(":")[0].rsplit("/", 1)[1]: line.split(":")[1] for line in out.split()}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/sys/net/bridge"), reason="br_netfilter is not loaded")
+def test_bridge_netfilter_is_off_in_the_overlay_namespace_only(a, network):
+    """The engine loads br_netfilter: frames br0 forwards would pass the
+    overlay namespace's IP hooks, a cost for nothing there."""
+    ov = network(a, 4102, 1400)
+    calls = ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables"]
+    assert bridge_nf(ov) == dict.fromkeys(calls, "0")
+    assert bridge_nf(a.ns) == dict.fromkeys(calls, "1"), "the host namespace keeps its own settings"
+    run(ov, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1", check=True)
+    a.dp.create_network(4102, 1400)  # a restart's restore converges it
+    assert bridge_nf(ov) == dict.fromkeys(calls, "0")
+
+
 def test_bridge_mac_never_follows_its_ports(a, network):
     """The resolver's address is on br0 and containers cache br0's MAC for it:
     a bridge left to itself takes its lowest port's MAC and changes it when
