@@ -188,13 +188,14 @@ class _Thread:
             else:
                 try:
                     self._on_stop()
-                finally:
-                    return
+                except Exception:
+                    log.exception("closing the netlink handles failed")
+                return
 
     def _run_deferred(self, key: Hashable, job: _Deferred) -> None:
         try:
             job.fn(*job.args)
-        except Exception as e:
+        except BaseException as e:  # the thread must outlive any failure: every call waits on it
             with self._cond:
                 if self._stopping:
                     log.warning("%s failed: %s; left for the next start to clean up", key, e)
