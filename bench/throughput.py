@@ -19,6 +19,7 @@ running devices and put back; the plugin is not changed.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -159,6 +160,34 @@ def rounds(ctx, pair: Pair, n: int, seconds: int) -> dict:
 
 
 
+def paired_rounds(pair: Pair, n: int, seconds: int, settings: dict[str, Callable[[], None]],
+                  undo: list[Callable[[], None]]) -> dict[str, dict]:
+    """n rounds, each one underlay run and one overlay run per setting (applied
+    before its run, undone after), the order rotating from round to round."""
+    labels = list(settings)
+    over: dict[str, list[float]] = {k: [] for k in labels}
+    retr: dict[str, list[int]] = {k: [] for k in labels}
+    under, retr_u = [], []
+    for i in range(n):
+        kinds = ["under", *labels]
+        for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
+            if kind == "under":
+                r = pair.underlay(seconds)
+                under.append(r["gbps"])
+                retr_u.append(r["retransmits"])
+                continue
+            settings[kind]()
+            try:
+                r = pair.overlay(seconds)
+            finally:
+                for u in undo:
+                    u()
+            over[kind].append(r["gbps"])
+            retr[kind].append(r["retransmits"])
+    return {k: {"over": over[k], "under": under, "ratio": ratio(median(over[k]), median(under)),
+                "retransmits": retr[k], "retransmits_under": retr_u} for k in labels}
+
+
 # -- device settings ---------------------------------------------------------------
 
 class Devices:
@@ -230,11 +259,34 @@ def _overlay_ns(host, vni: int, *cmd: str):
 def bridge_netfilter(pair: Pair, vni: int, on: bool) -> None:
     """net.bridge.bridge-nf-call-{ip,ip6,arp}tables in the overlay namespaces.
     With br_netfilter loaded (the engine loads it) a new namespace starts with
-    them at 1: every frame br0 bridges goes through the IPv4 hooks there."""
+    them at 1: every frame br0 bridges goes through the IPv4 hooks there. The
+    plugin turns them off (driver/dataplane/networks.py); on is how it was."""
     v = "1" if on else "0"
     for h in (pair.a, pair.b):
         _overlay_ns(h, vni, "sysctl", "-qw", f"net.bridge.bridge-nf-call-iptables={v}",
                     f"net.bridge.bridge-nf-call-ip6tables={v}", f"net.bridge.bridge-nf-call-arptables={v}")
+
+
+def vxlan_notrack(pair: Pair, on: bool) -> None:
+    """An nft table of the bench's own in each host namespace: the VXLAN UDP
+    flow (dport 4789, in and out) skips conntrack. The engine's NAT rules
+    make the host namespace track every flow."""
+    for h in (pair.a, pair.b):
+        if on:
+            h.run(["nft", "-f", "-"], input=(
+                "table inet pyobench {\n"
+                "  chain pre { type filter hook prerouting priority raw; udp dport 4789 notrack; }\n"
+                "  chain out { type filter hook output priority raw; udp dport 4789 notrack; }\n"
+                "}\n"))
+        else:
+            h.run(["nft", "delete", "table", "inet", "pyobench"], check=False)
+
+
+def overlay_rps(pair: Pair, vni: int, cpus: str) -> None:
+    """rps_cpus of every device in the overlay namespaces (vxlan0, the
+    bridge ends, br0): which CPUs may take the receive work after them."""
+    for h in (pair.a, pair.b):
+        _overlay_ns(h, vni, "sh", "-c", f"for q in /sys/class/net/*/queues/rx-*/rps_cpus; do echo {cpus} > $q; done")
 
 
 def recreate_vxlan(pair: Pair, vni: int, mtu: int, udp_csum: bool) -> None:
@@ -304,6 +356,7 @@ def streams2(pair: Pair, seconds: int) -> tuple[float, float]:
 def run(ctx) -> dict:
     n_default = 2 if ctx.quick else 8
     n_variant = 4
+    n_paired = 8
     seconds = 3 if ctx.quick else 4
     etcd = ctx.etcd()
     a, b = ctx.docker_host(1), ctx.docker_host(2)
@@ -328,9 +381,25 @@ def run(ctx) -> dict:
     default = measure(f"pyoverlay as it is (underlay MTU 1500, overlay {mtu})", pair, n_default)
     extra = {}
     if not ctx.quick:
-        bridge_netfilter(pair, VNI, on=False)
-        measure("bridge netfilter off in the overlay namespaces (sysctl)", pair, n_variant)
-        bridge_netfilter(pair, VNI, on=True)
+        # Settings the plugin may apply, each against how the plugin sets things now, in the
+        # same rounds (settings in rotating order): on a loaded machine rounds drift more
+        # than these settings move the rate.
+        settings = {
+            "as the plugin sets it (paired rounds)": lambda: None,
+            "bridge netfilter on in the overlay namespaces (sysctl; paired rounds)":
+                lambda: bridge_netfilter(pair, VNI, on=True),
+            "VXLAN flow not tracked by conntrack in the host namespaces (nft notrack, udp dport 4789; "
+            "paired rounds)": lambda: vxlan_notrack(pair, on=True),
+        }
+        undo = [lambda: bridge_netfilter(pair, VNI, on=False), lambda: vxlan_notrack(pair, on=False)]
+        for label, r in paired_rounds(pair, n_paired, seconds, settings, undo).items():
+            ctx.log(f"throughput: {label}: overlay {fmt(median(r['over']), 2)} Gbit/s, underlay "
+                    f"{fmt(median(r['under']), 2)} Gbit/s, ratio {fmt(r['ratio'], 3)}")
+            results.append((label, r))
+        cpus = format((1 << (os.cpu_count() or 1)) - 1, "x")
+        overlay_rps(pair, VNI, cpus)
+        measure(f"RPS on every device in the overlay namespaces (rps_cpus {cpus})", pair, n_variant)
+        overlay_rps(pair, VNI, "0")
         over2, under2 = [], []
         for _ in range(2):
             o, u = streams2(pair, seconds)

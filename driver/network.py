@@ -82,8 +82,8 @@ class NetworkDriver:
         self.name = name
         # Calls on one overlay are serialised on this host; hosts race only in the store.
         self._locks: defaultdict[int, threading.Lock] = defaultdict(threading.Lock)
-        # Endpoints whose veth Leave deleted: their DeleteEndpoint need not wait
-        # for the netlink worker (behind every other container's veth, in a burst).
+        # Endpoints whose veth Leave queued for deletion: their DeleteEndpoint
+        # leaves the kernel alone (the deletion is the netlink worker's now).
         self._left: set[str] = set()
         # The store revision before which this process claimed no address (Ipam.claims_from).
         self.claims_from: Optional[Callable[[], int]] = None
@@ -357,7 +357,11 @@ class NetworkDriver:
     def leave(self, network_id: str, endpoint_id: str) -> None:
         endpoint = self.state.endpoint(endpoint_id)
         if endpoint is not None and endpoint.host == self.host:
-            self.dataplane.delete_endpoint(endpoint.vni, endpoint_id)
+            # Answered before the veth is gone: its deletion is most of the
+            # cost of a container's endpoint cycle, and nothing waits on it.
+            # The pair's name is the endpoint's, which no other Join uses; a
+            # kill before it is done leaves a veth restore() deletes.
+            self.dataplane.delete_endpoint_soon(endpoint.vni, endpoint_id)
             self._left.add(endpoint_id)
             if endpoint.dns_route:
                 # Its interface, and the route with it, left the sandbox: a later

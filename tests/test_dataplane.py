@@ -31,7 +31,9 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
 from driver.dataplane import Dataplane, DataplaneError, default_route_address
+from driver.dataplane import worker as dp_worker
 from driver.model import Peer
+from tests.hosts import wait_for
 
 UNDERLAY = "10.98.0.{}"
 OVERLAY = "10.98.100.{}"  # container addresses; only ever inside test namespaces
@@ -254,6 +256,24 @@ def test_create_network_is_complete_and_idempotent(a, network):
     # The vxlan's UDP socket is on the underlay (host ns), not in the overlay ns.
     assert udp_4789(a.ns) and not udp_4789(ov)
     assert not [n for n, link in links(a.ns).items() if link.get("linkinfo", {}).get("info_kind") == "vxlan"]
+
+
+def bridge_nf(ns: str) -> dict[str, str]:
+    out = run(ns, "sh", "-c", "grep . /proc/sys/net/bridge/bridge-nf-call-*", check=True).stdout
+    return {line.split(":")[0].rsplit("/", 1)[1]: line.split(":")[1] for line in out.split()}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/sys/net/bridge"), reason="br_netfilter is not loaded")
+def test_bridge_netfilter_is_off_in_the_overlay_namespace_only(a, network):
+    """The engine loads br_netfilter: frames br0 forwards would pass the
+    overlay namespace's IP hooks, a cost for nothing there."""
+    ov = network(a, 4102, 1400)
+    calls = ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables"]
+    assert bridge_nf(ov) == dict.fromkeys(calls, "0")
+    assert bridge_nf(a.ns) == dict.fromkeys(calls, "1"), "the host namespace keeps its own settings"
+    run(ov, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1", check=True)
+    a.dp.create_network(4102, 1400)  # a restart's restore converges it
+    assert bridge_nf(ov) == dict.fromkeys(calls, "0")
 
 
 def test_bridge_mac_never_follows_its_ports(a, network):
@@ -480,6 +500,142 @@ def test_concurrent_endpoints_on_one_network(lab, a, network):
         for eid in eids:
             a.dp.delete_endpoint(4202, eid)
     assert a.dp.endpoints(4202) == set()
+    assert not [n for n in links(a.ns) if n.startswith("pyo")]
+
+
+class Held:
+    """Keeps a Dataplane's netlink worker busy on a call until release():
+    what is queued meanwhile shows which work goes first."""
+
+    def __init__(self, dp: Dataplane):
+        self.dp, self.gate, self.started = dp, threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=dp._call, args=(self._hold,))
+        self.thread.start()
+        assert self.started.wait(5), "the worker never took the holding call"
+
+    def _hold(self) -> None:
+        self.started.set()
+        self.gate.wait(30)
+
+    def queued_calls(self) -> int:
+        return len(self.dp._thread._calls)  # calls waiting behind the held one
+
+    def release(self) -> None:
+        self.gate.set()
+        self.thread.join(10)
+
+
+def test_leave_deletion_answers_at_once_and_yields_to_calls(a, network, container):
+    ov = network(a, 4203, 1400)
+    ctr, moved = container(a, 4203, OVERLAY.format(31), mac(31), 1400)  # its end inside a "container"
+    eids = [moved] + [endpoint_id() for _ in range(3)]
+    for n, eid in enumerate(eids[1:], 32):
+        a.dp.create_endpoint(4203, eid, mac(n), 1400)
+    held = Held(a.dp)
+    try:
+        t0 = time.monotonic()
+        for eid in eids:
+            a.dp.delete_endpoint_soon(4203, eid)
+        queued_in = time.monotonic() - t0
+        # Nothing was deleted yet: the queueing did not wait for the worker.
+        assert queued_in < 0.5 and a.dp.pending_endpoint_deletions() == {e[:10] for e in eids}
+        assert {"pyb" + e[:10] for e in eids} <= set(links(ov)) and "eth0" in links(ctr)
+        # A Join that comes now goes before the queued deletions.
+        fresh = endpoint_id()
+        joined = []
+        join = threading.Thread(target=lambda: joined.append(a.dp.create_endpoint(4203, fresh, mac(40), 1400)))
+        join.start()
+        wait_for(lambda: held.queued_calls() == 1, 5, "the Join queued behind the held call")
+    finally:
+        held.release()
+    join.join(10)
+    assert joined == ["pyo" + fresh[:10]]
+    assert len(a.dp.pending_endpoint_deletions()) >= len(eids) - 1, "the Join waited for the deletions"
+    wait_for(lambda: not a.dp.pending_endpoint_deletions(), 10, "the queued deletions to run")
+    assert set(links(ov)) == {"lo", "br0", "vxlan0", "pyb" + fresh[:10]}
+    assert set(links(ctr)) == {"lo"}
+    assert not [n for n in links(a.ns) if n.startswith("pyo") and n != "pyo" + fresh[:10]]
+    a.dp.delete_endpoint(4203, fresh)
+
+
+def test_a_failed_deferred_deletion_is_retried(a, network, monkeypatch):
+    ov = network(a, 4204, 1400)
+    eid = endpoint_id()
+    a.dp.create_endpoint(4204, eid, mac(41), 1400)
+    attempts = []
+    real = dp_worker.Handle.link_del
+
+    def flaky(handle, index):
+        attempts.append(index)
+        if len(attempts) <= 2:
+            raise dp_worker.NetlinkError(16, "Device or resource busy")  # EBUSY, twice
+        return real(handle, index)
+
+    monkeypatch.setattr(dp_worker.Handle, "link_del", flaky)
+    a.dp.delete_endpoint_soon(4204, eid)
+    wait_for(lambda: "pyb" + eid[:10] not in links(ov), 10, "the deletion to succeed on a retry")
+    assert len(attempts) == 3 and not a.dp.pending_endpoint_deletions()
+    assert "pyo" + eid[:10] not in links(a.ns)
+
+
+def test_join_after_leave_of_the_same_endpoint_gets_a_fresh_pair_that_stays(a, network):
+    ov = network(a, 4205, 1400)
+    eid = endpoint_id()
+    a.dp.create_endpoint(4205, eid, mac(42), 1400)
+    old = links(ov)["pyb" + eid[:10]]["ifindex"]
+    held = Held(a.dp)
+    try:
+        a.dp.delete_endpoint_soon(4205, eid)
+        joined = threading.Thread(target=a.dp.create_endpoint, args=(4205, eid, mac(42), 1400))
+        joined.start()
+        wait_for(lambda: held.queued_calls() == 1, 5, "the Join queued behind the held call")
+    finally:
+        held.release()
+    joined.join(10)
+    assert not a.dp.pending_endpoint_deletions(), "the Join must take over the queued deletion"
+    bridge_end = links(ov)["pyb" + eid[:10]]
+    assert bridge_end["ifindex"] != old and bridge_end["master"] == "br0"
+    assert "pyo" + eid[:10] in links(a.ns)
+    a.dp.delete_endpoint(4205, eid)
+
+
+def test_delete_network_does_the_deletions_queued_for_it(lab, a, network, container):
+    network(a, 4206, 1400)
+    ctr, moved = container(a, 4206, OVERLAY.format(43), mac(43), 1400)
+    unmoved = endpoint_id()
+    a.dp.create_endpoint(4206, unmoved, mac(44), 1400)
+    held = Held(a.dp)
+    try:
+        a.dp.delete_endpoint_soon(4206, moved)
+        a.dp.delete_endpoint_soon(4206, unmoved)
+        deleted = threading.Thread(target=a.dp.delete_network, args=(4206,))
+        deleted.start()
+        wait_for(lambda: held.queued_calls() == 1, 5, "DeleteNetwork queued behind the held call")
+    finally:
+        held.release()
+    deleted.join(10)
+    assert not a.dp.pending_endpoint_deletions()
+    assert not os.path.exists(a.overlay(4206))
+    assert set(links(ctr)) == {"lo"} and "pyo" + unmoved[:10] not in links(a.ns)
+
+
+def test_close_finishes_the_queued_deletions(lab, a, network):
+    ov = network(a, 4207, 1400)
+    other = lab.dataplane(a)  # as a second plugin process would: closed here
+    eids = [endpoint_id() for _ in range(3)]
+    for n, eid in enumerate(eids, 45):
+        other.create_endpoint(4207, eid, mac(n), 1400)
+    held = Held(other)
+    closed = threading.Thread(target=other.close)
+    try:
+        for eid in eids:
+            other.delete_endpoint_soon(4207, eid)
+        closed.start()
+        wait_for(lambda: other._thread is None, 5, "close() to begin")
+    finally:
+        held.release()
+    closed.join(10)
+    assert set(links(ov)) == {"lo", "br0", "vxlan0"}
     assert not [n for n in links(a.ns) if n.startswith("pyo")]
 
 

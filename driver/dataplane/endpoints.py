@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import NamedTuple
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -32,6 +33,20 @@ from .base import (
 from .worker import Handle, Worker
 
 
+class Deletion(NamedTuple):
+    """The key of a veth pair's deferred deletion (Leave's)."""
+
+    short: str  # endpoint_id[:10]
+    vni: int
+
+    def __str__(self) -> str:
+        return f"deleting veth {HOST_END}{self.short}/{BRIDGE_END}{self.short} of VNI {self.vni}"
+
+
+def _of_endpoint(short: str):
+    return lambda key: isinstance(key, Deletion) and key.short == short
+
+
 class EndpointStage(Worker):
     @staticmethod
     def endpoint_ifname(endpoint_id: str) -> str:
@@ -49,6 +64,10 @@ class EndpointStage(Worker):
 
     def _create_endpoint(self, vni: int, short: str, mac: str, mtu: int) -> str:
         what = f"create_endpoint {short} on VNI {vni}"
+        # A pair of this endpoint that a Leave gave up goes first: a Join wants
+        # a fresh one, and the deferred deletion must not take the new one later.
+        with step(f"{what}: deleting the pair an earlier Leave left"):
+            self._run_deferred_now(_of_endpoint(short))
         host_end, bridge_end = HOST_END + short, BRIDGE_END + short
         host = self._host_handle()
         ns = self._need_ns(vni, what)
@@ -112,7 +131,24 @@ class EndpointStage(Worker):
         """Delete the pair wherever its ends are now. Idempotent."""
         check_vni(vni)
         short = check_endpoint_id(endpoint_id)
-        self._call(self._delete_endpoint, vni, short)
+        self._call(self._delete_endpoint_now, vni, short)
+
+    def delete_endpoint_soon(self, vni: int, endpoint_id: str) -> None:
+        """Queue the pair's deletion and return at once (Leave's): the worker
+        deletes it when no call waits and retries it while it fails."""
+        check_vni(vni)
+        short = check_endpoint_id(endpoint_id)
+        self._defer(Deletion(short, vni), self._delete_endpoint, vni, short)
+
+    def pending_endpoint_deletions(self) -> set[str]:
+        """endpoint_id[:10] of the pairs queued for deletion and not deleted yet."""
+        return {key.short for key in self.pending() if isinstance(key, Deletion)}
+
+    def _delete_endpoint_now(self, vni: int, short: str) -> None:
+        try:
+            self._run_deferred_now(_of_endpoint(short))  # a queued one, on another VNI if so
+        finally:
+            self._delete_endpoint(vni, short)
 
     def _delete_endpoint(self, vni: int, short: str) -> None:
         # Deleting either end of a veth deletes the pair. The bridge end is

@@ -30,6 +30,10 @@ class KernelLayer(Protocol):
     def delete_endpoint(self, vni: int, endpoint_id: str) -> None:
         """The veth pair, wherever its ends are; idempotent."""
 
+    def delete_endpoint_soon(self, vni: int, endpoint_id: str) -> None:
+        """Queue the pair's deletion and return at once; done in the
+        background, retried while it fails, before delete_network returns."""
+
     def endpoints(self, vni: int) -> set[str]:
         """endpoint_id[:10] of every veth pair on the overlay."""
 

@@ -13,11 +13,14 @@ operations are idempotent.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections import deque
+from concurrent.futures import Future
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Hashable, Iterator, Optional, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -27,6 +30,10 @@ from driver.defaults import VXLAN_PORT
 from .base import NS_PREFIX, DataplaneError, ipv4, missing, step
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN, RETRY_MAX = 0.5, 30.0  # seconds between attempts of a failing deferred job
 
 
 def _nsfs_dev() -> int:
@@ -100,6 +107,107 @@ class Handle:
             os.close(self.fd)
 
 
+class _Deferred:
+    __slots__ = ("fn", "args", "due", "delay")
+
+    def __init__(self, fn: Callable[..., None], args: tuple):
+        self.fn, self.args, self.due, self.delay = fn, args, 0.0, RETRY_MIN
+
+
+class _Thread:
+    """The worker thread. Calls run one at a time in the order they came;
+    deferred jobs run only when no call waits, so a Join never queues behind
+    the veth deletions of a burst of Leaves."""
+
+    def __init__(self, on_stop: Callable[[], None]):
+        self._cond = threading.Condition()
+        self._calls: deque[tuple[Callable, tuple, Future]] = deque()
+        self._deferred: dict[Hashable, _Deferred] = {}  # insertion-ordered: oldest first
+        self._stopping = False
+        self._on_stop = on_stop
+        self._thread = threading.Thread(target=self._loop, name="pyoverlay-netlink", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., T], args: tuple) -> "Future[T]":
+        future: Future = Future()
+        with self._cond:
+            self._calls.append((fn, args, future))
+            self._cond.notify()
+        return future
+
+    def defer(self, key: Hashable, fn: Callable[..., None], args: tuple) -> None:
+        with self._cond:
+            if key not in self._deferred:
+                self._deferred[key] = _Deferred(fn, args)
+                self._cond.notify()
+
+    def take(self, keep: Callable[[Hashable], bool]) -> list[tuple[Hashable, Callable[..., None], tuple]]:
+        """Remove the deferred jobs whose key matches and return them (to run now)."""
+        with self._cond:
+            keys = [k for k in self._deferred if keep(k)]
+            return [(k, job.fn, job.args) for k, job in ((k, self._deferred.pop(k)) for k in keys)]
+
+    def pending(self) -> list[Hashable]:
+        with self._cond:
+            return list(self._deferred)
+
+    def stop(self) -> None:
+        """Finish every call, try every deferred job once more, run on_stop, end."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _next(self) -> tuple[Optional[tuple], Optional[tuple[Hashable, _Deferred]]]:
+        with self._cond:
+            while True:
+                if self._calls:
+                    return self._calls.popleft(), None
+                now = time.monotonic()
+                for key, job in self._deferred.items():
+                    if job.due <= now or self._stopping:
+                        return None, (key, self._deferred.pop(key))
+                if self._stopping:
+                    return None, None
+                wake = min((job.due for job in self._deferred.values()), default=None)
+                self._cond.wait(None if wake is None else max(wake - now, 0.0))
+
+    def _loop(self) -> None:
+        while True:
+            call, deferred = self._next()
+            if call is not None:
+                fn, args, future = call
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args))
+                    except BaseException as e:
+                        future.set_exception(e)
+            elif deferred is not None:
+                self._run_deferred(*deferred)
+            else:
+                try:
+                    self._on_stop()
+                except Exception:
+                    log.exception("closing the netlink handles failed")
+                return
+
+    def _run_deferred(self, key: Hashable, job: _Deferred) -> None:
+        try:
+            job.fn(*job.args)
+        except BaseException as e:  # the thread must outlive any failure: every call waits on it
+            with self._cond:
+                if self._stopping:
+                    log.warning("%s failed: %s; left for the next start to clean up", key, e)
+                    return
+                if key in self._deferred:  # queued again meanwhile
+                    return
+                log.warning("%s failed: %s; retrying in %.1fs", key, e, job.delay)
+                job.due = time.monotonic() + job.delay
+                job.delay = min(job.delay * 2, RETRY_MAX)
+                self._deferred[key] = job
+
+
 class Worker:
     """The part of Dataplane that owns the thread and the handles; every
     stage (host, networks, endpoints, peers) runs its kernel work through
@@ -121,29 +229,57 @@ class Worker:
         # Nothing is opened here: a gunicorn master may build this before forking.
         self._lock = threading.Lock()
         self._pid: int | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread: _Thread | None = None
         self._host: Handle | None = None
         self._ns: dict[int, Handle] = {}
 
+    def _worker(self) -> _Thread:
+        """The worker thread; started on first use (call with self._lock held)."""
+        if self._pid != os.getpid():
+            # First use, or a forked child: the parent's worker thread does
+            # not exist here and its sockets are not ours to use.
+            self._thread = _Thread(on_stop=self._close_handles)
+            self._host, self._ns, self._pid = None, {}, os.getpid()
+        return self._thread
+
     def _call(self, fn: Callable[..., T], *args) -> T:
         with self._lock:
-            if self._pid != os.getpid():
-                # First use, or a forked child: the parent's worker thread does
-                # not exist here and its sockets are not ours to use.
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="pyoverlay-netlink")
-                self._host, self._ns, self._pid = None, {}, os.getpid()
-            future = self._executor.submit(fn, *args)
+            future = self._worker().submit(fn, args)
         return future.result()
 
-    def close(self) -> None:
-        """Close every netlink handle and stop the worker; a later call reopens."""
+    def _defer(self, key: Hashable, fn: Callable[..., None], *args) -> None:
+        """Run fn on the worker when it is idle; retried until it succeeds."""
         with self._lock:
-            executor = self._executor if self._pid == os.getpid() else None
-            self._executor, self._pid = None, None
-            if executor is not None:
-                executor.submit(self._close_handles)
-        if executor is not None:
-            executor.shutdown(wait=True)
+            self._worker().defer(key, fn, args)
+
+    def _run_deferred_now(self, keep: Callable[[Hashable], bool]) -> None:
+        """On the worker: run now the deferred jobs whose key matches. One that
+        fails is deferred again (and the first failure raised, after the rest ran)."""
+        thread = self._thread
+        failed: Optional[BaseException] = None
+        for key, fn, args in (thread.take(keep) if thread is not None else []):
+            try:
+                fn(*args)
+            except Exception as e:
+                thread.defer(key, fn, args)
+                failed = failed or e
+        if failed is not None:
+            raise failed
+
+    def pending(self) -> list[Hashable]:
+        """The deferred jobs not done yet (their keys, oldest first)."""
+        with self._lock:
+            thread = self._thread if self._pid == os.getpid() else None
+        return thread.pending() if thread is not None else []
+
+    def close(self) -> None:
+        """Finish the deferred work, close every netlink handle and stop the
+        worker; a later call reopens."""
+        with self._lock:
+            thread = self._thread if self._pid == os.getpid() else None
+            self._thread, self._pid = None, None
+        if thread is not None:
+            thread.stop()
 
     def _close_handles(self) -> None:
         for handle in [self._host, *self._ns.values()]:

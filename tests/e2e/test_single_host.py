@@ -302,6 +302,44 @@ def test_plugin_killed_and_restarted(host, baseline):
     assert_clean(host, baseline)
 
 
+def test_veth_deletions_pending_at_a_kill_are_finished_by_the_restart(host, baseline):
+    """Leave answers before its veth is gone (the plugin deletes it in the
+    background): a plugin killed with deletions pending must not leave them."""
+    create_network(host, "burst", SUBNET)
+    network_id = host.docker("network", "inspect", "-f", "{{.Id}}", "burst")
+    overlay = next(n for n in host.netns_names() if n.startswith("pyo-"))
+
+    def call(method: str, body: dict) -> dict:
+        status, answer = host.plugin_request(method, body)
+        assert status == 200, (method, answer)
+        return answer
+
+    # Containers as the engine makes and removes them, without the engine:
+    # Join makes the pair, Leave and DeleteEndpoint answer and forget it.
+    endpoints = []
+    for _ in range(30):
+        address = call("IpamDriver.RequestAddress", {"PoolID": SUBNET, "Address": "", "Options": None})["Address"]
+        ep = {"NetworkID": network_id, "EndpointID": os.urandom(32).hex()}
+        call("NetworkDriver.CreateEndpoint", {**ep, "Interface": {"Address": address}})
+        call("NetworkDriver.Join", {**ep, "SandboxKey": "/var/run/docker/netns/burst"})
+        endpoints.append((ep, address))
+    for ep, _ in endpoints:  # the two calls take a fifth of what deleting the veth does
+        call("NetworkDriver.Leave", ep)
+        call("NetworkDriver.DeleteEndpoint", ep)
+    host.kill_plugin()
+    stray = {n for n in host.links(overlay) if n.startswith("pyb")}
+    assert stray, "every deletion was done before the kill: this test then checks nothing (make more endpoints)"
+
+    host.start_plugin(f"sqlite://{store_db(host)}")
+    for _, address in endpoints:  # the engine's next call (restore may have released them already)
+        call("IpamDriver.ReleaseAddress", {"PoolID": SUBNET, "Address": address.split("/")[0]})
+    wait_for(lambda: not {n for n in host.links(overlay) if n.startswith("pyb")}
+             and not [n for n in host.links() if n.startswith("pyo")], 10,
+             lambda: f"the restarted plugin to delete the {len(stray)} veths the kill left")
+    remove(host, networks=["burst"])
+    assert_clean(host, baseline)
+
+
 def engine_api(host: Host, method: str, path: str, body: dict) -> tuple[int, dict]:
     """The engine's HTTP API through the CLI's socket, for what Debian 12's CLI cannot send."""
     out = host.run(["curl", "-sS", "--unix-socket", "/var/run/docker.sock", "-X", method,
