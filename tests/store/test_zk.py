@@ -1,0 +1,199 @@
+"""ZooKeeper's own faults, on real servers the tests start: a restart under a
+watch, a session that expires, an ensemble member killed, digest auth."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from kazoo.client import KazooClient
+
+from driver.store import StoreError, open_store
+from driver.store.zookeeper import ZooKeeperStore
+from tests.zkserver import ZkEnsemble, ZkServer
+
+from .conftest import wait_until
+
+
+@pytest.fixture
+def zk():
+    """A server of the test's own: these tests stop and restart it."""
+    with ZkServer() as server:
+        yield server
+
+
+def _root() -> str:
+    return f"/test-{uuid.uuid4().hex[:8]}"
+
+
+def _store(url: str, root: str, **kw) -> ZooKeeperStore:
+    hosts = url.split("://", 1)[1].split(",")
+    return ZooKeeperStore(hosts, root, **kw)
+
+
+def _write(store, key, value, timeout=20.0):
+    """Put, retrying while ZooKeeper comes back; the revision."""
+    def attempt():
+        try:
+            return store.put(key, value)
+        except StoreError:
+            return None
+    return wait_until(attempt, timeout=timeout, interval=0.1, what=f"a write of {key} to succeed")
+
+
+def _exactly_once(follower, writes: dict[str, int]) -> None:
+    """Every write reached the follower as one event at its revision: none
+    lost, none repeated, in revision order."""
+    revisions = [e.revision for e in follower.events]
+    assert revisions == sorted(set(revisions)), f"events repeated or out of order: {follower.events}"
+    seen = {(e.key, e.revision) for e in follower.events}
+    assert set(writes.items()) <= seen, f"lost: {set(writes.items()) - seen}"
+
+
+def test_restart_mid_watch_resumes_without_loss_or_repeat(zk, followers):
+    root = _root()
+    watcher, writer = _store(zk.url, root), _store(zk.url, root)
+    try:
+        writes = {"w/1": writer.put("w/1", "a")}
+        f = followers(watcher, "w/")
+        f.wait_state({"w/1": "a"})
+        writes["w/2"] = writer.put("w/2", "b")
+        f.wait_state({"w/1": "a", "w/2": "b"})
+        zk.stop()
+        f.wait(lambda: f.errors, what="the watch to notice ZooKeeper is gone")
+        zk.start()  # same port, same data
+        # Written before the watcher is back, perhaps: it reads them from the log.
+        writes["w/3"] = _write(writer, "w/3", "c")
+        writes["w/1"] = writer.put("w/1", "a2")
+        f.wait_state({"w/1": "a2", "w/2": "b", "w/3": "c"}, timeout=20)
+        assert len(f.snapshots) == 1, "the watch listed again instead of resuming"
+        _exactly_once(f, {k: v for k, v in writes.items() if k != "w/1"} | {"w/1": writes["w/1"]})
+        assert watcher.list("w/")[0] == writer.list("w/")[0]
+    finally:
+        watcher.close()
+        writer.close()
+
+
+def _expire(store: ZooKeeperStore, address: str) -> None:
+    """End store's ZooKeeper session from outside, as the server does when a
+    host stops answering: a second client takes the session over and closes it."""
+    session_id, password = store._zk.client_id
+    thief = KazooClient(hosts=address, client_id=(session_id, password))
+    thief.start(timeout=10)
+    thief.stop()
+    thief.close()
+
+
+def test_session_expiry_ends_its_leases_and_the_watch_recovers(zk, followers):
+    root = _root()
+    owner, other = _store(zk.url, root), _store(zk.url, root)
+    try:
+        lease = owner.grant_lease(60)
+        owner.put("m/owner", "here", lease=lease)
+        owner.put("m/plain", "stays")
+        before = owner._zk.client_id[0]
+        watching_other, watching_owner = followers(other, "m/"), followers(owner, "m/")
+        for f in (watching_other, watching_owner):
+            f.wait_state({"m/owner": "here", "m/plain": "stays"})
+
+        _expire(owner, zk.address)
+
+        # Its lease's key goes, as a delete every watcher sees, long before the TTL.
+        for f in (watching_other, watching_owner):
+            f.wait_state({"m/plain": "stays"}, timeout=15)
+            assert [(e.kind, e.key) for e in f.events][-1] == ("delete", "m/owner")
+        assert other.get("m/owner") is None
+        wait_until(lambda: owner._zk.client_id and owner._zk.client_id[0] != before, timeout=10,
+                   what="a new session")
+        assert owner.keepalive(lease) is False
+        with pytest.raises(StoreError, match="lease .* not found"):
+            owner.put("m/late", "x", lease=lease)
+        # The owner's store works on in its new session, and so does its watch.
+        again = owner.grant_lease(60)
+        _write(owner, "m/new", "1")
+        owner.put("m/owner", "back", lease=again)
+        for f in (watching_other, watching_owner):
+            f.wait_state({"m/plain": "stays", "m/new": "1", "m/owner": "back"}, timeout=15)
+            revisions = [e.revision for e in f.events]
+            assert revisions == sorted(set(revisions))
+    finally:
+        owner.close()
+        other.close()
+
+
+CRASHING_OWNER = """
+import sys, time
+from driver.store.zookeeper import ZooKeeperStore
+store = ZooKeeperStore([sys.argv[1]], sys.argv[2], session_timeout=1.0)
+store.put("n/dying", "x", lease=store.grant_lease(3600))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_crashed_owners_lease_ends_with_its_session(zk, followers):
+    """A process killed without revoking its lease: the lease's ephemeral node
+    goes with its session, and another store deletes the keys (through the
+    log, so watchers see it), long before the lease's hour is up."""
+    root = _root()
+    survivor = _store(zk.url, root)
+    owner = subprocess.Popen([sys.executable, "-c", CRASHING_OWNER, zk.address, root],
+                             stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).parents[2]))
+    try:
+        assert owner.stdout.readline().strip() == "ready"
+        survivor.grant_lease(60)  # a store holding leases looks after orphans
+        f = followers(survivor, "n/")
+        f.wait_state({"n/dying": "x"})
+        owner.kill()
+        owner.wait(10)
+        f.wait_state({}, timeout=15)
+        assert [(e.kind, e.key) for e in f.events] == [("delete", "n/dying")]
+    finally:
+        owner.kill()
+        owner.wait(10)
+        survivor.close()
+
+
+def test_ensemble_member_killed_reads_and_writes_go_on(followers):
+    with ZkEnsemble(3) as ensemble:
+        root = _root()
+        store, writer = _store(ensemble.url, root), _store(ensemble.url, root)
+        try:
+            f = followers(store, "e/")
+            f.wait(lambda: f.snapshots, what="the first snapshot")
+            writes = {f"e/{i}": store.put(f"e/{i}", str(i)) for i in range(3)}
+            f.wait_state({f"e/{i}": str(i) for i in range(3)})
+            ensemble.leader().kill()  # the hardest member to lose: an election follows
+            for i in range(3, 6):
+                writes[f"e/{i}"] = _write(writer, f"e/{i}", str(i))
+            writes["e/6"] = _write(store, "e/6", "6")
+            assert store.get("e/6").value == "6" and writer.get("e/0").value == "0"
+            f.wait_state({f"e/{i}": str(i) for i in range(7)}, timeout=20)
+            _exactly_once(f, writes)
+            assert sum(m.mode() in ("leader", "follower") for m in ensemble.members) == 2
+        finally:
+            store.close()
+            writer.close()
+
+
+def test_digest_auth(zk_server):
+    root = _root()
+    owner = open_store(f"{zk_server.url}{root}", user="pyo", password="right-pw")
+    try:
+        owner.put("a/k", "v")
+        for user, password in (("pyo", "wrong-pw"), (None, None)):
+            intruder = open_store(f"{zk_server.url}{root}", user=user, password=password)
+            try:
+                with pytest.raises(StoreError) as info:
+                    intruder.get("a/k")
+                message = str(info.value)
+                assert f"ZooKeeper at {zk_server.address}{root}" in message
+                assert "access denied" in message and "--etcd-user and --etcd-password" in message
+            finally:
+                intruder.close()
+        assert owner.get("a/k").value == "v"
+    finally:
+        owner.close()
