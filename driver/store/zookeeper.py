@@ -309,16 +309,34 @@ class ZooKeeperStore(Store):
 
     # Writing.
 
-    def _write(self, plan: Callable[[int], tuple], doing: str, lease: int = 0) -> tuple:
-        """Run plan(rev) -> (ops, events, answer) as one multi with the revision
-        bump, until no other write came first; returns (answer, revision).
-        ops are (kind, path, data, version); no ops: answer at once, nothing
-        written."""
+    def _write(self, plan: Callable[[int, dict], tuple], doing: str, lease: int = 0,
+               keys: Iterable[str] = ()) -> tuple:
+        """Run plan(rev, current) -> (ops, events, answer) as one multi with the
+        revision bump, until no other write came first; returns (answer,
+        revision). current maps each of keys to (KeyValue, znode version) or
+        None. ops are (kind, path, data, version); no ops: answer at once,
+        nothing written."""
         from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError, RolledBackError
 
+        keys = list(keys)
         for _ in range(MAX_TRIES):
-            rev, stat = self._read_rev()
-            ops, events, answer = plan(rev)
+            # One round trip for all the reads: a session's requests are served
+            # in order, so the keys are read no earlier than `rev`, and the
+            # multi's version check on `rev` proves nothing changed since.
+            self._wait_connected()
+            self._ensure_root()
+            rev_read = self._zk.get_async(self._p("rev"))
+            key_reads = [(key, self._zk.get_async(self._path(key))) for key in keys]
+            data, stat = self._raw("reading the revision", lambda: rev_read)
+            rev, current = int(data), {}
+            for key, result in key_reads:
+                try:
+                    value, kstat = self._raw(f"reading {key}", lambda r=result: r)
+                except NoNodeError:
+                    current[key] = None
+                else:
+                    current[key] = (self._decode(key, value), kstat.version)
+            ops, events, answer = plan(rev, current)
             if not ops:
                 return answer, rev
             t = self._zk.transaction()
@@ -369,16 +387,6 @@ class ZooKeeperStore(Store):
             pass
         self._buckets.add(bucket)
 
-    def _stat(self, key: str):
-        """(KeyValue, version) of key, or None."""
-        from kazoo.exceptions import NoNodeError
-
-        try:
-            data, stat = self._call(f"reading {key}", self._zk.get_async, self._path(key))
-        except NoNodeError:
-            return None
-        return self._decode(key, data), stat.version
-
     def txn(
         self,
         compare: Mapping[str, int],
@@ -392,8 +400,7 @@ class ZooKeeperStore(Store):
         if put and lease:
             self._check_lease(lease)
 
-        def plan(rev: int):
-            current = {k: self._stat(k) for k in {*compare, *put, *delete}}
+        def plan(rev: int, current: dict):
             for key, want in compare.items():
                 have = current[key]
                 if (have[0].mod_revision if have else 0) != want:
@@ -412,7 +419,7 @@ class ZooKeeperStore(Store):
             return ops, events, True
 
         answer, _ = self._write(plan, f"writing {', '.join([*put, *delete]) or 'nothing'}",
-                                lease=lease if put else 0)
+                                lease=lease if put else 0, keys=dict.fromkeys([*compare, *put, *delete]))
         return answer
 
     def put(self, key: str, value: str, lease: int = 0) -> int:
@@ -420,23 +427,23 @@ class ZooKeeperStore(Store):
         if lease:
             self._check_lease(lease)
 
-        def plan(rev: int):
-            have = self._stat(key)
+        def plan(rev: int, current: dict):
+            have = current[key]
             data = json.dumps({"v": value, "r": rev + 1, "l": lease}).encode()
             op = ("set", self._path(key), data, have[1]) if have else ("create", self._path(key), data, -1)
             return [op], [("put", key, value)], None
 
-        _, new = self._write(plan, f"writing {key}", lease=lease)
+        _, new = self._write(plan, f"writing {key}", lease=lease, keys=[key])
         return new
 
     def delete(self, key: str) -> bool:
-        def plan(rev: int):
-            have = self._stat(key)
+        def plan(rev: int, current: dict):
+            have = current[key]
             if not have:
                 return [], [], False
             return [("delete", self._path(key), None, have[1])], [("delete", key, None)], True
 
-        answer, _ = self._write(plan, f"deleting {key}")
+        answer, _ = self._write(plan, f"deleting {key}", keys=[key])
         return answer
 
     # Watching.
@@ -592,7 +599,8 @@ class ZooKeeperStore(Store):
         """Delete lease's keys (one revision, through the log), then its record."""
         from kazoo.exceptions import NoNodeError
 
-        def plan(rev: int):
+        def plan(rev: int, current: dict):
+            # Read after `rev` (the multi's check on it covers this scan too).
             doomed = [(kv, version) for kv, version in self._scan("") if kv.lease == lease]
             return ([("delete", self._path(kv.key), None, version) for kv, version in doomed],
                     [("delete", kv.key, None) for kv, _ in doomed], None)
