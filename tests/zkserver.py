@@ -23,11 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 JAVA = shutil.which("java") or "/usr/bin/java"
-# zookeeper.jar's manifest names its other jars; slf4j-simple gives it a log.
-CLASSPATH = "/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar"
+# zookeeper.jar's manifest names its other jars but netty-codec (which the
+# TLS port's Netty factory needs); slf4j-simple gives it a log.
+CLASSPATH = "/usr/share/java/zookeeper.jar:/usr/share/java/netty-codec.jar:/usr/share/java/slf4j-simple.jar"
 MAIN = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
 #: A small heap and the quick JIT: a test server starts in about a second.
 JVM_ARGS = ("-Xmx192m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Xshare:auto",
@@ -47,10 +49,21 @@ def four_letter(host: str, port: int, word: str, timeout: float = 1.0) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+@dataclass
+class ZkTLS:
+    cert: str  # server certificate (with the host's IP in its subjectAltName)
+    key: str  # its key, PKCS#8 PEM
+    ca: str  # CA that signed cert; clients pass it as cacert
+    client_auth: bool = False  # clients must present a certificate ca signed
+
+
 class ZkServer:
     def __init__(self, host: str = "127.0.0.1", *, netns: Optional[str] = None, workdir: Optional[str] = None,
-                 start_timeout: float = 30.0, extra_config: dict[str, str] | None = None):
+                 start_timeout: float = 30.0, extra_config: dict[str, str] | None = None,
+                 tls: Optional[ZkTLS] = None):
         self.host = host
+        self.tls = tls
+        self.secure_port: Optional[int] = None  # with tls: the TLS client port (the plain one stays, for 4lw)
         self.netns = netns
         self.start_timeout = start_timeout
         self.extra_config = dict(extra_config or {})
@@ -75,6 +88,8 @@ class ZkServer:
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"zks://{self._h}:{self.secure_port}"
         return f"zk://{self.address}"
 
     @property
@@ -103,6 +118,20 @@ class ZkServer:
             lines["standaloneEnabled"] = "false"
             for sid, spec in self.servers.items():
                 lines[f"server.{sid}"] = spec
+        if self.tls:
+            keystore = os.path.join(self.workdir, "keystore.pem")
+            with open(keystore, "w") as out, open(self.tls.key) as k, open(self.tls.cert) as c:
+                out.write(k.read() + c.read())
+            lines.update({
+                "secureClientPort": str(self.secure_port),
+                "secureClientPortAddress": self.host,
+                "serverCnxnFactory": "org.apache.zookeeper.server.NettyServerCnxnFactory",
+                "ssl.keyStore.location": keystore,
+                "ssl.keyStore.type": "PEM",
+                "ssl.trustStore.location": self.tls.ca,
+                "ssl.trustStore.type": "PEM",
+                "ssl.clientAuth": "need" if self.tls.client_auth else "none",
+            })
         lines.update(self.extra_config)
         with open(self.config_path, "w") as f:
             f.writelines(f"{k}={v}\n" for k, v in lines.items())
@@ -121,7 +150,7 @@ class ZkServer:
         if self.client_port is None:
             from tests.etcdserver import _free_ports  # (imported here: mode() runs this file alone in a netns)
 
-            (self.client_port,) = _free_ports(self.host if not self.netns else "127.0.0.1", 1)
+            self.client_port, self.secure_port = _free_ports(self.host if not self.netns else "127.0.0.1", 2)
         self._write_config()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT,

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from typing import Callable, Iterable, Iterator, Mapping, Optional
@@ -90,6 +91,21 @@ def _key_path(key: str) -> tuple[Optional[str], str]:
     return None, "k" + _node_name(key)
 
 
+class _KazooLog(logging.LoggerAdapter):
+    """kazoo's log, remembering its last warning: why a connection failed
+    (refused, a TLS error) for the error a caller gets."""
+
+    last = ""
+
+    def log(self, level, msg, *args, **kw):
+        if level >= logging.WARNING:
+            try:
+                self.last = str(msg) % args if args else str(msg)
+            except (TypeError, ValueError):
+                self.last = str(msg)
+        super().log(level, msg, *args, **kw)
+
+
 class ZooKeeperStore(Store):
     def __init__(
         self,
@@ -131,9 +147,17 @@ class ZooKeeperStore(Store):
             kw["auth_data"] = [("digest", f"{user}:{password}")]
             kw["default_acl"] = [make_digest_acl(user, password, all=True)]
         if tls or cacert or cert:
-            kw.update(use_ssl=True, ca=cacert, certfile=cert, keyfile=key, verify_certs=bool(cacert))
+            for path in (cacert, cert, key):
+                if path and not os.path.isfile(path):
+                    raise StoreError(f"{self.url}: cannot load TLS files: {path} is not a readable file; "
+                                     "check --etcd-cacert, --etcd-cert and --etcd-key")
+            # The server's certificate is checked, its name or IP too, against
+            # cacert (else the system's CAs).
+            kw.update(use_ssl=True, ca=cacert, certfile=cert, keyfile=key, verify_certs=True, check_hostname=True)
+        self._kazoo_log = _KazooLog(logging.getLogger("kazoo.client"), {})
         self._zk = KazooClient(
             hosts=self.hosts,
+            logger=self._kazoo_log,
             timeout=session_timeout,
             # Reconnect forever, at most 2 s apart: an outage of ZooKeeper
             # ends without a restart of pyoverlay.
@@ -187,9 +211,11 @@ class ZooKeeperStore(Store):
                     self._zk.start_async()
                     self._started = True
         if not self._connected.wait(self._connect_timeout):
+            last = self._kazoo_log.last
             raise StoreError(
-                f"{self.url}: no connection within {self._connect_timeout:g} s; check that ZooKeeper runs "
-                f"there and that --store names its client port (zk://host:2181[,host:2181...][/root])")
+                f"{self.url}: no connection within {self._connect_timeout:g} s"
+                f"{' (' + last + ')' if last else ''}; check that ZooKeeper runs there and that --store names "
+                "its client port (zk://host:2181[,host:2181...][/root]; zks:// and --etcd-cacert for its TLS port)")
 
     def _call(self, doing: str, start: Callable, *args, **kw):
         """One request: fail fast while disconnected, and never wait forever."""

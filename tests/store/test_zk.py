@@ -13,7 +13,7 @@ from kazoo.client import KazooClient
 
 from driver.store import StoreError, open_store
 from driver.store.zookeeper import ZooKeeperStore
-from tests.zkserver import ZkEnsemble, ZkServer
+from tests.zkserver import ZkEnsemble, ZkServer, ZkTLS
 
 from .conftest import wait_until
 
@@ -197,3 +197,48 @@ def test_digest_auth(zk_server):
         assert owner.get("a/k").value == "v"
     finally:
         owner.close()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=test-ca", "-days", "2")
+    for name, usage in (("server", "serverAuth,clientAuth"), ("client", "clientAuth")):
+        (d / f"{name}.ext").write_text(f"subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n")
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+    return {name: str(d / name) for name in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+
+
+def test_tls_with_client_certificates(certs, watchers):
+    tls = ZkTLS(cert=certs["server.crt"], key=certs["server.key"], ca=certs["ca.crt"], client_auth=True)
+    with ZkServer(tls=tls) as server:
+        assert server.url.startswith("zks://")
+        store = open_store(server.url, cacert=certs["ca.crt"], cert=certs["client.crt"], key=certs["client.key"])
+        try:
+            w = watchers(store, "", store.list("")[1] + 1)
+            store.put("k", "v")
+            assert store.get("k").value == "v"
+            assert [e.key for e in w.wait_for(1)] == ["k"]
+        finally:
+            store.close()
+        # Without a client certificate, or without our CA, or in plain text: refused, naming ZooKeeper.
+        address = server.url.split("://", 1)[1]
+        for url, kw, why in ((server.url, {"cacert": certs["ca.crt"]}, "BAD_CERTIFICATE"),
+                             (server.url, {}, "CERTIFICATE_VERIFY_FAILED"),
+                             (f"zk://{address}", {}, "connection")):
+            bad = open_store(url, **kw)
+            try:
+                with pytest.raises(StoreError) as info:
+                    bad.get("k")
+                assert f"ZooKeeper at {address}/pyoverlay" in str(info.value) and why in str(info.value)
+            finally:
+                bad.close()
+    with pytest.raises(StoreError, match="cannot load TLS files.*nope.pem"):
+        open_store("zks://127.0.0.1:2281", cacert=certs["ca.crt"] + ".nope.pem")
