@@ -26,7 +26,9 @@ nothing. Compaction moves `compact` first and then deletes older log nodes; a
 watch from below `compact` raises Compacted (follow() lists again).
 
 Leases are owned by the store that granted them: it tracks the deadline
-(the TTL since the last keepalive) and revokes the lease when it passes. An
+(the TTL since the last keepalive, counted only while connected: as with
+etcd, an outage of the store ends no lease) and revokes the lease when it
+passes. An
 ephemeral node per lease ties it to the owner's ZooKeeper session too, so a
 crashed or frozen owner's lease ends when its session expires. Keys are
 ordinary znodes naming their lease; every store with leases looks for lease
@@ -34,6 +36,8 @@ records whose ephemeral node is gone and deletes their keys, through the log,
 so watchers see the deletes. Why not TTL nodes: they need the server's
 extendedTypesEnabled, and ZooKeeper would delete them behind the log's back.
 
+A write whose answer is lost with the connection fails with StoreError and
+may have been applied (the caller's compare-and-set loop then sees it).
 Reads are ZooKeeper's: served by the member this client is connected to,
 never older than what this client wrote or read. list() is one consistent
 snapshot: `rev` read before and after the keys; if a write came in between,
@@ -181,6 +185,14 @@ class ZooKeeperStore(Store):
         from kazoo.protocol.states import KazooState
 
         if state == KazooState.CONNECTED:
+            if not self._connected.is_set():
+                # Leases stood still while ZooKeeper was away (as etcd's do
+                # across its own outage): each gets its TTL again from now.
+                now = time.monotonic()
+                with self._lock:
+                    for mine in self._leases.values():
+                        mine[1] = max(mine[1], now + mine[0])
+            self._kazoo_log.last = ""  # a later failure is news
             self._connected.set()
         else:
             self._connected.clear()
@@ -211,6 +223,11 @@ class ZooKeeperStore(Store):
                     self._zk.start_async()
                     self._started = True
         if not self._connected.wait(self._connect_timeout):
+            if not self._kazoo_log.last:
+                # No attempt failed yet: a slow handshake (TLS, a loaded
+                # server), not an outage. Give it a request's time.
+                self._connected.wait(max(0.0, self._request_timeout - self._connect_timeout))
+        if not self._connected.is_set():
             last = self._kazoo_log.last
             raise StoreError(
                 f"{self.url}: no connection within {self._connect_timeout:g} s"
@@ -597,6 +614,7 @@ class ZooKeeperStore(Store):
         return lease
 
     def keepalive(self, lease: int) -> bool:
+        self._wait_connected()  # away: an error, not an expiry (the lease stands still meanwhile)
         with self._lock:
             mine = self._leases.get(lease)
         if mine is not None and mine[1] <= time.monotonic():
@@ -642,6 +660,8 @@ class ZooKeeperStore(Store):
         lease whose session ended."""
         next_orphans = 0.0
         while not self._closed.wait(0.1):
+            if not self._connected.is_set():
+                continue  # no lease ends while ZooKeeper is away
             now = time.monotonic()
             with self._lock:
                 due = [lease for lease, (_, deadline) in self._leases.items() if deadline <= now]
@@ -652,7 +672,8 @@ class ZooKeeperStore(Store):
                     next_orphans = now + ORPHAN_INTERVAL
                     self._reap_orphans()
             except StoreError as e:
-                log.warning("%s: ending leases: %s (tried again shortly)", self.url, e)
+                log.warning("%s: ending leases: %s (tried again in a second)", self.url, e)
+                self._closed.wait(1.0)
 
     def _reap_orphans(self) -> None:
         # Records first: a lease's ephemeral node is made before its record,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -75,6 +76,34 @@ def test_restart_mid_watch_resumes_without_loss_or_repeat(zk, followers):
     finally:
         watcher.close()
         writer.close()
+
+
+def test_an_outage_longer_than_a_lease_ends_no_lease(zk):
+    """The owner keeps trying to renew while ZooKeeper is down: its keys are
+    there after the outage (as etcd keeps leases across its own outage)."""
+    store = _store(zk.url, _root())
+    try:
+        lease = store.grant_lease(1)
+        store.put("o/k", "v", lease=lease)
+        zk.stop()
+        down = time.monotonic()
+        while time.monotonic() - down < 2.5:  # over twice the TTL
+            with pytest.raises(StoreError):
+                store.keepalive(lease)
+            time.sleep(0.2)  # the keepalive period
+        zk.start()
+        assert wait_until(lambda: _keepalive_answers(store, lease), timeout=15, interval=0.2,
+                          what="a keepalive answered") == "kept"
+        assert store.get("o/k").value == "v"
+    finally:
+        store.close()
+
+
+def _keepalive_answers(store, lease):
+    try:
+        return "kept" if store.keepalive(lease) else "lost"
+    except StoreError:
+        return None
 
 
 def _expire(store: ZooKeeperStore, address: str) -> None:
