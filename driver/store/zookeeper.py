@@ -133,7 +133,7 @@ class ZooKeeperStore(Store):
 
         if not hosts:
             raise ValueError("ZooKeeper store needs at least one host:port")
-        if not root.startswith("/") or root != "/" + "/".join(p for p in root.split("/") if p):
+        if root == "/" or root != "/" + "/".join(p for p in root.split("/") if p):
             raise ValueError(f"ZooKeeper root {root!r} must be an absolute path without a trailing /")
         if bool(user) != bool(password):
             raise ValueError(f"ZooKeeper digest authentication needs both {_AUTH_FLAGS}")
