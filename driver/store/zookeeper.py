@@ -76,8 +76,6 @@ WATCH_POLL = 1.0
 MAX_TRIES = 200
 #: Log nodes fetched per round trip when a watch catches up.
 LOG_READ_AHEAD = 64
-#: The change log is trimmed once every this many revisions.
-COMPACT_EVERY = 1000
 
 _AUTH_FLAGS = "--etcd-user and --etcd-password (PYOVERLAY_ETCD_USER, PYOVERLAY_ETCD_PASSWORD)"
 
@@ -402,7 +400,8 @@ class ZooKeeperStore(Store):
             results = self._call(doing, t.commit_async)
             failed = [r for r in results if isinstance(r, Exception) and not isinstance(r, RolledBackError)]
             if not failed:
-                if events and new % COMPACT_EVERY == 0 and new > self._history:
+                # Trimmed in steps of a tenth of the history, so that it is rare.
+                if events and new % max(1, self._history // 10) == 0 and new > self._history:
                     self._compact_later(new - self._history)
                 return answer, new
             first = results.index(failed[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from kazoo.client import KazooClient
 
-from driver.store import StoreError, open_store
+from driver.store import Compacted, StoreError, open_store
 from driver.store.zookeeper import ZooKeeperStore
 from tests.zkserver import ZkEnsemble, ZkServer, ZkTLS
 
@@ -271,3 +272,20 @@ def test_tls_with_client_certificates(certs, watchers):
                 bad.close()
     with pytest.raises(StoreError, match="cannot load TLS files.*nope.pem"):
         open_store("zks://127.0.0.1:2281", cacert=certs["ca.crt"] + ".nope.pem")
+
+
+def test_the_change_log_is_trimmed_to_its_history(zk_server):
+    store = _store(zk_server.url, _root(), history=20)
+    try:
+        first = store.put("t/0", "0")
+        for i in range(1, 60):
+            last = store.put(f"t/{i % 5}", str(i))
+        # Trimmed in the background, the oldest revisions first.
+        wait_until(lambda: len(store._zk.get_children(store._p("log"))) <= 22, timeout=10, what="a trimmed log")
+        with pytest.raises(Compacted):
+            next(iter(store.watch("t/", first, threading.Event())))
+        stop = threading.Event()
+        assert [e.revision for e in next(iter(store.watch("t/", last, stop)))] == [last]
+        stop.set()
+    finally:
+        store.close()
