@@ -54,6 +54,14 @@ import time
 from typing import Callable, Iterable, Iterator, Mapping, Optional
 from urllib.parse import quote, unquote
 
+from kazoo.client import KazooClient
+from kazoo.exceptions import (AuthFailedError, BadVersionError, NoAuthError, NodeExistsError, NoNodeError,
+                              RolledBackError)
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.states import KazooState
+from kazoo.retry import KazooRetry
+from kazoo.security import make_digest_acl
+
 from .base import Compacted, Event, KeyValue, Store, StoreError
 from .memory import DEFAULT_HISTORY, check_txn
 
@@ -125,10 +133,6 @@ class ZooKeeperStore(Store):
         request_timeout: float = REQUEST_TIMEOUT,
         history: int = DEFAULT_HISTORY,
     ):
-        from kazoo.client import KazooClient
-        from kazoo.retry import KazooRetry
-        from kazoo.security import make_digest_acl
-
         if not hosts:
             raise ValueError("ZooKeeper store needs at least one host:port")
         if root == "/" or root != "/" + "/".join(p for p in root.split("/") if p):
@@ -180,8 +184,6 @@ class ZooKeeperStore(Store):
     # Connection and calls.
 
     def _on_state(self, state) -> None:
-        from kazoo.protocol.states import KazooState
-
         if state == KazooState.CONNECTED:
             if not self._connected.is_set():
                 # Leases stood still while ZooKeeper was away (as etcd's do
@@ -196,8 +198,6 @@ class ZooKeeperStore(Store):
             self._connected.clear()
 
     def _error(self, e: BaseException, doing: str) -> StoreError:
-        from kazoo.exceptions import AuthFailedError, NoAuthError
-
         if isinstance(e, NoAuthError):
             who = f"user {self._user!r}" if self._user else "no user"
             return StoreError(
@@ -239,9 +239,6 @@ class ZooKeeperStore(Store):
         return self._raw(doing, start, *args, **kw)
 
     def _raw(self, doing: str, start: Callable, *args, **kw):
-        from kazoo.exceptions import NoNodeError, NodeExistsError, BadVersionError
-        from kazoo.handlers.threading import KazooTimeoutError
-
         try:
             return start(*args, **kw).get(timeout=self._request_timeout)
         except (NoNodeError, NodeExistsError, BadVersionError):
@@ -257,8 +254,6 @@ class ZooKeeperStore(Store):
     def _ensure_root(self) -> None:
         if self._ready:
             return
-        from kazoo.exceptions import NodeExistsError
-
         zk = self._zk
         try:
             zk.ensure_path_async(self.root).get(timeout=self._request_timeout)
@@ -288,8 +283,6 @@ class ZooKeeperStore(Store):
         return int(data), stat
 
     def get(self, key: str) -> Optional[KeyValue]:
-        from kazoo.exceptions import NoNodeError
-
         try:
             data, _ = self._call(f"reading {key}", self._zk.get_async, self._path(key))
         except NoNodeError:
@@ -297,8 +290,6 @@ class ZooKeeperStore(Store):
         return self._decode(key, data)
 
     def _children(self, path: str) -> list[str]:
-        from kazoo.exceptions import NoNodeError
-
         try:
             return self._call(f"listing {path}", self._zk.get_children_async, path)
         except NoNodeError:
@@ -306,8 +297,6 @@ class ZooKeeperStore(Store):
 
     def _scan(self, prefix: str) -> list[tuple[KeyValue, int]]:
         """(KeyValue, znode version) of every key under prefix, sorted by key."""
-        from kazoo.exceptions import NoNodeError
-
         head, sep, rest = prefix.partition("/")
         paths: list[tuple[str, str]] = []  # (key, path)
         if sep:  # one bucket: prefix "endpoints/" reads kv/bendpoints only
@@ -357,8 +346,6 @@ class ZooKeeperStore(Store):
         revision). current maps each of keys to (KeyValue, znode version) or
         None. ops are (kind, path, data, version); no ops: answer at once,
         nothing written."""
-        from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError, RolledBackError
-
         keys = list(keys)
         for _ in range(MAX_TRIES):
             # One round trip for all the reads: a session's requests are served
@@ -418,8 +405,6 @@ class ZooKeeperStore(Store):
         raise StoreError(f"{self.url}: {doing}: gave up after {MAX_TRIES} tries, other writes always came first")
 
     def _ensure_bucket(self, key: str) -> None:
-        from kazoo.exceptions import NodeExistsError
-
         bucket, _ = _key_path(key)
         if bucket is None or bucket in self._buckets:
             return
@@ -491,8 +476,6 @@ class ZooKeeperStore(Store):
     # Watching.
 
     def watch(self, prefix: str, start_revision: int, stop: threading.Event) -> Iterator[list[Event]]:
-        from kazoo.exceptions import NoNodeError
-
         nxt = start_revision
         if nxt <= 0:
             nxt = self._read_rev()[0] + 1
@@ -545,8 +528,6 @@ class ZooKeeperStore(Store):
 
     def compact(self, revision: int) -> None:
         """Forget the change log below revision (done by itself past `history` revisions)."""
-        from kazoo.exceptions import BadVersionError, NoNodeError
-
         while True:
             rev, _ = self._read_rev()
             if revision > rev:
@@ -596,8 +577,6 @@ class ZooKeeperStore(Store):
             raise StoreError(f"{self.url}: lease {lease} not found (expired or revoked)")
 
     def grant_lease(self, ttl: int) -> int:
-        from kazoo.exceptions import NodeExistsError
-
         path = self._call("granting a lease", self._zk.create_async, self._p("leases", "l"),
                           json.dumps({"ttl": ttl}).encode(), ephemeral=True, sequence=True)
         lease = int(path.rsplit("l", 1)[1]) + 1
@@ -628,8 +607,6 @@ class ZooKeeperStore(Store):
         return True
 
     def revoke(self, lease: int) -> None:
-        from kazoo.exceptions import NoNodeError
-
         try:
             self._call("revoking a lease", self._zk.delete_async, self._lease_path(lease))
         except NoNodeError:
@@ -640,8 +617,6 @@ class ZooKeeperStore(Store):
 
     def _drop_keys(self, lease: int) -> None:
         """Delete lease's keys (one revision, through the log), then its record."""
-        from kazoo.exceptions import NoNodeError
-
         def plan(rev: int, current: dict):
             # Read after `rev` (the multi's check on it covers this scan too).
             doomed = [(kv, version) for kv, version in self._scan("") if kv.lease == lease]
