@@ -487,29 +487,27 @@ class ZooKeeperStore(Store):
         self._check_compacted(nxt)
         while not stop.is_set():
             woke.clear()
-            self._wait_connected()
-            names = [self._p("log", "%019d" % r) for r in range(nxt, nxt + LOG_READ_AHEAD)]
-            pending = [self._zk.get_async(n) for n in names]
-            batch, read = [], 0
-            for result in pending:
-                try:
-                    data, _ = self._raw("reading the change log", lambda r=result: r)
-                except NoNodeError:
-                    break
-                for kind, key, value in json.loads(data):
-                    if key.startswith(prefix):
-                        batch.append(Event(kind, key, value, nxt + read))
-                read += 1
-            nxt += read
-            if batch:
-                yield batch
-            if read == len(names):
-                continue  # more to read at once
-            if read:
-                continue  # look again before sleeping: the next may be there now
-            # Nothing at nxt yet: trimmed (compacted), or not written yet.
-            self._check_compacted(nxt)
-            if self._raw("watching the change log", self._zk.exists_async, names[0], wake) is not None:
+            rev = self._read_rev()[0]
+            if rev >= nxt:
+                # Every log node up to rev exists, unless trimmed meanwhile.
+                pending = [self._zk.get_async(self._p("log", "%019d" % r))
+                           for r in range(nxt, min(rev, nxt + LOG_READ_AHEAD - 1) + 1)]
+                batch = []
+                for result in pending:
+                    try:
+                        data, _ = self._raw("reading the change log", lambda r=result: r)
+                    except NoNodeError:
+                        self._check_compacted(nxt)
+                        raise StoreError(f"{self.url}: log/{nxt} is missing though the revision is {rev}")
+                    batch.extend(Event(kind, key, value, nxt) for kind, key, value in json.loads(data)
+                                 if key.startswith(prefix))
+                    nxt += 1
+                if batch:
+                    yield batch
+                continue  # look again before sleeping: more may be there now
+            # Nothing new: wait for log/<nxt> to appear.
+            if self._raw("watching the change log", self._zk.exists_async,
+                         self._p("log", "%019d" % nxt), wake) is not None:
                 continue
             waited = 0.0
             while not (stop.is_set() or woke.is_set() or waited >= WATCH_POLL):
