@@ -1,15 +1,19 @@
 """Socket latency (issue 2): the endpoint cycle the engine drives for every
 container, timed per call over the plugin's unix socket.
 
-Two plugins side by side on two hosts without Docker, one on the embedded
-sqlite store and one on etcd; cycles alternate between them (and which goes
-first), so drift in machine load hits both alike.
+Three plugins side by side on three hosts without Docker, one on the
+embedded sqlite store, one on etcd and one on ZooKeeper (both servers on the
+underlay); cycles rotate between them (and which goes first), so drift in
+machine load hits all alike.
 """
 
 from __future__ import annotations
 
 from bench import calls
+from bench.env import UNDERLAY_ADDR
 from bench.stats import fmt, summary
+from tests.hosts import UNDERLAY_NETNS
+from tests.zkserver import ZkServer
 
 NAME = "latency"
 TITLE = "Socket latency: the endpoint cycle"
@@ -32,6 +36,10 @@ def run(ctx) -> dict:
     n = 50 if ctx.quick else 300
     warm = 10
     etcd = ctx.etcd()
+    # forceSync on, as etcd fsyncs every write (the tests' servers skip it).
+    zk = ZkServer(UNDERLAY_ADDR, netns=UNDERLAY_NETNS, extra_config={"forceSync": "yes"})
+    ctx.stack.callback(zk.close)
+    zk.start()
     stores = {}
     hosts = []
     try:
@@ -43,11 +51,16 @@ def run(ctx) -> dict:
         hosts.append(et)
         et.start_plugin(etcd.url)
         stores["etcd"] = (et, calls.create_network(et.client, "10.42.0.0/24", vni=4200))
+        zh = ctx.plain_host(3)
+        hosts.append(zh)
+        zh.start_plugin(zk.url)
+        stores["zk"] = (zh, calls.create_network(zh.client, "10.43.0.0/24", vni=4300))
         samples: dict[str, dict[str, list[float]]] = {s: {c: [] for c in CALLS + ["cycle"]} for s in stores}
         order = list(stores)
-        ctx.log(f"latency: {warm} warm-up + {n} cycles per store, alternating {order}")
+        ctx.log(f"latency: {warm} warm-up + {n} cycles per store, rotating {order}")
         for i in range(warm + n):
-            for store in (order if i % 2 == 0 else order[::-1]):
+            first = i % len(order)
+            for store in order[first:] + order[:first]:
                 host, net = stores[store]
                 t = cycle(host.client, net)
                 if i >= warm:
@@ -60,19 +73,20 @@ def run(ctx) -> dict:
             h.close()
 
     table = {s: {c: summary(v) for c, v in per.items()} for s, per in samples.items()}
-    rows = ["| call | sqlite p50 | sqlite p99 | etcd p50 | etcd p99 |", "|---|---:|---:|---:|---:|"]
+    rows = ["| call | " + " | ".join(f"{s} p50 | {s} p99" for s in order) + " |",
+            "|---|" + "---:|---:|" * len(order)]
     for call in CALLS + ["cycle"]:
-        a, b = table["sqlite"][call], table["etcd"][call]
         label = "**whole cycle**" if call == "cycle" else call
-        rows.append(f"| {label} | {fmt(a['p50'], 2)} | {fmt(a['p99'], 2)} | {fmt(b['p50'], 2)} | {fmt(b['p99'], 2)} |")
+        cells = [f"{fmt(table[s][call]['p50'], 2)} | {fmt(table[s][call]['p99'], 2)}" for s in order]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
     md = (
-        f"{n} cycles per store after {warm} warm-up cycles, the two stores alternating; "
+        f"{n} cycles per store after {warm} warm-up cycles, the stores taking turns; "
         "milliseconds from sending the request to reading the whole answer, over one kept-alive "
         "connection as the engine uses. Join makes the veth pair, Leave deletes it (the engine "
         "never moved it here: no container).\n\n" + "\n".join(rows) + "\n"
     )
     headline = []
-    for store in ("sqlite", "etcd"):
+    for store in order:
         c = table[store]["cycle"]
         worst = max(CALLS, key=lambda k: table[store][k]["p99"])
         headline.append((f"endpoint cycle, {store} store (6 calls)",

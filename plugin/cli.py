@@ -23,14 +23,17 @@ from .settings import env as _env
 
 def _add_store_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=_env("STORE", DEFAULT_STORE),
-                        help="sqlite:///path (single host, default %(default)s) or etcd://h1:2379,h2:2379")
+                        help="sqlite:///path (single host, default %(default)s), etcd://h1:2379,h2:2379 "
+                             "or zk://h1:2181,h2:2181[/root] (ZooKeeper; zks:// for TLS)")
     parser.add_argument("--etcd-prefix", default=_env("ETCD_PREFIX", DEFAULT_ETCD_PREFIX))
     parser.add_argument("--etcd-cacert", default=_env("ETCD_CACERT"))
     parser.add_argument("--etcd-cert", default=_env("ETCD_CERT"))
     parser.add_argument("--etcd-key", default=_env("ETCD_KEY"))
     # etcd authentication: a user whose role may touch only pyoverlay's prefix.
+    # With zk:// the same two flags are a ZooKeeper digest user and password,
+    # and --etcd-cacert/-cert/-key its TLS files.
     parser.add_argument("--etcd-user", default=_env("ETCD_USER"),
-                        help="etcd user (etcd with authentication on); its password from --etcd-password")
+                        help="etcd user (etcd with authentication on), or ZooKeeper digest user; its password from --etcd-password")
     parser.add_argument("--etcd-password", default=_env("ETCD_PASSWORD"),
                         help="prefer PYOVERLAY_ETCD_PASSWORD: a flag shows in the process list")
 

@@ -3,6 +3,7 @@
     memory://                       in-process, for tests
     sqlite:///var/lib/pyoverlay/state.db   one host (the default)
     etcd://h1:2379,h2:2379          shared by every host (https with cacert, or etcds://)
+    zk://h1:2181,h2:2181[/root]     shared by every host, in ZooKeeper (TLS: zks:// or cacert)
 """
 
 from __future__ import annotations
@@ -16,8 +17,32 @@ __all__ = ["open_store", "Store", "KeyValue", "Event", "StoreError", "Compacted"
 
 ACCEPTED = (
     "memory://, sqlite:///absolute/path/state.db, "
-    "etcd://host:2379[,host2:2379...] or etcds://host:2379[,...] (TLS)"
+    "etcd://host:2379[,host2:2379...] or etcds://host:2379[,...] (TLS), "
+    "zk://host:2181[,host2:2181...][/root] or zks://host:2281[,...][/root] (ZooKeeper, TLS)"
 )
+
+
+def _zk_hosts(hosts: str) -> list[str]:
+    found = []
+    for host in hosts.split(","):
+        host = host.strip()
+        if not host:
+            continue
+        if host.startswith("["):  # [v6]:port
+            addr, _, port = host[1:].partition("]")
+            port, host = port.lstrip(":"), f"[{addr}]"
+        elif host.count(":") == 1:
+            host, port = host.split(":")
+        elif ":" in host:
+            raise ValueError(f"write an IPv6 ZooKeeper address in brackets: [{host}]:2181")
+        else:
+            port = ""
+        if port and not port.isdigit():
+            raise ValueError(f"bad port in ZooKeeper address {host}:{port}; accepted forms: {ACCEPTED}")
+        found.append(f"{host}:{port or 2181}")
+    if not found:
+        raise ValueError(f"ZooKeeper store URL names no host; accepted forms: {ACCEPTED}")
+    return found
 
 
 def _etcd_endpoints(hosts: str, scheme: str) -> list[str]:
@@ -80,5 +105,16 @@ def open_store(
         return EtcdStore(
             _etcd_endpoints(hosts, "https" if tls else "http"),
             prefix=prefix, cacert=cacert, cert=cert, key=key, user=user, password=password,
+        )
+    if scheme in ("zk", "zks"):
+        from .zookeeper import ZooKeeperStore
+
+        hosts, slash, root = rest.split("?", 1)[0].partition("/")
+        root = "/" + root.strip("/") if slash and root.strip("/") else "/pyoverlay"
+        if "//" in root:
+            raise ValueError(f"ZooKeeper root {root!r} in {url!r} has an empty part; accepted forms: {ACCEPTED}")
+        return ZooKeeperStore(
+            _zk_hosts(hosts), root, tls=scheme == "zks", cacert=cacert, cert=cert, key=key,
+            user=user, password=password,
         )
     raise ValueError(f"unknown store URL scheme {scheme!r} in {url!r}; accepted forms: {ACCEPTED}")

@@ -1,10 +1,13 @@
 """Fixtures for the store tests: one conformance suite, every backend
 (memory, sqlite, etcd, and etcd with authentication on, as a user whose role
-may touch only the tests' prefixes).
+may touch only the tests' prefixes; ZooKeeper, one member and a three-member
+ensemble).
 
 The etcd backend runs against a real etcd started once per session on free
 loopback ports; each test gets its own key prefix in it, so tests never see
 each other's keys (revisions, being store-wide, are never assumed contiguous).
+ZooKeeper likewise: one server and one ensemble per session, a root znode per
+test.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from driver.store.follow import follow
 from driver.store.memory import MemoryStore
 from driver.store.sqlite import SqliteStore
 from tests.etcdserver import EtcdServer
+from tests.zkserver import ZkEnsemble, ZkServer
 
-BACKENDS = ["memory", "sqlite", "etcd", "etcd-auth"]
+BACKENDS = ["memory", "sqlite", "etcd", "etcd-auth", "zk", "zk3"]
 
 
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01, what: str = "condition"):
@@ -224,6 +228,29 @@ def etcd_auth_store(server: EtcdServer, **kw) -> EtcdStore:
     return EtcdStore([server.endpoint], **kw)
 
 
+@pytest.fixture(scope="session")
+def zk_server():
+    server = ZkServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def zk_ensemble():
+    ensemble = ZkEnsemble(3)
+    ensemble.start()
+    yield ensemble
+    ensemble.close()
+
+
+def zk_store(url: str, **kw):
+    """A store in a root of its own at url (a zk:// URL without a path)."""
+    from driver.store import open_store
+
+    return open_store(f"{url}/test-{uuid.uuid4().hex[:8]}", **kw)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
@@ -235,6 +262,10 @@ def store(backend, request, tmp_path):
         s = MemoryStore()
     elif backend == "sqlite":
         s = SqliteStore(str(tmp_path / "state.db"))
+    elif backend == "zk":
+        s = zk_store(request.getfixturevalue("zk_server").url)
+    elif backend == "zk3":
+        s = zk_store(request.getfixturevalue("zk_ensemble").url)
     elif backend == "etcd-auth":
         s = etcd_auth_store(request.getfixturevalue("etcd_auth_server"))
     else:

@@ -52,3 +52,41 @@ def test_bad_urls_say_what_is_accepted(url):
     assert url in message or "sqlite" in message or "IPv6" in message or "port" in message
     if not url.startswith(("sqlite", "etcd://h", "etcd://f")):
         assert "memory://" in message and "sqlite:///" in message and "etcd://" in message
+
+
+@pytest.mark.parametrize("url, hosts, root", [
+    ("zk://h1:2181,h2:2182", "h1:2181,h2:2182", "/pyoverlay"),
+    ("zk://h1", "h1:2181", "/pyoverlay"),
+    ("zk://h1:2181/apps/overlay/", "h1:2181", "/apps/overlay"),
+    ("zk://[fd00::1]:2181,10.0.0.1/x", "[fd00::1]:2181,10.0.0.1:2181", "/x"),
+])
+def test_zookeeper_hosts_and_root(url, hosts, root):
+    from driver.store.zookeeper import ZooKeeperStore
+
+    s = open_store(url)
+    try:
+        assert isinstance(s, ZooKeeperStore)
+        assert (s.hosts, s.root) == (hosts, root)
+        assert s.url == f"ZooKeeper at {hosts}{root}"
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("url", ["zk://", "zk://h:port", "zk://fd00::1", "zk://h1/a//b"])
+def test_bad_zookeeper_urls_say_what_is_accepted(url):
+    with pytest.raises(ValueError, match="ZooKeeper|zk://"):
+        open_store(url)
+
+
+def test_unreachable_zookeeper_is_a_clear_store_error():
+    from tests.etcdserver import _free_ports
+
+    (port,) = _free_ports("127.0.0.1", 1)  # nothing listens there
+    s = open_store(f"zk://127.0.0.1:{port}")
+    try:
+        with pytest.raises(StoreError) as info:
+            s.get("k")
+        message = str(info.value)
+        assert f"ZooKeeper at 127.0.0.1:{port}" in message and "check that ZooKeeper runs" in message
+    finally:
+        s.close()
