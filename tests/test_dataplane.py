@@ -573,8 +573,9 @@ def test_a_failed_deferred_deletion_is_retried(a, network, monkeypatch):
 
     monkeypatch.setattr(dp_worker.Handle, "link_del", flaky)
     a.dp.delete_endpoint_soon(4204, eid)
-    wait_for(lambda: "pyb" + eid[:10] not in links(ov), 10, "the deletion to succeed on a retry")
-    assert len(attempts) == 3 and not a.dp.pending_endpoint_deletions()
+    wait_for(lambda: "pyb" + eid[:10] not in links(ov) and not a.dp.pending_endpoint_deletions(), 10,
+             "the deletion to succeed on a retry")
+    assert len(attempts) == 3
     assert "pyo" + eid[:10] not in links(a.ns)
 
 

@@ -124,6 +124,7 @@ class _Thread:
         self._calls: deque[tuple[Callable, tuple, Future]] = deque()
         self._deferred: dict[Hashable, _Deferred] = {}  # insertion-ordered: oldest first
         self._stopping = False
+        self._running: Optional[Hashable] = None  # the deferred job running now: still pending
         self._on_stop = on_stop
         self._thread = threading.Thread(target=self._loop, name="pyoverlay-netlink", daemon=True)
         self._thread.start()
@@ -149,7 +150,7 @@ class _Thread:
 
     def pending(self) -> list[Hashable]:
         with self._cond:
-            return list(self._deferred)
+            return ([] if self._running is None else [self._running]) + list(self._deferred)
 
     def stop(self) -> None:
         """Finish every call, try every deferred job once more, run on_stop, end."""
@@ -167,6 +168,7 @@ class _Thread:
                 now = time.monotonic()
                 for key, job in self._deferred.items():
                     if job.due <= now or self._stopping:
+                        self._running = key
                         return None, (key, self._deferred.pop(key))
                 if self._stopping:
                     return None, None
@@ -197,6 +199,7 @@ class _Thread:
             job.fn(*job.args)
         except BaseException as e:  # the thread must outlive any failure: every call waits on it
             with self._cond:
+                self._running = None
                 if self._stopping:
                     log.warning("%s failed: %s; left for the next start to clean up", key, e)
                     return
@@ -206,6 +209,9 @@ class _Thread:
                 job.due = time.monotonic() + job.delay
                 job.delay = min(job.delay * 2, RETRY_MAX)
                 self._deferred[key] = job
+        else:
+            with self._cond:
+                self._running = None
 
 
 class Worker:
