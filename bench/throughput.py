@@ -13,7 +13,9 @@ side by side with the underlay under the same settings): a jumbo underlay
 (MTU 9000, so the overlay gets 8950), and offload settings changed with
 ethtool on the devices on the path (GRO, and the segmentation and checksum
 offloads of the veths and of vxlan0). Settings are changed by the bench on
-running devices and put back; the plugin is not changed.
+running devices and put back; the plugin is not changed. One paired setting
+is the flood list that -o multicast=true programs (issue 16): unicast must
+not lose anything to it.
 """
 
 from __future__ import annotations
@@ -282,6 +284,19 @@ def vxlan_notrack(pair: Pair, on: bool) -> None:
             h.run(["nft", "delete", "table", "inet", "pyobench"], check=False)
 
 
+def flood_list(pair: Pair, vni: int, on: bool) -> None:
+    """What -o multicast=true programs on two hosts: each vxlan0 floods
+    broadcast and multicast to the other (its all-zero FDB entry). The
+    option changes nothing else in the kernel, so unicast over the same pair
+    with and without it is what the option costs."""
+    for h, other in ((pair.a, pair.b), (pair.b, pair.a)):
+        entry = ["00:00:00:00:00:00", "dev", "vxlan0", "dst", other.addr, "self"]
+        if on:
+            _overlay_ns(h, vni, "bridge", "fdb", "append", *entry, "permanent")
+        else:  # undone after every run, also where it was not on
+            h.run(["ip", "netns", "exec", f"pyo-{vni}", "bridge", "fdb", "del", *entry], check=False)
+
+
 def overlay_rps(pair: Pair, vni: int, cpus: str) -> None:
     """rps_cpus of every device in the overlay namespaces (vxlan0, the
     bridge ends, br0): which CPUs may take the receive work after them."""
@@ -390,8 +405,11 @@ def run(ctx) -> dict:
                 lambda: bridge_netfilter(pair, VNI, on=True),
             "VXLAN flow not tracked by conntrack in the host namespaces (nft notrack, udp dport 4789; "
             "paired rounds)": lambda: vxlan_notrack(pair, on=True),
+            "flood list on, as -o multicast=true programs it (each vxlan0 floods broadcast and multicast to "
+            "the other host; paired rounds)": lambda: flood_list(pair, VNI, on=True),
         }
-        undo = [lambda: bridge_netfilter(pair, VNI, on=False), lambda: vxlan_notrack(pair, on=False)]
+        undo = [lambda: bridge_netfilter(pair, VNI, on=False), lambda: vxlan_notrack(pair, on=False),
+                lambda: flood_list(pair, VNI, on=False)]
         for label, r in paired_rounds(pair, n_paired, seconds, settings, undo).items():
             ctx.log(f"throughput: {label}: overlay {fmt(median(r['over']), 2)} Gbit/s, underlay "
                     f"{fmt(median(r['under']), 2)} Gbit/s, ratio {fmt(r['ratio'], 3)}")

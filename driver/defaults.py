@@ -13,6 +13,8 @@ VXLAN_PORT = 4789
 #: The network create options every door reads (docker -o, the catalog, pyoverlay network create).
 OPT_VNI = "vni"
 OPT_MTU = "com.docker.network.driver.mtu"
+#: true: the overlay floods broadcast and multicast to every host with a container on it.
+OPT_MULTICAST = "multicast"
 #: The VXLAN network identifier is 24 bits; 0 means none.
 VNI_MAX = 2**24 - 1
 #: Where a /24 comes from for a network created without --subnet.

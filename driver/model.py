@@ -13,7 +13,7 @@ import json
 import secrets
 from dataclasses import asdict, dataclass, field
 
-from .defaults import OPT_MTU, OPT_VNI
+from .defaults import OPT_MTU, OPT_MULTICAST, OPT_VNI
 
 
 class Record:
@@ -46,12 +46,14 @@ class Overlay(Record):
     mtu: int
     networks: dict[str, str] = field(default_factory=dict)  # host -> NetworkID
     block_size: int = 0  # prefix length of the IPAM blocks (-o block_size); 0: the default for the subnet
+    multicast: bool = False  # -o multicast=true: broadcast and multicast flood to every host with a peer
 
     def to_json(self) -> str:
         # Left out when unset, so hosts still running the previous version read it.
         data = asdict(self)
-        if not data["block_size"]:
-            del data["block_size"]
+        for name in ("block_size", "multicast"):
+            if not data[name]:
+                del data[name]
         return json.dumps(data, sort_keys=True)
 
 
@@ -177,11 +179,20 @@ class NamedNetwork(Record):
     mtu: int = 0  # the -o com.docker.network.driver.mtu given; 0: the overlay's own
     internal: bool = False
     origin: str = ""  # the host whose engine it came from, or "cli"
+    multicast: bool = False  # -o multicast=true, so every host's engine shows (and asks for) it
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        if not data["multicast"]:
+            del data["multicast"]  # entries without it read as before, byte for byte
+        return json.dumps(data, sort_keys=True)
 
     def options(self) -> dict[str, str]:
         options = {OPT_VNI: str(self.vni)} if self.vni else {}
         if self.mtu:
             options[OPT_MTU] = str(self.mtu)
+        if self.multicast:
+            options[OPT_MULTICAST] = "true"
         return options
 
     def matches(self, info, vni: int = 0) -> bool:

@@ -20,7 +20,7 @@ from .defaults import ADDRESS_SPACE, DRIVER_NAME
 from .drift import KernelView, StoreView, drift
 from .errors import DriverError
 from .rules import (  # noqa: F401 (the rules' names, importable from here as before)
-    MIN_MTU, OPT_MTU, OPT_VNI, VNI_AUTO_START, VNI_MAX, VNI_MIN, VXLAN_OVERHEAD, parse_ip, parse_subnet,
+    MIN_MTU, OPT_MTU, OPT_MULTICAST, OPT_VNI, VNI_AUTO_START, VNI_MAX, VNI_MIN, VXLAN_OVERHEAD, parse_ip, parse_subnet,
 )
 from .model import Address, Endpoint, Network, Overlay
 from .state import State
@@ -36,13 +36,13 @@ OPT_IPV6 = "com.docker.network.enable_ipv6"
 OPT_IPV4 = "com.docker.network.enable_ipv4"
 OPT_INTERNAL = "com.docker.network.internal"
 OPT_BLOCK_SIZE = "block_size"  # prefix length of the per-host address blocks (driver/blocks.py)
-ACCEPTED_OPTIONS = (OPT_VNI, OPT_MTU, OPT_BLOCK_SIZE)
+ACCEPTED_OPTIONS = (OPT_VNI, OPT_MTU, OPT_BLOCK_SIZE, OPT_MULTICAST)
 
 
 class PeerTable(Protocol):
     """What the driver tells the peer sync: which overlays this host carries."""
 
-    def network_added(self, vni: int) -> None: ...
+    def network_added(self, vni: int, multicast: bool = False) -> None: ...
 
     def restored(self) -> None:
         """Every overlay this host carries has been named (after a start)."""
@@ -108,8 +108,8 @@ class NetworkDriver:
         if unknown:
             raise DriverError(
                 f"unknown option {', '.join('-o ' + u for u in unknown)}; pyoverlay accepts "
-                f"-o {OPT_VNI}=<{VNI_MIN}-{VNI_MAX}>, -o {OPT_MTU}=<bytes> and "
-                f"-o {OPT_BLOCK_SIZE}=<prefix length>"
+                f"-o {OPT_VNI}=<{VNI_MIN}-{VNI_MAX}>, -o {OPT_MTU}=<bytes>, "
+                f"-o {OPT_BLOCK_SIZE}=<prefix length> and -o {OPT_MULTICAST}=true|false"
             )
         subnet = self._subnet(ipv4_data)
         block_size = None
@@ -118,10 +118,11 @@ class NetworkDriver:
         max_mtu = self.dataplane.underlay_mtu() - VXLAN_OVERHEAD
         vni = rules.vni_option(generic)
         mtu = rules.mtu_option(generic, max_mtu)
+        multicast = rules.multicast_option(generic)
 
         if self.state.network(network_id):
             return  # the engine repeated itself
-        vni = self._join_overlay(network_id, subnet, vni, mtu, max_mtu, block_size)
+        vni = self._join_overlay(network_id, subnet, vni, mtu, max_mtu, block_size, multicast)
         with self._locks[vni]:
             overlay = self.state.overlay(vni)
             network = Network(
@@ -142,7 +143,7 @@ class NetworkDriver:
                 self._leave_overlay(vni, network_id)
                 self.state.delete_network(network_id)
                 raise
-            self.peers.network_added(vni)
+            self.peers.network_added(vni, overlay.multicast)
         log.info("network %s: overlay vni %d subnet %s mtu %d", network_id[:12], vni, subnet, network.mtu)
 
     def _subnet(self, ipv4_data: list) -> str:
@@ -158,7 +159,7 @@ class NetworkDriver:
         return str(parse_subnet(data.get("Pool", "")))
 
     def _join_overlay(self, network_id: str, subnet: str, vni: Optional[int], mtu: Optional[int], max_mtu: int,
-                      block_size: Optional[int] = None) -> int:
+                      block_size: Optional[int] = None, multicast: Optional[bool] = None) -> int:
         """Find or make the overlay for this subnet/VNI and record this host on it."""
         for _ in range(20):
             claim = self.state.subnet_claim(subnet)
@@ -167,7 +168,7 @@ class NetworkDriver:
             overlay = self.state.overlay(target)
             if overlay is None:
                 overlay = Overlay(vni=target, subnet=subnet, mtu=mtu or max_mtu, networks={self.host: network_id},
-                                  block_size=block_size or 0)
+                                  block_size=block_size or 0, multicast=bool(multicast))
                 if self.state.create_overlay(overlay, claim_subnet=claim is None):
                     return target
                 continue  # another host made it first: join theirs
@@ -177,6 +178,7 @@ class NetworkDriver:
                     raise _Retry()
                 rules.check_vni_subnet(target, subnet, current.subnet)
                 rules.check_overlay_mtu(target, mtu, current.mtu)
+                rules.check_overlay_multicast(target, multicast, current.multicast)
                 used = current.block_size or default_block_size(ipaddress.ip_network(subnet))
                 if block_size is not None and block_size != used:
                     raise DriverError(
@@ -384,6 +386,7 @@ class NetworkDriver:
         found = drift(store, kernel)
         for vni in found.stale_namespaces:
             self.dataplane.delete_network(vni)
+        multicast = {o.vni for o in self.state.overlays() if o.multicast}
         for vni, network in wanted.items():
             with self._locks[vni]:
                 # Missing namespaces are made; present ones converge (MTU) and
@@ -393,7 +396,7 @@ class NetworkDriver:
                     self.dns.network_added(vni, network.subnet)
                 for stale in found.stale_veths.get(vni, ()):
                     self.dataplane.delete_endpoint(vni, stale)
-                self.peers.network_added(vni)
+                self.peers.network_added(vni, vni in multicast)
         self.peers.restored()
         released = self._release_orphan_addresses()
         log.info("restored %d networks, %d endpoints; released %d orphan addresses",

@@ -5,6 +5,11 @@ overlay; only overlays this host carries are programmed, and only with the
 endpoints of other hosts (local ones sit on the bridge already). A snapshot
 (at start, after a compaction) reconciles the kernel to the table, removing
 whatever the store no longer holds.
+
+An overlay made with -o multicast=true also gets a flood list: the distinct
+remote VTEPs with at least one peer on it (a host with no container there has
+no receiver). It follows the same watch: a VTEP joins the list with its first
+peer on the overlay and leaves it with its last.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ class PeerSync:
         # Remote peers per VTEP over the overlays this host carries, kept
         # incrementally so that an event costs the same at 10 or 10,000 peers.
         self._vteps: Counter[str] = Counter()
+        # Remote peers per VTEP of each multicast overlay this host carries:
+        # the flood list is its keys, kept incrementally as _vteps is.
+        self._flood: dict[int, Counter[str]] = {}
         self._told: Optional[frozenset[str]] = None
         self._lock = threading.Lock()
         self.synced = threading.Event()  # set after the first snapshot is applied
@@ -69,6 +77,26 @@ class PeerSync:
             if self._vteps[peer.vtep] <= 0:
                 del self._vteps[peer.vtep]
 
+    def _flood_list(self, vni: int) -> set[str]:
+        return set(self._flood.get(vni, ()))
+
+    def _count_flood(self, vni: int) -> None:
+        if vni in self._flood:
+            self._flood[vni] = Counter(p.vtep for p in self._remote(vni))
+
+    def _reflood(self, vni: int, peer: Optional[Peer], sign: int) -> None:
+        """One remote peer more (sign +1) or less (-1) on a multicast overlay:
+        its VTEP enters the flood list with its first peer, leaves with its last."""
+        counts = self._flood.get(vni)
+        if counts is None or peer is None or peer.vtep == self.vtep:
+            return
+        counts[peer.vtep] += sign
+        if sign > 0 and counts[peer.vtep] == 1:
+            self.dataplane.add_flood(vni, peer.vtep)
+        elif counts[peer.vtep] <= 0:
+            del counts[peer.vtep]
+            self.dataplane.remove_flood(vni, peer.vtep)
+
     def _vteps_changed(self) -> None:
         # With the lock held and the table read from the store. Not before the
         # driver has named every overlay it carries: a partial set would shut
@@ -85,15 +113,21 @@ class PeerSync:
 
     # Driver side: which overlays this host carries.
 
-    def network_added(self, vni: int) -> None:
+    def network_added(self, vni: int, multicast: bool = False) -> None:
+        """multicast: the overlay floods broadcast and multicast to every host with a peer on it."""
         with self._lock:
             if vni not in self._local:
                 self._local.add(vni)
                 self._count(vni, +1)
+            if multicast:
+                self._flood[vni] = Counter()
+                self._count_flood(vni)
+            else:
+                self._flood.pop(vni, None)
             # Before the first snapshot the table is empty: reconciling to it
             # would wipe the entries a restarted plugin finds in the kernel.
             if self.synced.is_set():
-                self._reconciled(*self.dataplane.set_peers(vni, self._remote(vni)))
+                self._reconciled(*self.dataplane.set_peers(vni, self._remote(vni), self._flood_list(vni)))
                 self._vteps_changed()
 
     def network_removed(self, vni: int) -> None:
@@ -101,6 +135,7 @@ class PeerSync:
             if vni in self._local:
                 self._count(vni, -1)
                 self._local.discard(vni)
+            self._flood.pop(vni, None)
             self._vteps_changed()
 
     def restored(self) -> None:
@@ -122,8 +157,9 @@ class PeerSync:
             self._vteps = Counter()
             for vni in self._local:
                 self._count(vni, +1)
+                self._count_flood(vni)
             for vni in self._local:
-                added, removed = self.dataplane.set_peers(vni, self._remote(vni))
+                added, removed = self.dataplane.set_peers(vni, self._remote(vni), self._flood_list(vni))
                 self._reconciled(added, removed)
                 if added or removed:
                     log.info("vni %d: reconciled peers (+%d -%d)", vni, added, removed)
@@ -144,6 +180,9 @@ class PeerSync:
                     if vni in self._local:
                         self._recount(old, -1)
                         self._recount(peer, +1)
+                        # The new VTEP first: a peer written again never leaves the list for a moment.
+                        self._reflood(vni, peer, +1)
+                        self._reflood(vni, old, -1)
                     if vni in self._local and peer.vtep != self.vtep and peer != old:
                         self.dataplane.add_peer(vni, peer)
                         if self.metrics is not None:
@@ -152,6 +191,7 @@ class PeerSync:
                     peer = peers.pop(endpoint_id, None)
                     if vni in self._local:
                         self._recount(peer, -1)
+                        self._reflood(vni, peer, -1)
                     if vni in self._local and peer is not None and peer.vtep != self.vtep:
                         self.dataplane.remove_peer(vni, peer)
                         if self.metrics is not None:

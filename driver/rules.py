@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Iterable, Optional
 
-from .defaults import OPT_MTU, OPT_VNI, VNI_MAX  # noqa: F401 (the rules' names)
+from .defaults import OPT_MTU, OPT_MULTICAST, OPT_VNI, VNI_MAX  # noqa: F401 (the rules' names)
 from .errors import DriverError
 
 # Options of `docker network create -o` (also `pyoverlay network create -o`).
@@ -55,6 +55,19 @@ def mtu_option(options: dict, max_mtu: Optional[int] = None) -> Optional[int]:
         raise DriverError(f"-o {OPT_MTU}={options[OPT_MTU]} is not valid: this host's underlay carries at most "
                           f"{max_mtu} inside VXLAN; use -o {OPT_MTU}={max_mtu} or less")
     return mtu
+
+
+def multicast_option(options: dict) -> Optional[bool]:
+    """-o multicast=true|false; None when not given (the overlay's own, else off)."""
+    if OPT_MULTICAST not in options:
+        return None
+    value = options[OPT_MULTICAST]
+    if value in (True, "true"):
+        return True
+    if value in (False, "false"):
+        return False
+    raise DriverError(f"-o {OPT_MULTICAST}={value} is not valid: use -o {OPT_MULTICAST}=true to flood broadcast "
+                      f"and multicast to every host of the network, or -o {OPT_MULTICAST}=false (the default)")
 
 
 def parse_subnet(text: str, what: str = "subnet") -> ipaddress.IPv4Network:
@@ -127,6 +140,18 @@ def check_overlay_mtu(vni: int, mtu: Optional[int], overlay_mtu: int) -> None:
         raise DriverError(
             f"the pyoverlay network with VNI {vni} uses MTU {overlay_mtu} on other "
             f"hosts; use -o {OPT_MTU}={overlay_mtu} or leave the option out"
+        )
+
+
+def check_overlay_multicast(vni: int, multicast: Optional[bool], overlay_multicast: bool) -> None:
+    """An overlay floods on every host or on none: as it was made (it cannot change later)."""
+    if multicast is not None and multicast != overlay_multicast:
+        state = "floods" if overlay_multicast else "does not flood"
+        raise DriverError(
+            f"the pyoverlay network with VNI {vni} {state} broadcast and multicast on other hosts "
+            f"(-o {OPT_MULTICAST}={str(overlay_multicast).lower()}); use -o {OPT_MULTICAST}="
+            f"{str(overlay_multicast).lower()} or leave the option out. It is fixed when the network is made: "
+            "to change it, remove the network on every host and create it again"
         )
 
 

@@ -36,7 +36,8 @@ def add_operator_commands(commands, add_store_flags: Callable[[argparse.Argument
     create.add_argument("--mtu", type=int, help=f"overlay MTU, the same as -o {rules.OPT_MTU}=N "
                                                 f"(default: each host's underlay MTU minus {rules.VXLAN_OVERHEAD})")
     create.add_argument("-o", "--opt", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
-                        help=f"as docker network create's: {rules.OPT_VNI}, {rules.OPT_MTU}")
+                        help=f"as docker network create's: {rules.OPT_VNI}, {rules.OPT_MTU}, "
+                             f"{rules.OPT_MULTICAST}=true|false")
     create.add_argument("--internal", action="store_true", help="no way out of the overlay")
     create.add_argument("--wait", type=float, default=DEFAULT_WAIT,
                         help="seconds to wait for the hosts to create it (default %(default)s; 0: do not wait)")

@@ -50,7 +50,7 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
     """Check and write catalog/<name>; every host's catalog creates the network.
 
     options: `-o KEY=VALUE` as `docker network create` takes them (vni, the
-    MTU); vni and mtu are the same given as --vni/--mtu. The checks are the
+    MTU, multicast); vni and mtu are the same given as --vni/--mtu. The checks are the
     driver's own (driver/rules.py), so a refusal reads as docker's would."""
     if not _NAME.match(name):
         raise CommandError(f"network name {name!r} is not valid: use letters, digits, '_', '.', '-', "
@@ -65,6 +65,7 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
                                f"remove it first (pyoverlay network rm {name}) or pick another name")
         mtu = rules.mtu_option(options)  # each host checks its own underlay when it creates the network
         vni = rules.vni_option(options)
+        multicast = rules.multicast_option(options)
         catalog = state.catalog_entries()
         for other in catalog.values():
             if ipaddress.ip_network(other.subnet).overlaps(net):
@@ -82,7 +83,11 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
                 raise CommandError(f"VNI {vni} is already used by another network in the catalog; "
                                    f"choose another -o {rules.OPT_VNI}")
         else:
+            overlay = state.overlay(claim) if claim else None
             vni = claim or _free_vni(state, catalog.values())
+        if overlay is not None:  # hosts already carry it: it floods as it was made
+            rules.check_overlay_multicast(overlay.vni, multicast, overlay.multicast)
+            multicast = overlay.multicast
 
         wanted = rules.usable_address(net, gateway) if gateway else None
         pool = state.pool(subnet)
@@ -93,7 +98,7 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
     except DriverError as e:
         raise CommandError(str(e)) from None
 
-    entry = NamedNetwork(name, subnet, gateway, vni, mtu or 0, internal, origin="cli")
+    entry = NamedNetwork(name, subnet, gateway, vni, mtu or 0, internal, origin="cli", multicast=bool(multicast))
     if not State(store).add_catalog_entry(entry):
         raise CommandError(f"a network named {name} was added to the catalog meanwhile; "
                            "look at it with pyoverlay status")
@@ -101,7 +106,7 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
 
 
 #: The -o options `pyoverlay network create` takes (block_size is per overlay, not in the catalog).
-CREATE_OPTIONS = (rules.OPT_VNI, rules.OPT_MTU)
+CREATE_OPTIONS = (rules.OPT_VNI, rules.OPT_MTU, rules.OPT_MULTICAST)
 
 
 def _options(options: Optional[dict[str, str]], vni: Optional[int], mtu: Optional[int]) -> dict[str, str]:
@@ -110,8 +115,8 @@ def _options(options: Optional[dict[str, str]], vni: Optional[int], mtu: Optiona
     unknown = sorted(set(merged) - set(CREATE_OPTIONS))
     if unknown:
         raise CommandError(f"unknown option {', '.join('-o ' + u for u in unknown)}; pyoverlay network create "
-                           f"accepts -o {rules.OPT_VNI}=<{rules.VNI_MIN}-{rules.VNI_MAX}> and "
-                           f"-o {rules.OPT_MTU}=<bytes> (or --vni, --mtu)")
+                           f"accepts -o {rules.OPT_VNI}=<{rules.VNI_MIN}-{rules.VNI_MAX}>, "
+                           f"-o {rules.OPT_MTU}=<bytes> (or --vni, --mtu) and -o {rules.OPT_MULTICAST}=true|false")
     for key, flag, value in ((rules.OPT_VNI, "--vni", vni), (rules.OPT_MTU, "--mtu", mtu)):
         if value is None:
             continue
@@ -245,8 +250,10 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
             names_by_subnet[rec.subnet].add(name)
     container_of = {ep: cname for rec in engines.values() for ep, cname in rec.containers.items()}
     count = defaultdict(int)
+    with_endpoints: dict[int, set[str]] = defaultdict(set)
     for ep in endpoints:
         count[ep.vni] += 1
+        with_endpoints[ep.vni].add(ep.vtep)
 
     networks, name_of_vni = [], {}
     entries = {(e.vni, e.subnet): e for e in catalog.values()}
@@ -262,12 +269,17 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
                 notes.append(f"{host}: {rec.error}")
             elif n == name and rec.removing:
                 notes.append(f"{host}: being removed, in use by {', '.join(sorted(rec.containers.values()))}")
+        multicast = overlay.multicast if overlay else entry.multicast
         networks.append({
             "name": name,
             "vni": vni,
             "subnet": subnet,
             "mtu": overlay.mtu if overlay else (entry.mtu or None),
             "internal": entry.internal if entry else None,
+            "multicast": multicast,
+            # The VTEPs its broadcast and multicast go to: every host with a container
+            # on it (each floods to the others); empty without -o multicast=true.
+            "flood": sorted(with_endpoints[vni], key=_host_order) if multicast else [],
             "in_catalog": entry is not None,
             "hosts": sorted(overlay.networks if overlay else [], key=_host_order),
             "endpoints": count.get(vni, 0),
@@ -308,6 +320,14 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
+def _multicast(network: dict) -> str:
+    """off, or on and to how many hosts its broadcast and multicast go."""
+    if not network.get("multicast"):
+        return "off"
+    flood = network.get("flood", [])
+    return f"on ({len(flood)} host{'' if len(flood) == 1 else 's'})"
+
+
 def render_status(status: dict, now: Optional[float] = None) -> str:
     now = time.time() if now is None else now
     hosts = table(["HOST", "ADDRESS", "STATE", "LAST SEEN", "VERSION"], [
@@ -316,8 +336,8 @@ def render_status(status: dict, now: Optional[float] = None) -> str:
          "now" if h["alive"] else (f"{_span(now - h['last_seen'])} ago" if h["last_seen"] else "never"),
          h["version"])
         for h in status["hosts"]])
-    networks = table(["NAME", "VNI", "SUBNET", "MTU", "HOSTS", "ENDPOINTS"], [
-        (n["name"], n["vni"], n["subnet"], n["mtu"], ",".join(n["hosts"]), n["endpoints"])
+    networks = table(["NAME", "VNI", "SUBNET", "MTU", "MULTICAST", "HOSTS", "ENDPOINTS"], [
+        (n["name"], n["vni"], n["subnet"], n["mtu"], _multicast(n), ",".join(n["hosts"]), n["endpoints"])
         for n in status["networks"]])
     notes = [f"  {n['name'] or n['vni']}: {note}" for n in status["networks"] for note in n["notes"]]
     endpoints = table(["HOST", "NETWORK", "CONTAINER", "IP", "MAC", "ENDPOINT"], [

@@ -210,21 +210,28 @@ class Doctor:
                 expected.setdefault(vni, set()).add(record)
             wanted = {n.vni for n in self._local_networks()}
             have = self.dataplane.networks()
-            kernel = KernelView(namespaces=have, peers={vni: self.dataplane.peers(vni) for vni in wanted & have})
-            found = drift(StoreView(networks=wanted, peers=expected, vtep=self.host), kernel)
+            multicast = {o.vni for o in self.state.overlays() if o.multicast}
+            kernel = KernelView(namespaces=have, peers={vni: self.dataplane.peers(vni) for vni in wanted & have},
+                                flood={vni: self.dataplane.flood(vni) for vni in wanted & have})
+            found = drift(StoreView(networks=wanted, peers=expected, vtep=self.host, multicast=multicast), kernel)
         except (StoreError, DataplaneError, OSError) as e:
             return Check("peers", FAIL, f"cannot compare: {e}")
         missing, stale = [], []
         for vni in sorted(kernel.peers):
             missing += [f"VNI {vni}: missing {_fmt(p)}" for p in sorted(found.missing_peers.get(vni, ()), key=_fmt)]
             stale += [f"VNI {vni}: stale {_fmt(p)}" for p in sorted(found.stale_peers.get(vni, ()), key=_fmt)]
+            # The flood list of a -o multicast=true overlay: one all-zero FDB entry per remote host.
+            missing += [f"VNI {vni}: missing flood entry to {v}" for v in found.missing_flood.get(vni, ())]
+            stale += [f"VNI {vni}: stale flood entry to {v}" for v in found.stale_flood.get(vni, ())]
         if missing or stale:
             return Check("peers", FAIL,
                          f"{len(missing)} missing and {len(stale)} stale FDB/neighbour entries: traffic to "
-                         "those containers is lost or misdirected; restart the plugin (its start reconciles "
-                         "the kernel with the store)", missing + stale)
+                         "those containers (or their broadcast and multicast) is lost or misdirected; restart "
+                         "the plugin (its start reconciles the kernel with the store)", missing + stale)
         total = sum(map(len, kernel.peers.values()))  # no drift: the kernel holds exactly the store's
-        return Check("peers", OK, f"the kernel holds exactly the store's {total} remote peer(s)")
+        flooding = sum(map(len, kernel.flood.values()))
+        return Check("peers", OK, f"the kernel holds exactly the store's {total} remote peer(s)"
+                                  + (f" and {flooding} flood entr{'y' if flooding == 1 else 'ies'}" if flooding else ""))
 
     def check_engine(self) -> Check:
         if self.engine is None:

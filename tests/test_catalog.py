@@ -12,8 +12,8 @@ from driver.catalog.plan import Create, DropRecord, Later, Publish, Record, Remo
 from driver.catalog.table import DesiredTable
 from driver.engine import EngineNetworkInfo
 from driver.events import EngineEvent
-from driver.model import EngineNetwork, NamedNetwork, Network
-from driver.state import State, engine_network_key, network_key
+from driver.model import EngineNetwork, NamedNetwork, Network, Overlay
+from driver.state import State, engine_network_key, network_key, overlay_key
 from driver.store import open_store
 from ops.doctor import FAIL, Doctor
 from tests.engine_standin import StandinEngine
@@ -221,3 +221,28 @@ def test_a_pass_deletes_this_hosts_unreadable_records_and_no_one_elses(state, ap
     assert state.store.get(ghost) is None
     assert state.store.get(theirs).value == "{not json"  # another host's, for its own catalog
     assert record(state).network_id == NET
+
+
+def test_multicast_travels_with_the_name(state, engine):
+    """-o multicast=true given on one host: the entry carries it, and another
+    host's engine is asked for the network with it (so it floods there too)."""
+    state.store.put(overlay_key(4096), Overlay(4096, "10.40.0.0/24", 1450, {H1: NET}, multicast=True).to_json())
+    table = DesiredTable(state, on_change=lambda: None)
+    assert Applier(state, engine, H1, "pyoverlay", table).run_pass()
+    entry, _ = state.catalog_entry("web")
+    assert entry.multicast and entry.options() == {"vni": "4096", "multicast": "true"}
+    assert NamedNetwork.from_json(entry.to_json()) == entry
+
+    other = StandinEngine()
+    there = Applier(state, other, "10.99.0.2", "pyoverlay", DesiredTable(state, on_change=lambda: None))
+    there.table.load({"web": state.catalog_entry("web")})
+    assert there.run_pass()
+    (made,) = other.nets.values()
+    assert made.name == "web" and made.options == {"vni": "4096", "multicast": "true"}
+
+
+def test_an_entry_without_multicast_reads_as_before():
+    """Left out of the JSON when off: entries written before the option stay byte for byte."""
+    entry = NamedNetwork("web", "10.40.0.0/24", vni=4096, origin=H1)
+    assert "multicast" not in entry.to_json() and "multicast" not in entry.options()
+    assert "multicast" not in Overlay(4096, "10.40.0.0/24", 1450).to_json()

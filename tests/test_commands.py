@@ -51,11 +51,13 @@ def alive(store, *hosts):
 
 def populate(store) -> None:
     """Two live hosts, one gone; a catalog network on two hosts with three
-    containers, and an overlay made without the catalog."""
+    containers (-o multicast=true), and an overlay made without the catalog."""
     alive(store, H1, H2)
     put(store, seen_key(H3), LastSeen(H3, H3, NOW - 600))
-    put(store, catalog_key("web"), NamedNetwork("web", "10.40.0.0/24", "10.40.0.1", 4096, 0, False, "10.99.0.1"))
-    put(store, overlay_key(4096), Overlay(4096, "10.40.0.0/24", 1450, {H1: "n1" * 32, H2: "n2" * 32}))
+    put(store, catalog_key("web"), NamedNetwork("web", "10.40.0.0/24", "10.40.0.1", 4096, 0, False, "10.99.0.1",
+                                                multicast=True))
+    put(store, overlay_key(4096), Overlay(4096, "10.40.0.0/24", 1450, {H1: "n1" * 32, H2: "n2" * 32},
+                                          multicast=True))
     put(store, overlay_key(77), Overlay(77, "10.41.0.0/24", 1400, {H3: "n3" * 32}))
     eps = [("e1", H1, "10.40.0.2"), ("e2", H2, "10.40.0.3"), ("e3", H2, "10.40.0.4"), ("e4", H3, "10.41.0.2")]
     for ep, host, ip in eps:
@@ -118,11 +120,25 @@ def test_create_takes_docker_s_options(store):
     ((), {"block_size": "26"}, "unknown option -o block_size; pyoverlay network create accepts -o vni="),
     ((5000,), {"vni": "5001"}, "--vni 5000 and -o vni=5001 disagree"),
     ((), {"vni": "ten"}, "-o vni=ten is not valid: the VXLAN network identifier must be a whole number"),
+    ((), {"multicast": "yes"}, "-o multicast=yes is not valid: use -o multicast=true to flood"),
 ])
 def test_create_refuses_bad_options(store, args, options, message):
     with pytest.raises(CommandError, match=message):
         network_create(store, "web", "10.40.0.0/24", "", *args, options=options)
     assert store.list("catalog/")[0] == []
+
+
+def test_create_with_multicast_and_what_an_existing_overlay_says(store):
+    entry = network_create(store, "web", "10.40.0.0/24", options={"multicast": "true"})
+    assert entry.multicast and entry.options()["multicast"] == "true"
+    assert not network_create(store, "db", "10.41.0.0/24", options={"multicast": "false"}).multicast
+    # An overlay hosts already carry floods as it was made: left out, the option is the overlay's.
+    put(store, subnet_index_key("10.42.0.0/24"), SubnetClaim(vni=5002))
+    put(store, overlay_key(5002), Overlay(5002, "10.42.0.0/24", 1450, {H1: "x"}, multicast=True))
+    with pytest.raises(CommandError, match="VNI 5002 floods broadcast and multicast on other hosts "
+                                           r"\(-o multicast=true\); use -o multicast=true or leave the option out"):
+        network_create(store, "api", "10.42.0.0/24", options={"multicast": "false"})
+    assert network_create(store, "api", "10.42.0.0/24").multicast
 
 
 def test_create_refuses_conflicts_with_what_exists(store):
@@ -245,6 +261,8 @@ def test_status_collects_hosts_networks_and_endpoints(store):
         ("", 77, "10.41.0.0/24", 1400, [H3], 1, False),
         ("web", 4096, "10.40.0.0/24", 1450, [H1, H2], 3, True),
     ]
+    # Only web floods, to the hosts with a container on it.
+    assert [(n["multicast"], n["flood"]) for n in status["networks"]] == [(False, []), (True, [H1, H2])]
     assert [(e["host"], e["network"], e["container"], e["ip"]) for e in status["endpoints"]] == [
         (H1, "web", "front", "10.40.0.2"),
         (H2, "web", "api", "10.40.0.3"),
@@ -265,9 +283,9 @@ def test_status_table(store):
         "10.99.0.3  10.99.0.3  down          10m ago    -\n"
         "\n"
         "NETWORKS\n"
-        "NAME  VNI   SUBNET        MTU   HOSTS                ENDPOINTS\n"
-        "-     77    10.41.0.0/24  1400  10.99.0.3            1\n"
-        "web   4096  10.40.0.0/24  1450  10.99.0.1,10.99.0.2  3\n"
+        "NAME  VNI   SUBNET        MTU   MULTICAST     HOSTS                ENDPOINTS\n"
+        "-     77    10.41.0.0/24  1400  off           10.99.0.3            1\n"
+        "web   4096  10.40.0.0/24  1450  on (2 hosts)  10.99.0.1,10.99.0.2  3\n"
         "notes:\n"
         "  web: 10.99.0.3: refused: x\n"
         "\n"
@@ -295,7 +313,7 @@ def test_last_seen_is_kept_after_the_host_is_gone(store):
 def test_status_of_an_empty_store(store):
     text = render_status(collect_status(store, now=NOW), now=NOW)
     assert text == ("HOSTS\nHOST  ADDRESS  STATE  LAST SEEN  VERSION\n(none)\n\n"
-                    "NETWORKS\nNAME  VNI  SUBNET  MTU  HOSTS  ENDPOINTS\n(none)\n\n"
+                    "NETWORKS\nNAME  VNI  SUBNET  MTU  MULTICAST  HOSTS  ENDPOINTS\n(none)\n\n"
                     "ENDPOINTS\nHOST  NETWORK  CONTAINER  IP  MAC  ENDPOINT\n(none)\n")
 
 
@@ -311,12 +329,14 @@ def test_cli_create_status_rm_json(sqlite_url, capsys):
                  "--wait", "0", "--store", sqlite_url, "--json"]) == 0
     created = json.loads(capsys.readouterr().out)
     assert created == {"network": {"name": "web", "subnet": "10.40.0.0/24", "gateway": "10.40.0.1", "vni": 4242,
-                                   "mtu": 1400, "internal": False, "origin": "cli"}, "hosts": []}
+                                   "mtu": 1400, "internal": False, "origin": "cli", "multicast": False},
+                       "hosts": []}
 
     assert main(["status", "--store", sqlite_url, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["networks"] == [{"name": "web", "vni": 4242, "subnet": "10.40.0.0/24", "mtu": 1400,
-                                   "internal": False, "in_catalog": True, "hosts": [], "endpoints": 0,
+                                   "internal": False, "multicast": False, "flood": [], "in_catalog": True,
+                                   "hosts": [], "endpoints": 0,
                                    "notes": [], "names": []}]
 
     # A second create of the name fails with a message, not a traceback.

@@ -21,6 +21,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -772,6 +773,134 @@ def test_set_peers_1000(a, network, capsys):
             f"\nset_peers 1000 peers: from empty {1000 * (t1 - t0):.0f} ms, "
             f"no-op {1000 * (t2 - t1):.0f} ms, 10 moved + 10 removed {1000 * (t3 - t2):.0f} ms"
         )
+
+
+# -- flooding (-o multicast=true) --------------------------------------------------
+
+GROUP, GROUP_PORT = "239.7.7.7", 5007
+
+# Run in a container namespace: join GROUP on the address given, print what arrives.
+_RECEIVER = """
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[2])))
+s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+             socket.inet_aton(sys.argv[1]) + socket.inet_aton(sys.argv[3]))
+print("joined", flush=True)
+s.settimeout(float(sys.argv[4]))
+try:
+    print(s.recv(100).decode(), flush=True)  # one is enough
+except socket.timeout:
+    pass
+"""
+
+_SENDER = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(sys.argv[3]))
+for n in range(int(sys.argv[4])):
+    s.sendto(f"datagram {n}".encode(), (sys.argv[1], int(sys.argv[2])))
+    time.sleep(0.05)
+"""
+
+
+def multicast_reaches(sender: tuple[str, str], receivers: list[tuple[str, str]], seconds: float = 1.5) -> list[bool]:
+    """For each (namespace, address) receiver: did a datagram sent to GROUP from sender arrive?"""
+    procs = [subprocess.Popen(["nsenter", f"--net={ns}", sys.executable, "-c", _RECEIVER, GROUP, str(GROUP_PORT),
+                               ip, str(seconds)], stdout=subprocess.PIPE, text=True) for ns, ip in receivers]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "joined"
+        run(sender[0], sys.executable, "-c", _SENDER, GROUP, str(GROUP_PORT), sender[1], "10", check=True)
+        return ["datagram" in p.communicate(timeout=seconds + 10)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def broadcast_answered_by(ns: str, broadcast: str) -> set[str]:
+    """The addresses that answer a broadcast ping from ns (a few echoes, every reply counted)."""
+    out = run(ns, "ping", "-b", "-c3", "-i0.3", "-W1", "-n", broadcast).stdout
+    return {line.split()[3].rstrip(":") for line in out.splitlines() if " bytes from " in line}
+
+
+def test_flooding_carries_broadcast_and_multicast_to_the_flood_list_only(a, b, c, network, container):
+    vni, mtu = 4306, 1350
+    hosts = {"a": a, "b": b, "c": c}
+    for host in hosts.values():
+        network(host, vni, mtu)
+    n = {"a": 40, "b": 41, "c": 42}
+    ips = {h: OVERLAY.format(n[h]) for h in hosts}
+    ctrs = {h: container(host, vni, ips[h], mac(n[h]), mtu)[0] for h, host in hosts.items()}
+    peers = {h: Peer(ips[h], mac(n[h]), host.addr) for h, host in hosts.items()}
+    for ns in ctrs.values():
+        run(ns, "sysctl", "-qw", "net.ipv4.icmp_echo_ignore_broadcasts=0", check=True)
+    broadcast = OVERLAY.format(255)
+    def from_a() -> list[bool]:
+        return multicast_reaches((ctrs["a"], ips["a"]), [(ctrs["b"], ips["b"]), (ctrs["c"], ips["c"])])
+
+    # Unicast peers only (a network without the option): nothing is flooded.
+    for h, host in hosts.items():
+        host.dp.set_peers(vni, [p for o, p in peers.items() if o != h])
+    assert ping(ctrs["a"], ips["b"]) and ping(ctrs["a"], ips["c"])
+    assert broadcast_answered_by(ctrs["a"], broadcast) == set()
+    assert from_a() == [False, False]
+
+    # Every host floods to the others.
+    for h, host in hosts.items():
+        others = [p for o, p in peers.items() if o != h]
+        host.dp.set_peers(vni, others, [p.vtep for p in others] + [host.addr])  # its own VTEP is left out
+        assert host.dp.flood(vni) == {p.vtep for p in others}
+    _, fdb = vxlan_entries(a.overlay(vni))
+    assert fdb["00:00:00:00:00:00"] == {b.addr, c.addr}
+    assert a.dp.peers(vni) == {peers["b"], peers["c"]}, "the flood list is no peer"
+    assert wait_for_set(lambda: broadcast_answered_by(ctrs["a"], broadcast), {ips["b"], ips["c"]})
+    assert from_a() == [True, True]
+    # ARP is still answered locally, never flooded: a container on C that no
+    # peer record names stays unreachable from A (flooded, C would answer it).
+    container(c, vni, OVERLAY.format(43), mac(43), mtu)
+    assert unreachable(ctrs["a"], OVERLAY.format(43))
+    # br0's IGMP snooping stays on. Above, with no querier, each bridge floods
+    # multicast to every port. With one (here B's bridge; as when a container
+    # runs one) bridges forward by membership: queries and reports cross the
+    # hosts too, so remote members are learned behind vxlan0.
+    run(b.overlay(vni), "ip", "link", "set", "br0", "type", "bridge", "mcast_querier", "1", check=True)
+    try:
+        deadline = time.monotonic() + 15
+        while (got := from_a()) != [True, True]:
+            assert time.monotonic() < deadline, f"with a querier on B's bridge: {got}"
+        mdb = run(a.overlay(vni), "bridge", "mdb", "show", check=True).stdout
+        assert f"port vxlan0 grp {GROUP}" in mdb, mdb
+    finally:
+        run(b.overlay(vni), "ip", "link", "set", "br0", "type", "bridge", "mcast_querier", "0", check=True)
+
+    # C leaves A's flood list: A's broadcasts and multicast reach B only.
+    a.dp.remove_flood(vni, c.addr)
+    a.dp.remove_flood(vni, c.addr)  # idempotent
+    assert a.dp.flood(vni) == {b.addr}
+    assert from_a() == [True, False]
+    assert wait_for_set(lambda: broadcast_answered_by(ctrs["a"], broadcast), {ips["b"]})
+    a.dp.add_flood(vni, c.addr)
+    a.dp.add_flood(vni, c.addr)  # idempotent
+    a.dp.add_flood(vni, a.addr)  # its own VTEP: never
+    assert a.dp.flood(vni) == {b.addr, c.addr}
+
+    # Reconciling without a flood list empties it (the option off, or debris).
+    assert a.dp.set_peers(vni, [peers["b"], peers["c"]]) == (0, 0)
+    assert a.dp.flood(vni) == set()
+    assert vxlan_entries(a.overlay(vni)) == expected_entries([peers["b"], peers["c"]])
+
+
+def wait_for_set(probe, want: set, timeout: float = 10.0) -> bool:
+    """probe() until it returns want (the first echoes may wait on ARP); fail showing the last."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = probe()
+        if got == want:
+            return True
+        assert time.monotonic() < deadline, f"got {got}, expected {want}"
 
 
 def test_timings(lab, c, capsys):

@@ -120,6 +120,28 @@ def test_reports_a_stale_and_a_missing_fdb_entry(plugin, served, overlay):
     assert "[FAIL] peers: 1 missing and 1 stale" in text and text.endswith("1 check(s) failed\n")
 
 
+
+def test_reports_a_missing_and_a_stale_flood_entry(plugin, served):
+    """-o multicast=true: the flood list (one all-zero FDB entry per remote
+    host with a container on the network) is part of what the kernel must hold."""
+    network_id, _, _ = make_network(plugin, options={"multicast": "true"})
+    vni = json.loads(plugin.store.get(f"networks/{network_id}").value)["vni"]
+    remote_peers(plugin, vni, 2)  # two containers, one host: one flood entry
+    wait_for(lambda: plugin.dataplane.flood(vni) == {REMOTE}, 5, "peer sync to flood to the remote host")
+    found = by_name(doctor(plugin, served))
+    assert found["peers"].status == OK
+    assert found["peers"].summary == "the kernel holds exactly the store's 2 remote peer(s) and 1 flood entry"
+
+    plugin.peers.stop()  # nothing may repair the kernel behind the test's back
+    in_overlay(plugin, vni, "bridge", "fdb", "del", "00:00:00:00:00:00", "dev", "vxlan0", "dst", REMOTE, "self")
+    in_overlay(plugin, vni, "bridge", "fdb", "append", "00:00:00:00:00:00", "dev", "vxlan0", "dst", "10.97.201.2",
+               "self", "permanent")
+    found = by_name(doctor(plugin, served))
+    assert found["peers"].status == FAIL
+    assert found["peers"].details == [f"VNI {vni}: missing flood entry to {REMOTE}",
+                                      f"VNI {vni}: stale flood entry to 10.97.201.2"]
+    assert found["peers"].summary.startswith("1 missing and 1 stale FDB/neighbour entries")
+
 def test_reports_debris_in_an_overlay_namespace(plugin, served, overlay):
     vni, _ = overlay
     in_overlay(plugin, vni, "ip", "link", "add", "pyb0123456789", "type", "veth", "peer", "name", "pyt-x")

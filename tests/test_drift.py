@@ -55,6 +55,19 @@ def test_a_moved_peer_is_both_missing_and_stale():
     assert found.stale_peers == {5000: [peer(2)]}
 
 
+
+def test_the_flood_list_of_a_multicast_overlay_is_each_other_host_with_a_peer():
+    peers = {5000: {peer(2), peer(3), peer(4, vtep="10.9.0.3"), peer(5, vtep=VTEP)},
+             5001: {peer(6)}}
+    store = StoreView(networks={5000, 5001}, peers=peers, vtep=VTEP, multicast={5000})
+    kernel = KernelView(namespaces={5000, 5001}, flood={5000: {OTHER, "10.9.0.3"}, 5001: set()})
+    assert not drift(store, kernel), "one entry per host, never this host's own"
+    # A host missing, a host with no peer left; and a flood entry where the option is off.
+    found = drift(store, KernelView(namespaces={5000, 5001}, flood={5000: {OTHER, "10.9.0.9"}, 5001: {OTHER}}))
+    assert found.missing_flood == {5000: ["10.9.0.3"]}
+    assert found.stale_flood == {5000: ["10.9.0.9"], 5001: [OTHER]}
+    assert not drift(store, KernelView(namespaces={5000, 5001})), "not read: no drift"
+
 def test_vxlan_settings_that_differ_or_a_missing_device():
     store = StoreView(networks=set(), vtep=VTEP, vxlan_port=4789)  # the store is not needed for these
     kernel = KernelView(namespaces={1, 2, 3, 4}, vxlan={

@@ -130,8 +130,9 @@ options = st.one_of(
     junk,
     st.fixed_dictionaries({}, optional={
         "com.docker.network.generic": st.one_of(junk, st.dictionaries(
-            st.one_of(st.sampled_from(["vni", "com.docker.network.driver.mtu"]), st.text(max_size=10)),
-            st.one_of(st.integers(-5, 2**25).map(str), st.integers(-5, 2**25), junk), max_size=3)),
+            st.one_of(st.sampled_from(["vni", "com.docker.network.driver.mtu", "multicast"]), st.text(max_size=10)),
+            st.one_of(st.integers(-5, 2**25).map(str), st.integers(-5, 2**25), st.sampled_from(["true", "false"]),
+                      junk), max_size=3)),
         "com.docker.network.enable_ipv6": junk,
         "com.docker.network.internal": junk,
         "RequestAddressType": st.one_of(st.just("com.docker.network.gateway"), junk),

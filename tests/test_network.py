@@ -78,8 +78,8 @@ class RecordingPeers:
     def __init__(self):
         self.calls: list[tuple] = []
 
-    def network_added(self, vni):
-        self.calls.append(("added", vni))
+    def network_added(self, vni, multicast=False):
+        self.calls.append(("added", vni, multicast))
 
     def network_removed(self, vni):
         self.calls.append(("removed", vni))
@@ -106,7 +106,7 @@ def test_create_and_delete_network_make_and_remove_the_namespace(world):
     store, kernel, peers, driver = world
     driver.create_network(NET, {}, POOL, [])
     assert kernel.calls == [("underlay_mtu",), ("create_network", VNI, 1450)]  # 1500 - VXLAN's 50
-    assert peers.calls == [("added", VNI)]
+    assert peers.calls == [("added", VNI, False)]
     assert driver.state.network(NET).vni == VNI
     kernel.calls.clear()
     driver.delete_network(NET)
@@ -194,7 +194,7 @@ def test_restore_removes_debris_and_remakes_what_the_store_holds(world):
         ("create_network", VNI, 1450),  # converges the one the store holds
         ("delete_endpoint", VNI, "deadbeef00"),  # a veth no endpoint owns
     ], "the live endpoint's veth must be kept"
-    assert restarted.calls == [("added", VNI), ("restored",)]
+    assert restarted.calls == [("added", VNI, False), ("restored",)]
 
 
 def test_the_real_dataplane_and_the_stand_in_offer_what_the_protocol_names():
@@ -212,3 +212,34 @@ def test_the_real_dataplane_and_the_stand_in_offer_what_the_protocol_names():
             have = inspect.signature(getattr(cls, name))
             params = [p for p in have.parameters if p != "self"]
             assert params == [p for p in signature.parameters if p != "self"], f"{cls.__name__}.{name}{have}"
+
+
+def test_multicast_is_the_overlay_s_on_every_host_and_fixed_once_made(world):
+    """-o multicast=true reaches peer sync here, and on a host that joins
+    later with the option left out; a host asking the opposite is refused
+    with what to do, and nothing of it is kept."""
+    store, kernel, peers, driver = world
+    with pytest.raises(DriverError, match="-o multicast=yes is not valid: use -o multicast=true"):
+        driver.create_network(NET, {"com.docker.network.generic": {"multicast": "yes"}}, POOL, [])
+    assert peers.calls == [] and _keys(store) == []
+    driver.create_network(NET, {"com.docker.network.generic": {"multicast": "true"}}, POOL, [])
+    assert peers.calls == [("added", VNI, True)]
+    assert driver.state.overlay(VNI).multicast
+
+    other = "10.9.0.2"
+    theirs = RecordingPeers()
+    there = NetworkDriver(State(store), RecordingKernel(), theirs, host=other, vtep=other)
+    before = _keys(store)
+    with pytest.raises(DriverError, match=f"VNI {VNI} floods broadcast and multicast on other hosts "
+                                          r"\(-o multicast=true\); use -o multicast=true or leave the option "
+                                          "out. It is fixed when the network is made: to change it, remove the "
+                                          "network on every host and create it again"):
+        there.create_network("m" * 64, {"com.docker.network.generic": {"multicast": "false"}}, POOL, [])
+    assert _keys(store) == before and theirs.calls == []
+    there.create_network("m" * 64, {}, POOL, [])
+    assert theirs.calls == [("added", VNI, True)]
+
+    # After a restart the overlay still floods.
+    restarted = RecordingPeers()
+    NetworkDriver(State(store), RecordingKernel(), restarted, host=HOST, vtep=HOST).restore()
+    assert restarted.calls == [("added", VNI, True), ("restored",)]

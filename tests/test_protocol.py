@@ -178,6 +178,8 @@ BAD_DRIVER_CALLS = [
      "prefix length from 24"),
     ("block size not a number", "NetworkDriver.CreateNetwork", _create_network_body(Options=_generic(block_size="/26")),
      "-o block_size=/26 is not valid"),
+    ("multicast neither true nor false", "NetworkDriver.CreateNetwork", _create_network_body(Options=_generic(multicast="on")),
+     "-o multicast=on is not valid: use -o multicast=true"),
     ("IPv6", "NetworkDriver.CreateNetwork",
      _create_network_body(Options={"com.docker.network.enable_ipv6": True}), "IPv6"),
     ("default IPAM", "NetworkDriver.CreateNetwork",

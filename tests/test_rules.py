@@ -36,6 +36,22 @@ def test_options_are_whole_numbers_in_range():
         rules.mtu_option({"com.docker.network.driver.mtu": "9000"}, max_mtu=1450)
 
 
+def test_multicast_is_true_or_false():
+    assert rules.multicast_option({}) is None
+    assert rules.multicast_option({"multicast": "true"}) is True
+    assert rules.multicast_option({"multicast": False}) is False
+    for bad in ("1", "yes", "True", "on", ""):
+        with pytest.raises(DriverError, match=f"-o multicast={bad} is not valid: use -o multicast=true to flood "
+                                              "broadcast and multicast to every host of the network, or "
+                                              r"-o multicast=false \(the default\)"):
+            rules.multicast_option({"multicast": bad})
+    rules.check_overlay_multicast(5000, None, True)  # left out: the overlay's own
+    rules.check_overlay_multicast(5000, True, True)
+    with pytest.raises(DriverError, match=r"VNI 5000 does not flood .* \(-o multicast=false\); use "
+                                          "-o multicast=false or leave the option out"):
+        rules.check_overlay_multicast(5000, True, False)
+
+
 def test_conflicts():
     rules.check_overlap(NET, ["10.20.0.0/24", "10.30.0.0/16"])  # the same subnet is the same overlay
     with pytest.raises(DriverError, match="subnet 10.20.0.0/24 overlaps 10.20.0.0/16"):
@@ -101,6 +117,8 @@ def _cli_create(plugin, name: str, subnet: str, options: dict) -> str:
     ("the VNI carries another subnet", "10.30.0.0/24", {"vni": "5000"}),
     ("an MTU below the smallest", "10.40.0.0/24", {"com.docker.network.driver.mtu": "100"}),
     ("an MTU that is not a number", "10.40.0.0/24", {"com.docker.network.driver.mtu": "big"}),
+    ("multicast neither true nor false", "10.40.0.0/24", {"multicast": "1"}),
+    ("multicast where the overlay does not flood", "10.20.0.0/24", {"multicast": "true"}),
 ])
 def test_a_refusal_reads_the_same_from_docker_and_from_pyoverlay(plugin, case, subnet, options):
     # Another host made the overlay 10.20.0.0/24 with -o vni=5000 (the records its driver and IPAM write).

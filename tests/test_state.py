@@ -189,7 +189,7 @@ def test_peer_sync_programs_good_peers_past_a_bad_one():
     sync.network_added(4100)
     sync.start()
     try:
-        wait_for(lambda: ("set", 4100, frozenset({good.peer()})) in dataplane.calls, 10, "the snapshot programmed")
+        wait_for(lambda: ("set", 4100, frozenset({good.peer()}), frozenset()) in dataplane.calls, 10, "the snapshot programmed")
         store.put(state_mod.peer_key(4100, "c" * 64), '{"ip": 1}')
         store.put(state_mod.peer_key(4100, later.endpoint_id), later.peer().to_json())
         wait_for(lambda: ("add", 4100, later.peer()) in dataplane.calls, 10, "the later peer added")

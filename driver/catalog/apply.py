@@ -16,7 +16,7 @@ from typing import Optional
 from ..engine import Engine, EngineNetworkInfo, EngineRefused, endpoint_in
 from ..events import EngineEvent
 from ..leftovers import Leftovers
-from ..defaults import OPT_MTU, OPT_VNI
+from ..defaults import OPT_MTU, OPT_MULTICAST, OPT_VNI
 from ..model import EngineNetwork, NamedNetwork
 from ..state import State
 from .plan import Action, Create, DropRecord, Later, Publish, Record, Remove, plan, plan_network, refused
@@ -101,7 +101,11 @@ class Applier:
             mtu = int(info.options.get(OPT_MTU) or 0)
         except ValueError:
             mtu = 0
-        entry = NamedNetwork(info.name, info.subnet, info.gateway, vni, mtu, info.internal, origin=self.host)
+        # The overlay's own setting: a host that left the option out joined it as it was made.
+        overlay = self.state.overlay(vni) if vni else None
+        multicast = overlay.multicast if overlay else info.options.get(OPT_MULTICAST) == "true"
+        entry = NamedNetwork(info.name, info.subnet, info.gateway, vni, mtu, info.internal, origin=self.host,
+                             multicast=multicast)
         if self.state.add_catalog_entry(entry):
             log.info("catalog: published network %s (%s, VNI %d) for every host", info.name, info.subnet, vni)
             self._count("published")

@@ -1,6 +1,7 @@
 """Peers: vxlan0's FDB and neighbour table (moby's peerdb.go, the kernel half).
 
-VXLAN and ARP: no multicast and no flooding. vxlan0 has learning off and ARP
+VXLAN and ARP: no multicast in the underlay, and no flooding unless the
+network asks for it (-o multicast=true, below). vxlan0 has learning off and ARP
 proxy on. A container's ARP request reaches vxlan0 through br0; the vxlan
 device answers it locally from its neighbour table (one permanent entry per
 remote IP) and sends unicast frames to the VTEP its FDB names (one entry per
@@ -9,6 +10,15 @@ is broadcast to every host, and what each host knows is exactly what the
 control plane programmed, so a stale entry can be found and replaced rather
 than waiting for learning to age it out. Unknown destinations are dropped,
 never flooded. The cost: a peer must be programmed before anyone can reach it.
+
+Flooding, for networks made with -o multicast=true: head-end replication. The
+flood list is vxlan0's all-zero FDB entry (00:00:00:00:00:00), one destination
+per remote VTEP that has a peer on the network; the kernel sends one unicast
+copy of every broadcast, multicast and unknown-unicast frame to each. ARP is
+still answered by the proxy and never flooded (the kernel's ARP proxy consumes
+every ARP request, answered or not). Known unicast keeps its one FDB entry, so
+its path is unchanged. Without the option the flood list is empty, and any
+all-zero entry found (debris) is removed.
 
 Peers obey one rule, which is what makes IP or MAC reuse safe: the kernel
 holds at most one entry per IP and one per MAC. Adding a peer evicts whatever
@@ -23,6 +33,7 @@ flooded frames back into br0 and teach it the wrong port.
 
 from __future__ import annotations
 
+import errno
 from typing import Iterable
 
 from pyroute2 import IPRoute
@@ -30,10 +41,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from driver.model import Peer
 
-from .base import NTF_SELF, NUD_NOARP, NUD_PERMANENT, VXLAN, DataplaneError, check_vni, missing, norm_peer, step
+from .base import (NTF_SELF, NUD_NOARP, NUD_PERMANENT, VXLAN, DataplaneError, check_vni, ipv4, missing, norm_peer,
+                   step)
 from .worker import Worker
 
 _CHUNK = 32  # peer operations per worker job (about 5 ms of kernel work)
+FLOOD = "00:00:00:00:00:00"  # vxlan0's default destination: where frames with no FDB entry go
 
 
 class PeerStage(Worker):
@@ -49,15 +62,32 @@ class PeerStage(Worker):
         check_vni(vni)
         self._call(self._remove_peer, vni, norm_peer(peer))
 
-    def set_peers(self, vni: int, peers: Iterable[Peer]) -> tuple[int, int]:
-        """Make vxlan0's entries exactly peers (one dump, then the differences).
+    def add_flood(self, vni: int, vtep: str) -> None:
+        """Flood broadcast/multicast/unknown unicast to vtep too. Idempotent."""
+        check_vni(vni)
+        vtep = str(ipv4(vtep, "flood VTEP"))
+        if vtep != self.vtep:
+            self._call(self._flood_op, vni, f"add_flood {vtep} on VNI {vni}", "flood_add", vtep)
+
+    def remove_flood(self, vni: int, vtep: str) -> None:
+        """Stop flooding to vtep. Idempotent."""
+        check_vni(vni)
+        vtep = str(ipv4(vtep, "flood VTEP"))
+        self._call(self._flood_op, vni, f"remove_flood {vtep} on VNI {vni}", "flood_del", vtep)
+
+    def set_peers(self, vni: int, peers: Iterable[Peer], flood: Iterable[str] = ()) -> tuple[int, int]:
+        """Make vxlan0's entries exactly peers, and its flood list exactly
+        flood (one dump, then the differences).
 
         Returns (added, removed): peers programmed that were not there as
         such, and peers that were there and are gone (a changed peer counts
         in both). Debris that is not a whole peer is removed too, and peers
-        on this host are left out (see above).
+        on this host are left out (see above). flood: the remote VTEPs that
+        get a copy of every broadcast and multicast frame (empty: none, the
+        default); this host's own VTEP is left out.
         """
         check_vni(vni)
+        want_flood = {str(ipv4(v, "flood VTEP")) for v in flood} - {self.vtep}
         want = {p for p in map(norm_peer, peers) if p.vtep != self.vtep}
         for key in ("ip", "mac"):
             seen: dict[str, Peer] = {}
@@ -70,15 +100,17 @@ class PeerStage(Worker):
                     )
         what = f"set_peers on VNI {vni}"
         neigh, fdb = self._call(self._dump, vni, what)
+        have_flood = fdb.pop(FLOOD, set())
         have = _join(neigh, fdb)
         want_neigh = {p.ip: p.mac for p in want}
         want_fdb = {p.mac: p.vtep for p in want}
         ops = [
             *(("neigh_del", ip) for ip in neigh.keys() - want_neigh.keys()),
-            # also drops all-zeros (flooding) entries
             *(("fdb_del", mac) for mac in fdb.keys() - want_fdb.keys()),
             *(("fdb_set", mac, vtep) for mac, vtep in want_fdb.items() if fdb.get(mac) != {vtep}),
             *(("neigh_set", ip, mac) for ip, mac in want_neigh.items() if neigh.get(ip) != mac),
+            *(("flood_del", vtep) for vtep in sorted(have_flood - want_flood)),
+            *(("flood_add", vtep) for vtep in sorted(want_flood - have_flood)),
         ]
         # Applied in chunks, each its own job on the worker thread, so a Join
         # (create_endpoint) waits for one chunk, not for the whole reconcile.
@@ -91,6 +123,12 @@ class PeerStage(Worker):
         FDB entry (empty if the network is not on this host). Read-only."""
         check_vni(vni)
         return self._call(self._peers, vni)
+
+    def flood(self, vni: int) -> set[str]:
+        """The VTEPs vxlan0 floods to (empty if none, or if the network is not
+        on this host). Read-only."""
+        check_vni(vni)
+        return self._call(self._flood, vni)
 
     def _vxlan(self, vni: int, what: str) -> _Table:
         ns = self._need_ns(vni, what)
@@ -149,6 +187,20 @@ class PeerStage(Worker):
         with step(what):
             for op, *args in ops:
                 getattr(table, op)(*args)
+
+    def _flood_op(self, vni: int, what: str, op: str, vtep: str) -> None:
+        if op == "flood_del" and self._ns_handle(vni) is None:
+            return  # the network went, and its flood list with it
+        table = self._vxlan(vni, what)
+        with step(what):
+            getattr(table, op)(vtep)
+
+    def _flood(self, vni: int) -> set[str]:
+        if self._ns_handle(vni) is None:
+            return set()
+        table = self._vxlan(vni, f"reading the flood list of VNI {vni}")
+        with step(table.what):
+            return table.fdb_dump().get(FLOOD, set())
 
     def _peers(self, vni: int) -> set[Peer]:
         if self._ns_handle(vni) is None:
@@ -226,6 +278,22 @@ class _Table:
     def fdb_del(self, mac: str) -> None:
         try:
             self.ipr.fdb("del", ifindex=self.index, lladdr=mac)  # no dst: the whole entry
+        except NetlinkError as e:
+            if not missing(e):
+                raise
+
+    def flood_add(self, vtep: str) -> None:
+        # "append": one more destination for the all-zero entry (replace would
+        # swap the whole list for this one).
+        try:
+            self.ipr.fdb("append", ifindex=self.index, lladdr=FLOOD, dst=vtep)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+
+    def flood_del(self, vtep: str) -> None:
+        try:
+            self.ipr.fdb("del", ifindex=self.index, lladdr=FLOOD, dst=vtep)  # this destination only
         except NetlinkError as e:
             if not missing(e):
                 raise

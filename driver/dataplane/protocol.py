@@ -2,8 +2,9 @@
 
 Dataplane satisfies it; a unit test hands NetworkDriver a recording stand-in
 instead (tests/test_network.py), so the driver's operations are tested
-without the kernel. Peer sync asks only set_peers/add_peer/remove_peer
-(tests/test_peersync.py's stand-in).
+without the kernel. Peer sync asks only set_peers/add_peer/remove_peer and
+add_flood/remove_flood (tests/test_peersync.py's stand-in, checked against
+Dataplane's signatures there).
 """
 
 from __future__ import annotations
