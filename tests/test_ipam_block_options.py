@@ -48,7 +48,7 @@ class _Kernel:
 
 
 class _Peers:
-    def network_added(self, vni) -> None:
+    def network_added(self, vni, multicast=False) -> None:
         pass
 
 
