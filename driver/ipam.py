@@ -204,6 +204,14 @@ class Ipam:
         if self.state.update_address(subnet, str(ip), release) is None:
             self.blocks.released(subnet, ip)
 
+    def release_unused(self, subnet: str, ip: str, revision: int) -> bool:
+        """Release a claim of this host if it is still at revision: the endpoint
+        sweep's, for an address the engine no longer knows of (driver/sweep.py)."""
+        if not self.state.release_address_if_unchanged(subnet, ip, revision):
+            return False
+        self.blocks.released(subnet, ipaddress.ip_address(ip))
+        return True
+
     def _in_subnet(self, subnet: ipaddress.IPv4Network, address: str) -> ipaddress.IPv4Address:
         return rules.usable_address(subnet, address)
 

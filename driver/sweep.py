@@ -19,6 +19,14 @@ an endpoint record of this host is removed only when
 Its address is released only if its claim is older than the endpoint record (an
 address released and claimed again since belongs to someone else now).
 
+The same pass releases this host's container addresses that no endpoint record
+uses: a ReleaseAddress that failed (the store restarting, the plugin killed
+between RequestAddress and CreateEndpoint, on a host whose next restart is far
+off) leaves one the engine has forgotten. An address goes only when two passes
+at least `grace` seconds apart found it unused with its claim unchanged; the
+addresses are listed before the endpoint records, so a claim whose endpoint is
+written in between never looks unused.
+
 Only the container list is read on every pass; the network list only when a
 record is missing from it (Docker Engine 20.10 miscounts endpoints when network
 listings meet container bursts: docs/engine-miscount.md).
@@ -52,13 +60,17 @@ class EngineView(Protocol):
 class EndpointSweep:
     def __init__(self, state: State, engine: EngineView, host: str,
                  delete_endpoint: Callable[[str, str], None], release_address: Callable[[str, str], None],
+                 release_unused: Callable[[str, str, int], bool],
                  every: float = EVERY, grace: float = GRACE, clock: Callable[[], float] = time.monotonic):
         """delete_endpoint(network_id, endpoint_id) and release_address(pool_id, address):
-        the driver's own DeleteEndpoint and ReleaseAddress."""
+        the driver's own DeleteEndpoint and ReleaseAddress; release_unused(subnet, ip,
+        revision): the IPAM's release of a claim still at revision."""
         self.state, self.engine, self.host = state, engine, host
         self.delete_endpoint, self.release_address = delete_endpoint, release_address
+        self.release_unused = release_unused
         self.every, self.grace, self.clock = every, grace, clock
         self._unknown_since: dict[str, float] = {}  # endpoint ID -> first pass that found it unknown
+        self._unused_since: dict[tuple[str, str, int], float] = {}  # (subnet, ip, claim revision) -> first pass
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -83,7 +95,10 @@ class EndpointSweep:
     def sweep(self) -> list[str]:
         """One pass; returns the endpoint IDs removed."""
         now = self.clock()
-        records = [e for e in self.state.list("endpoints/", Endpoint) if e.host == self.host]
+        claims = self._claims()  # before the endpoint records: see the module's rule
+        every_record = self.state.list("endpoints/", Endpoint)
+        self._release_unused(claims, every_record, now)
+        records = [e for e in every_record if e.host == self.host]
         known = self.engine.container_endpoints()  # after the store read: see the module's rule
         unknown = [e for e in records if e.endpoint_id not in known]
         if unknown:
@@ -99,6 +114,27 @@ class EndpointSweep:
                 del self._unknown_since[endpoint.endpoint_id]
                 removed.append(endpoint.endpoint_id)
         return removed
+
+    def _claims(self) -> list[tuple[str, str, int]]:
+        """(subnet, ip, claim revision) of this host's container addresses, in
+        the pools this host holds."""
+        return [(pool.subnet, ip, revision) for pool in self.state.pools() if self.host in pool.hosts
+                for ip, address, revision in self.state.addresses(pool.subnet)
+                if address.kind == "container" and address.host == self.host]
+
+    def _release_unused(self, claims: list[tuple[str, str, int]], records: list[Endpoint], now: float) -> None:
+        used = {(str(ipaddress.ip_interface(e.address).network), e.ip) for e in records}
+        unused = {claim for claim in claims if claim[:2] not in used}
+        self._unused_since = {claim: t for claim, t in self._unused_since.items() if claim in unused}
+        for claim in sorted(unused):
+            since = self._unused_since.setdefault(claim, now)
+            if now - since >= self.grace:
+                subnet, ip, revision = claim
+                if self.release_unused(subnet, ip, revision):
+                    log.warning("address %s of pool %s was claimed by this host but no endpoint has used it for "
+                                "%.0f s (a ReleaseAddress that failed, or a claim the engine never learnt of); "
+                                "released it", ip, subnet, now - since)
+                del self._unused_since[claim]
 
     def _remove(self, endpoint: Endpoint, unknown_for: float) -> None:
         subnet = str(ipaddress.ip_interface(endpoint.address).network)

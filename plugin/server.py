@@ -123,7 +123,8 @@ class Runtime:
         self.sweep = None
         if config.sweep_grace > 0:
             self.sweep = EndpointSweep(state, Engine(config.docker_host), host, self.network.delete_endpoint,
-                                       self.ipam.release_address, grace=config.sweep_grace,
+                                       self.ipam.release_address, self.ipam.release_unused,
+                                       grace=config.sweep_grace,
                                        every=min(10.0, max(config.sweep_grace / 3, 1.0)))
 
     def _build_dns(self, config: Config, host: str) -> None:

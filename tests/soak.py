@@ -257,8 +257,15 @@ class Soak:
 
         # An endpoint the engine forgot while a plugin was down goes by the sweep,
         # SWEEP_WAIT at most after the run (its default grace plus two passes).
-        wait_for(store_agrees, SWEEP_WAIT, lambda: f"the store to hold exactly the {len(ips)} live containers' endpoints and "
-                 f"addresses: {sorted(k for k in store(self.etcd) if not k.startswith(('hosts/', 'seen/')))}")
+        def disagreement() -> str:
+            kv = store(self.etcd)
+            live_ips = set(ips.values()) | {SUBNET.rsplit(".", 1)[0] + ".1"}
+            stray = {k: v for k, v in kv.items() if k.startswith("addresses/") and k.rsplit("/", 1)[1] not in live_ips}
+            return (f"the store to hold exactly the {len(ips)} live containers' endpoints and addresses; "
+                    f"addresses no live container has: {stray}; "
+                    f"keys: {sorted(k for k in kv if not k.startswith(('hosts/', 'seen/')))}")
+
+        wait_for(store_agrees, SWEEP_WAIT, disagreement)
         for h in self.hosts:
             def kernel_agrees(h=h) -> bool:
                 host_links = [n for n in h.links() if n.startswith(("pyo", "pyb"))]

@@ -5,8 +5,8 @@ tests/e2e/test_faults.py::test_endpoint_forgotten_while_plugin_down_is_swept."""
 
 from __future__ import annotations
 
-from driver.model import Address, Endpoint
-from driver.state import State, address_key, endpoint_key
+from driver.model import Address, Endpoint, Pool
+from driver.state import State, address_key, endpoint_key, pool_key
 from driver.store.memory import MemoryStore
 from driver.sweep import EndpointSweep
 
@@ -37,6 +37,8 @@ class Clock:
 
 def setup(host="h1"):
     state = State(MemoryStore())
+    assert state.create({pool_key(SUBNET): Pool(subnet=SUBNET, hosts=["h1", "h2"], gateway="10.5.0.1")})
+    assert state.create({address_key(SUBNET, "10.5.0.1"): Address(kind="gateway", host="h2")})
     engine, clock, calls = FakeEngine(), Clock(), []
 
     def delete_endpoint(network_id, endpoint_id):
@@ -47,7 +49,12 @@ def setup(host="h1"):
         calls.append(("ReleaseAddress", address))
         state.delete([address_key(pool_id, address)])
 
-    sweep = EndpointSweep(state, engine, host, delete_endpoint, release_address, grace=60, clock=clock)
+    def release_unused(subnet, ip, revision):
+        calls.append(("release unused", ip))
+        return state.release_address_if_unchanged(subnet, ip, revision)
+
+    sweep = EndpointSweep(state, engine, host, delete_endpoint, release_address, release_unused, grace=60,
+                          clock=clock)
     return state, engine, clock, calls, sweep
 
 
@@ -118,3 +125,61 @@ def test_an_address_claimed_again_after_the_endpoint_is_left_alone():
     assert sweep.sweep() == ["1" * 64]
     assert calls == [("DeleteEndpoint", "1" * 64)]
     assert state.get(address_key(SUBNET, "10.5.0.2"), Address) is not None
+
+
+def claim(state, ip, host="h1"):
+    assert state.create({address_key(SUBNET, ip): Address.container(host)})
+
+
+def test_an_address_no_endpoint_uses_goes_only_after_the_grace():
+    """A ReleaseAddress that failed (the store restarting) leaves a claim the
+    engine forgot: no endpoint record uses it. It goes after the grace; the
+    addresses endpoints use, the gateway and another host's claims stay."""
+    state, engine, clock, calls, sweep = setup()
+    add(state, "1" * 64, "10.5.0.2")
+    engine.endpoints.add("1" * 64)
+    claim(state, "10.5.0.3")  # the orphan
+    claim(state, "10.5.0.4", host="h2")  # h2's: its own sweep judges it
+    sweep.sweep()
+    clock.t = 59
+    sweep.sweep()
+    assert calls == [] and state.get(address_key(SUBNET, "10.5.0.3"), Address) is not None
+    clock.t = 60
+    sweep.sweep()
+    assert calls == [("release unused", "10.5.0.3")]
+    kept = {ip for ip, _, _ in state.addresses(SUBNET)}
+    assert kept == {"10.5.0.1", "10.5.0.2", "10.5.0.4"}
+
+
+def test_an_unused_address_claimed_again_meanwhile_starts_over():
+    """Released and claimed again between two passes (a new container whose
+    CreateEndpoint is still to come): a new claim, judged from its own first sighting."""
+    state, engine, clock, calls, sweep = setup()
+    claim(state, "10.5.0.3")
+    sweep.sweep()
+    state.delete([address_key(SUBNET, "10.5.0.3")])
+    clock.t = 30
+    claim(state, "10.5.0.3")
+    sweep.sweep()
+    clock.t = 60
+    sweep.sweep()
+    assert calls == []
+    clock.t = 89
+    sweep.sweep()
+    assert calls == []
+    clock.t = 90
+    sweep.sweep()
+    assert calls == [("release unused", "10.5.0.3")] and state.addresses(SUBNET)[0][0] == "10.5.0.1"
+
+
+def test_an_address_whose_endpoint_comes_is_never_released():
+    state, engine, clock, calls, sweep = setup()
+    claim(state, "10.5.0.3")
+    sweep.sweep()  # RequestAddress answered, CreateEndpoint not yet
+    clock.t = 1
+    add(state, "3" * 64, "10.5.0.3", claim=False)
+    engine.endpoints.add("3" * 64)
+    for t in (1, 61, 200):
+        clock.t = t
+        sweep.sweep()
+    assert calls == [] and state.get(address_key(SUBNET, "10.5.0.3"), Address) is not None

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.e2e.conftest import ensure_network
-from tests.e2e.test_faults import _unstick, cluster, hosts, pings, plugin_links, run, run_ip, store  # noqa: F401
+from tests.e2e.test_faults import _unstick, call, cluster, hosts, pings, plugin_links, run, run_ip, store  # noqa: F401
 from tests.hosts import IMAGE, wait_for
 from tests.reliability import record
 from tests.seed import rng as seeded
@@ -82,6 +82,23 @@ def test_endpoint_forgotten_while_plugin_down_is_swept(hosts, cluster):
                 f"record, peer, name and address {took:.1f} s after the plugin was back; the live endpoint and its "
                 "traffic untouched; the address taken again by a new container",
            left_by_engine=int(left), swept_s=round(took, 1))
+    # A claim the engine forgot with no endpoint at all (a ReleaseAddress that
+    # failed while etcd restarted; RequestAddress answered to an engine whose
+    # CreateEndpoint never came): asked for here as the engine would, then
+    # never used. The sweep releases it; the live containers' stay.
+    orphan = call(h1, "IpamDriver.RequestAddress", {"PoolID": "10.68.0.0/24", "Address": "", "Options": {}})
+    orphan_ip = orphan["Address"].split("/")[0]
+    assert f"{subnet_key}{orphan_ip}" in store(cluster.etcd)
+    t0 = time.monotonic()
+    wait_for(lambda: f"{subnet_key}{orphan_ip}" not in store(cluster.etcd), SWEEP_GRACE + 30,
+             f"the sweep to release {orphan_ip}, claimed with no endpoint")
+    orphan_took = time.monotonic() - t0
+    kv = store(cluster.etcd)
+    assert all(f"{subnet_key}{ip}" in kv for ip in (stay_ip, gone_ip)), "addresses in use must stay"
+    record("address sweep", did=f"an address asked for over the plugin's socket as the engine would, and no "
+           f"endpoint ever made with it (plugin with --sweep-grace {SWEEP_GRACE})",
+           held=f"the sweep released it {orphan_took:.1f} s later; the addresses live containers use stayed",
+           released_s=round(orphan_took, 1))
     # The soak after it runs h1 as every other host: the default grace.
     h1.stop_plugin()
     h1.start_plugin(cluster.url())
