@@ -87,6 +87,8 @@ class NetworkDriver:
         self._left: set[str] = set()
         # The store revision before which this process claimed no address (Ipam.claims_from).
         self.claims_from: Optional[Callable[[], int]] = None
+        # Ipam.release_unused, so the allocator hears of what restore frees.
+        self.release_unused: Optional[Callable[[str, str, int], bool]] = None
 
     @staticmethod
     def capabilities() -> dict:
@@ -421,7 +423,8 @@ class NetworkDriver:
                     continue
                 if address.kind == "container" and address.host == self.host and (pool.subnet, ip) not in used:
                     # Only if unchanged since read: a claim made meanwhile is live.
-                    released += self.state.release_address_if_unchanged(pool.subnet, ip, revision)
+                    release = self.release_unused or self.state.release_address_if_unchanged
+                    released += release(pool.subnet, ip, revision)
         return released
 
 

@@ -112,6 +112,7 @@ class Runtime:
         self.ipam = Ipam(state, host, default_pool=config.default_pool, host_routes=self.dataplane.routes,
                          block_grace=config.block_grace, metrics=self.metrics)
         self.network.claims_from = self.ipam.claims_from  # restore never frees what this process just claimed
+        self.network.release_unused = self.ipam.release_unused
         self.membership = Membership(self.store, host, vtep, VERSION)
         self.last_seen = LastSeenWriter(self.store, host, vtep)
         self.catalog = None

@@ -92,6 +92,7 @@ class PluginUnderTest:
         self.network = NetworkDriver(state, self.dataplane, self.peers, host=host.addr, vtep=host.addr)
         self.ipam = Ipam(state, host.addr, host_routes=self.dataplane.routes)
         self.network.claims_from = self.ipam.claims_from  # as plugin/server.py wires it
+        self.network.release_unused = self.ipam.release_unused
         self.client = create_app(self.network, self.ipam).test_client()
         self.peers.start()
         assert self.peers.synced.wait(5), "peer sync never took its first snapshot"

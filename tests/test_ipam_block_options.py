@@ -117,6 +117,7 @@ def test_restore_never_frees_an_address_this_process_claimed():
     ipam = Ipam(state, host)
     driver = NetworkDriver(state, _Kernel(), _Peers(), host=host, vtep=host)
     driver.claims_from = ipam.claims_from
+    driver.release_unused = ipam.release_unused
     try:
         ipam.request_pool("pyoverlay", "10.60.0.0/24", "", False)
         state.create({address_key("10.60.0.0/24", "10.60.0.200"): Address(kind="container", host=host)})  # a crash's leftover
