@@ -65,6 +65,18 @@ class Network(Record):
     mtu: int
     subnet: str
     internal: bool = False
+    # -o gateway=pyoverlay: pyoverlay's own egress and published ports
+    # (driver/gateway.py); "" is the engine's docker_gwbridge.
+    gateway_mode: str = ""
+    gateway: str = ""  # the network's gateway address (no prefix length), kept for gateway_mode
+
+    def to_json(self) -> str:
+        # Left out when unset: records read as before, byte for byte.
+        data = asdict(self)
+        for name in ("gateway_mode", "gateway"):
+            if not data[name]:
+                del data[name]
+        return json.dumps(data, sort_keys=True)
 
 
 @dataclass
@@ -80,6 +92,15 @@ class Endpoint(Record):
     # endpoint per sandbox: the engine fails a Join whose route already exists.
     sandbox: str = ""  # the SandboxKey it joined, while it carries that route
     dns_route: bool = False
+    # Published ports in gateway mode (driver/gateway.py): bindings as the
+    # engine's com.docker.network.portmap spells them, host ports resolved.
+    ports: list = field(default_factory=list)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        if not data["ports"]:
+            del data["ports"]  # as before for every endpoint without published ports
+        return json.dumps(data, sort_keys=True)
 
     @property
     def ip(self) -> str:
