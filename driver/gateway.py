@@ -151,6 +151,8 @@ class GatewayMode:
             for binding in wanted:
                 resolved.append(self._choose(binding, taken + [(b, endpoint) for b in resolved]))
             previous = list(endpoint.ports)
+            if resolved == previous:
+                return  # most containers publish nothing: no store write, no nft run
             self._set_ports(endpoint.endpoint_id, resolved)
             try:
                 self._apply()

@@ -43,6 +43,7 @@ UPLINK_NS = "up0"  # namespace end
 LINK_HOST = "169.254.31.1"
 LINK_NS = "169.254.31.2"
 IFA_F_NOPREFIXROUTE = 0x200
+RTNH_F_ONLINK = 0x4  # the next hop needs no route of its own: it is on this device
 
 
 def uplink_name(vni: int) -> str:
@@ -138,7 +139,8 @@ class EgressStage(Worker):
     @staticmethod
     def _route(handle: Handle, dst: str, dst_len: int, gateway: str, index: int) -> None:
         # replace: a restart converges a route someone changed.
-        handle.ipr.route("replace", dst=dst, dst_len=dst_len, gateway=gateway, oif=index, flags=4)  # RTNH_F_ONLINK
+        handle.ipr.route("replace", dst=dst, dst_len=dst_len, gateway=gateway, oif=index,
+                         flags=RTNH_F_ONLINK)
 
     def uplinks(self) -> set[int]:
         """VNIs with an uplink in the host namespace."""
@@ -150,16 +152,3 @@ class EgressStage(Worker):
             names = [link.get_attr("IFLA_IFNAME") for link in host.ipr.link("dump", family=socket.AF_UNSPEC)]
         return {int(n[len(UPLINK_PREFIX):]) for n in names
                 if n.startswith(UPLINK_PREFIX) and n[len(UPLINK_PREFIX):].isdigit()}
-
-    def remove_egress(self, vni: int) -> None:
-        """The uplink (and with it its routes). Idempotent."""
-        check_vni(vni)
-
-        def apply() -> None:
-            host = self._host_handle()
-            with step(f"deleting {uplink_name(vni)}"):
-                index = host.index(uplink_name(vni))
-                if index is not None:
-                    host.link_del(index)
-
-        self._call(apply)
