@@ -201,11 +201,13 @@ class NamedNetwork(Record):
     internal: bool = False
     origin: str = ""  # the host whose engine it came from, or "cli"
     multicast: bool = False  # -o multicast=true, so every host's engine shows (and asks for) it
+    gateway_mode: str = ""  # -o gateway=pyoverlay (driver/gateway.py), so every host carries its own egress
 
     def to_json(self) -> str:
         data = asdict(self)
-        if not data["multicast"]:
-            del data["multicast"]  # entries without it read as before, byte for byte
+        for name in ("multicast", "gateway_mode"):
+            if not data[name]:
+                del data[name]  # entries without them read as before, byte for byte
         return json.dumps(data, sort_keys=True)
 
     def options(self) -> dict[str, str]:
@@ -214,6 +216,8 @@ class NamedNetwork(Record):
             options[OPT_MTU] = str(self.mtu)
         if self.multicast:
             options[OPT_MULTICAST] = "true"
+        if self.gateway_mode:
+            options["gateway"] = self.gateway_mode
         return options
 
     def matches(self, info, vni: int = 0) -> bool:
