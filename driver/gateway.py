@@ -131,10 +131,16 @@ class GatewayMode:
         return network.gateway if self.wants_egress(network) else None
 
     def restore(self, networks: Iterable[Network]) -> None:
-        for network in networks:
-            if self.wants_egress(network):
-                self.dataplane.add_egress(network.vni, network.subnet, network.gateway)
-        self.sync()
+        wanted = [n for n in networks if self.wants_egress(n)]
+        for network in wanted:
+            self.dataplane.add_egress(network.vni, network.subnet, network.gateway)
+        try:
+            self.sync()
+        except DriverError as exc:
+            if wanted:
+                raise  # restore retries: this host's gateway-mode networks need the table
+            # A host that uses no gateway mode must not fail its start for want of nft.
+            log.warning("%s (no gateway-mode network on this host: nothing needs it)", exc)
 
     # -- published ports ----------------------------------------------------------
 

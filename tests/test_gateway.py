@@ -199,3 +199,15 @@ def test_the_app_refuses_a_malformed_portmap(world):
         "NetworkID": NET, "EndpointID": EP, "Options": portmap(binding(80, 8080, proto=1))})
     assert answer.status_code == 400 and "tcp or udp" in answer.get_json()["Err"]
     assert nat.mappings == []
+
+
+def test_a_host_without_gateway_mode_restores_without_nft(world):
+    driver, kernel, nat = world
+    driver.create_network(NET, {}, POOL, [])
+    nat.refuse = True
+    driver.restore()  # no raise: nothing here needs the table
+    nat.refuse = False
+    driver.create_network(NET2, GW, POOL2, [])
+    nat.refuse = True
+    with pytest.raises(DriverError, match="nft refused"):
+        driver.restore()  # this one does: restore is retried until it succeeds
