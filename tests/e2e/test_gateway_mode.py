@@ -113,12 +113,16 @@ def test_egress_and_published_ports_without_gwbridge(host, underlay, underlay_ht
         assert dnat_rules(host) == before
         assert fetch(underlay, f"http://{host.addr}:8080/") == "published-ok\n"
 
-        # docker stop releases the ports, docker start publishes them again.
+        # docker stop and docker kill release the ports, docker start publishes them again.
         host.docker("stop", "-t", "1", "www")
         assert dnat_rules(host) == []
         assert fetch(underlay, f"http://{host.addr}:8080/") == ""
         host.docker("start", "www")
         wait_for(lambda: fetch(underlay, f"http://{host.addr}:8080/") == "published-ok\n", 10, "-p after a start")
+        # docker kill: the engine revokes when it sees the exit, after the CLI returned.
+        host.docker("kill", "www")
+        wait_for(lambda: dnat_rules(host) == [], 10, lambda: f"the rules to go after docker kill: {dnat_rules(host)}")
+        assert fetch(underlay, f"http://{host.addr}:8080/") == ""
     finally:
         host.docker("rm", "-f", "www", "dup")
     assert dnat_rules(host) == [], "a removed container left its DNAT rule"
