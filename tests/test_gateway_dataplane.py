@@ -193,6 +193,29 @@ def test_script_is_deterministic():
     assert a == b
 
 
+def test_two_gateway_mode_networks_stay_apart(lab):
+    """The host routes both subnets, yet only a published port crosses from one to the other."""
+    vni2, subnet2 = VNI + 1, "10.97.101.0/24"
+    c2 = lab.ns("c2")
+    lab.dp.create_network(vni2, 1450)
+    try:
+        lab.dp.add_egress(vni2, subnet2, "10.97.101.1")
+        ifname = lab.dp.create_endpoint(vni2, "d" * 64, "02:97:00:00:01:02", 1450)
+        sh(lab.h, "ip", "link", "set", ifname, "netns", c2)
+        sh(c2, "ip", "addr", "add", "10.97.101.2/24", "dev", ifname)
+        sh(c2, "ip", "link", "set", ifname, "up")
+        sh(c2, "ip", "route", "add", "default", "via", "10.97.101.1")
+        lab.nat.apply([Uplink(VNI, SUBNET), Uplink(vni2, subnet2)], [PortMapping("tcp", "", 8080, CONTAINER, 80)])
+        assert peer_seen(c2, OUTSIDE, 7000) == HOST_ADDR  # its own way out works
+        assert peer_seen(c2, CONTAINER, 80).startswith("failed")
+        # A published port is open to it, as to any client; it leaves net 2 by
+        # an uplink not its own, so its egress masquerade applies (as between two Docker bridges).
+        assert peer_seen(c2, HOST_ADDR, 8080) == LINK_HOST
+    finally:
+        lab.dp.delete_network(vni2)
+        lab.nat.apply([Uplink(VNI, SUBNET)], [])
+
+
 def test_deleting_the_network_takes_the_uplink_and_its_route(lab):
     """Last: the module's network goes."""
     assert uplink_name(VNI) in sh(lab.h, "ip", "-o", "link", "show")
