@@ -65,6 +65,18 @@ class Network(Record):
     mtu: int
     subnet: str
     internal: bool = False
+    # -o gateway=pyoverlay: pyoverlay's own egress and published ports
+    # (driver/gateway.py); "" is the engine's docker_gwbridge.
+    gateway_mode: str = ""
+    gateway: str = ""  # the network's gateway address (no prefix length), kept for gateway_mode
+
+    def to_json(self) -> str:
+        # Left out when unset: records read as before, byte for byte.
+        data = asdict(self)
+        for name in ("gateway_mode", "gateway"):
+            if not data[name]:
+                del data[name]
+        return json.dumps(data, sort_keys=True)
 
 
 @dataclass
@@ -80,6 +92,15 @@ class Endpoint(Record):
     # endpoint per sandbox: the engine fails a Join whose route already exists.
     sandbox: str = ""  # the SandboxKey it joined, while it carries that route
     dns_route: bool = False
+    # Published ports in gateway mode (driver/gateway.py): bindings as the
+    # engine's com.docker.network.portmap spells them, host ports resolved.
+    ports: list = field(default_factory=list)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        if not data["ports"]:
+            del data["ports"]  # as before for every endpoint without published ports
+        return json.dumps(data, sort_keys=True)
 
     @property
     def ip(self) -> str:
@@ -180,11 +201,13 @@ class NamedNetwork(Record):
     internal: bool = False
     origin: str = ""  # the host whose engine it came from, or "cli"
     multicast: bool = False  # -o multicast=true, so every host's engine shows (and asks for) it
+    gateway_mode: str = ""  # -o gateway=pyoverlay (driver/gateway.py), so every host carries its own egress
 
     def to_json(self) -> str:
         data = asdict(self)
-        if not data["multicast"]:
-            del data["multicast"]  # entries without it read as before, byte for byte
+        for name in ("multicast", "gateway_mode"):
+            if not data[name]:
+                del data[name]  # entries without them read as before, byte for byte
         return json.dumps(data, sort_keys=True)
 
     def options(self) -> dict[str, str]:
@@ -193,6 +216,8 @@ class NamedNetwork(Record):
             options[OPT_MTU] = str(self.mtu)
         if self.multicast:
             options[OPT_MULTICAST] = "true"
+        if self.gateway_mode:
+            options["gateway"] = self.gateway_mode
         return options
 
     def matches(self, info, vni: int = 0) -> bool:

@@ -19,6 +19,7 @@ from .blocks import check_block_size, default_block_size
 from .defaults import ADDRESS_SPACE, DRIVER_NAME
 from .drift import KernelView, StoreView, drift
 from .errors import DriverError
+from .gateway import OPT_GATEWAY, GatewayMode, gateway_option
 from .rules import (  # noqa: F401 (the rules' names, importable from here as before)
     MIN_MTU, OPT_MTU, OPT_MULTICAST, OPT_VNI, VNI_AUTO_START, VNI_MAX, VNI_MIN, VXLAN_OVERHEAD, parse_ip, parse_subnet,
 )
@@ -36,7 +37,7 @@ OPT_IPV6 = "com.docker.network.enable_ipv6"
 OPT_IPV4 = "com.docker.network.enable_ipv4"
 OPT_INTERNAL = "com.docker.network.internal"
 OPT_BLOCK_SIZE = "block_size"  # prefix length of the per-host address blocks (driver/blocks.py)
-ACCEPTED_OPTIONS = (OPT_VNI, OPT_MTU, OPT_BLOCK_SIZE, OPT_MULTICAST)
+ACCEPTED_OPTIONS = (OPT_VNI, OPT_MTU, OPT_BLOCK_SIZE, OPT_MULTICAST, OPT_GATEWAY)
 
 
 class PeerTable(Protocol):
@@ -69,8 +70,10 @@ def endpoint_mac(ip: ipaddress.IPv4Address) -> str:
 class NetworkDriver:
     def __init__(self, state: State, dataplane: KernelLayer, peers: PeerTable, host: str, vtep: str,
                  name: str = DRIVER_NAME,
-                 dns: Optional[DnsListeners] = None):
+                 dns: Optional[DnsListeners] = None,
+                 gateway: Optional[GatewayMode] = None):
         self.state = state
+        self.gateway = gateway  # None: -o gateway=pyoverlay is refused (no kernel layer for it)
         self.dns = dns  # None: --no-dns
         # SandboxKey -> the endpoint carrying the resolver's route there (None: not loaded yet).
         self._dns_routes: Optional[dict[str, str]] = None
@@ -111,7 +114,8 @@ class NetworkDriver:
             raise DriverError(
                 f"unknown option {', '.join('-o ' + u for u in unknown)}; pyoverlay accepts "
                 f"-o {OPT_VNI}=<{VNI_MIN}-{VNI_MAX}>, -o {OPT_MTU}=<bytes>, "
-                f"-o {OPT_BLOCK_SIZE}=<prefix length> and -o {OPT_MULTICAST}=true|false"
+                f"-o {OPT_BLOCK_SIZE}=<prefix length>, -o {OPT_MULTICAST}=true|false "
+                f"and -o {OPT_GATEWAY}=pyoverlay|docker_gwbridge"
             )
         subnet = self._subnet(ipv4_data)
         block_size = None
@@ -121,6 +125,8 @@ class NetworkDriver:
         vni = rules.vni_option(generic)
         mtu = rules.mtu_option(generic, max_mtu)
         multicast = rules.multicast_option(generic)
+        gateway_mode = gateway_option(generic)
+        gateway = self._gateway_address(ipv4_data, gateway_mode)
 
         if self.state.network(network_id):
             return  # the engine repeated itself
@@ -130,6 +136,7 @@ class NetworkDriver:
             network = Network(
                 network_id=network_id, vni=vni, host=self.host, mtu=overlay.mtu,
                 subnet=subnet, internal=options.get(OPT_INTERNAL) in (True, "true"),
+                gateway_mode=gateway_mode, gateway=gateway,
             )
             try:
                 self.state.create_network(network)
@@ -140,6 +147,16 @@ class NetworkDriver:
                     except Exception:
                         self.dns.network_removed(vni)
                         self.dataplane.delete_network(vni)
+                        raise
+                if gateway_mode:
+                    try:
+                        self.gateway.network_created(network)
+                    except Exception:
+                        if self.dns is not None:
+                            self.dns.network_removed(vni)
+                        self.dataplane.delete_network(vni)
+                        self.state.delete_network(network_id)
+                        self.gateway.sync()  # its uplink is gone with the namespace; so go its rules
                         raise
             except Exception:
                 self._leave_overlay(vni, network_id)
@@ -159,6 +176,19 @@ class NetworkDriver:
                 f"-d {self.name} --ipam-driver {self.name} --subnet <cidr> <name>"
             )
         return str(parse_subnet(data.get("Pool", "")))
+
+    def _gateway_address(self, ipv4_data: list, gateway_mode: str) -> str:
+        """The gateway address Join returns in gateway mode ("" otherwise)."""
+        if not gateway_mode:
+            return ""
+        if self.gateway is None:
+            raise DriverError(f"-o {OPT_GATEWAY}={gateway_mode} is not available in this pyoverlay process; "
+                              f"leave the option out (the engine's docker_gwbridge then carries egress and -p)")
+        gateway = (ipv4_data[0].get("Gateway") or "") if ipv4_data else ""
+        if not gateway:
+            raise DriverError(f"-o {OPT_GATEWAY}={gateway_mode} needs a gateway address: leave --gateway out "
+                              "(pyoverlay's IPAM picks one) or give one inside the subnet")
+        return str(parse_ip(gateway))
 
     def _join_overlay(self, network_id: str, subnet: str, vni: Optional[int], mtu: Optional[int], max_mtu: int,
                       block_size: Optional[int] = None, multicast: Optional[bool] = None) -> int:
@@ -234,6 +264,8 @@ class NetworkDriver:
             self.dataplane.delete_network(network.vni)
             self._leave_overlay(network.vni, network_id)
             self.state.delete_network(network_id)
+            if network.gateway_mode and self.gateway is not None:
+                self.gateway.sync()  # the uplink went with the namespace; its rules go now
         log.info("network %s removed (vni %d)", network_id[:12], network.vni)
 
     # Endpoints
@@ -274,7 +306,7 @@ class NetworkDriver:
         # host can reach it the moment it runs.
         if not self.state.create_endpoint(endpoint):
             existing = self.state.endpoint(endpoint_id)
-            if existing is None or replace(existing, sandbox="", dns_route=False) != endpoint:
+            if existing is None or replace(existing, sandbox="", dns_route=False, ports=[]) != endpoint:
                 raise DriverError(f"endpoint {endpoint_id[:12]} already exists with other settings")
         return {} if interface.get("MacAddress") else {"Interface": {"MacAddress": mac}}
 
@@ -302,6 +334,8 @@ class NetworkDriver:
             self.dataplane.delete_endpoint(endpoint.vni, endpoint.endpoint_id)
         self.state.delete_endpoint(endpoint)  # its DNS name goes now, not at the next event
         self._forget_dns_route(endpoint)
+        if endpoint.ports and self.gateway is not None:
+            self.gateway.sync()  # the engine did not revoke them (it crashed): they go with the record
 
     def endpoint_oper_info(self, network_id: str, endpoint_id: str) -> dict:
         endpoint = self._endpoint(endpoint_id)
@@ -315,6 +349,7 @@ class NetworkDriver:
             "mac": endpoint.mac,
             "interface": self.dataplane.endpoint_ifname(endpoint_id),
             "overlay_namespace": self.dataplane.netns_name(endpoint.vni),
+            **GatewayMode.oper_info(endpoint),
         }
 
     def join(self, network_id: str, endpoint_id: str, sandbox_key: str) -> dict:
@@ -325,6 +360,10 @@ class NetworkDriver:
         # No Gateway: the engine then gives the container docker_gwbridge for
         # traffic leaving the overlay and for published ports (as Docker's overlay).
         response = {"InterfaceName": {"SrcName": ifname, "DstPrefix": "eth"}}
+        gateway = self.gateway.join_gateway(network) if self.gateway is not None else None
+        if gateway:
+            # Gateway mode: no docker_gwbridge endpoint; the engine asks us to publish ports.
+            response["Gateway"] = gateway
         if self.dns is not None and self._carries_dns_route(endpoint, sandbox_key):
             # The resolver's address, on this interface: its queries then come
             # from the container's overlay address, on internal networks too.
@@ -372,6 +411,16 @@ class NetworkDriver:
                 # Join there may carry it. (The record goes at DeleteEndpoint, next.)
                 self._forget_dns_route(endpoint)
 
+    def program_external_connectivity(self, network_id: str, endpoint_id: str, options: dict) -> None:
+        network = self.state.network(network_id)
+        if network is None or not network.gateway_mode or self.gateway is None:
+            return  # docker_gwbridge mode: the engine publishes ports through its bridge
+        self.gateway.program(network, self._endpoint(endpoint_id), options)
+
+    def revoke_external_connectivity(self, network_id: str, endpoint_id: str) -> None:
+        if self.gateway is not None and endpoint_id:
+            self.gateway.revoke(endpoint_id)
+
     # Start-up
 
     def restore(self) -> None:
@@ -400,6 +449,10 @@ class NetworkDriver:
                     self.dataplane.delete_endpoint(vni, stale)
                 self.peers.network_added(vni, vni in multicast)
         self.peers.restored()
+        if self.gateway is not None:
+            # Uplinks of gateway-mode networks, and the NAT table rewritten from
+            # the store: a rule of an endpoint gone while we were down goes.
+            self.gateway.restore(wanted.values())
         released = self._release_orphan_addresses()
         log.info("restored %d networks, %d endpoints; released %d orphan addresses",
                  len(networks), len(endpoints), released)

@@ -18,6 +18,7 @@ from typing import Iterable, Optional, Sequence
 
 from driver import rules
 from driver.errors import DriverError
+from driver.gateway import OPT_GATEWAY, gateway_option
 from driver.model import EngineNetwork, Host, NamedNetwork
 from driver.state import State
 from driver.store.base import Store
@@ -66,6 +67,7 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
         mtu = rules.mtu_option(options)  # each host checks its own underlay when it creates the network
         vni = rules.vni_option(options)
         multicast = rules.multicast_option(options)
+        gateway_mode = gateway_option(options)
         catalog = state.catalog_entries()
         for other in catalog.values():
             if ipaddress.ip_network(other.subnet).overlaps(net):
@@ -98,7 +100,8 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
     except DriverError as e:
         raise CommandError(str(e)) from None
 
-    entry = NamedNetwork(name, subnet, gateway, vni, mtu or 0, internal, origin="cli", multicast=bool(multicast))
+    entry = NamedNetwork(name, subnet, gateway, vni, mtu or 0, internal, origin="cli", multicast=bool(multicast),
+                         gateway_mode=gateway_mode)
     if not State(store).add_catalog_entry(entry):
         raise CommandError(f"a network named {name} was added to the catalog meanwhile; "
                            "look at it with pyoverlay status")
@@ -106,7 +109,7 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
 
 
 #: The -o options `pyoverlay network create` takes (block_size is per overlay, not in the catalog).
-CREATE_OPTIONS = (rules.OPT_VNI, rules.OPT_MTU, rules.OPT_MULTICAST)
+CREATE_OPTIONS = (rules.OPT_VNI, rules.OPT_MTU, rules.OPT_MULTICAST, OPT_GATEWAY)
 
 
 def _options(options: Optional[dict[str, str]], vni: Optional[int], mtu: Optional[int]) -> dict[str, str]:
@@ -116,7 +119,8 @@ def _options(options: Optional[dict[str, str]], vni: Optional[int], mtu: Optiona
     if unknown:
         raise CommandError(f"unknown option {', '.join('-o ' + u for u in unknown)}; pyoverlay network create "
                            f"accepts -o {rules.OPT_VNI}=<{rules.VNI_MIN}-{rules.VNI_MAX}>, "
-                           f"-o {rules.OPT_MTU}=<bytes> (or --vni, --mtu) and -o {rules.OPT_MULTICAST}=true|false")
+                           f"-o {rules.OPT_MTU}=<bytes> (or --vni, --mtu), -o {rules.OPT_MULTICAST}=true|false "
+                           f"and -o {OPT_GATEWAY}=pyoverlay|docker_gwbridge")
     for key, flag, value in ((rules.OPT_VNI, "--vni", vni), (rules.OPT_MTU, "--mtu", mtu)):
         if value is None:
             continue

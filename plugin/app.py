@@ -50,9 +50,12 @@ def _routes(network, ipam) -> dict[str, Callable[[dict], dict]]:
         },
         "NetworkDriver.Join": lambda b: network.join(b["NetworkID"], b["EndpointID"], b.get("SandboxKey", "")),
         "NetworkDriver.Leave": ep(network.leave),
-        # Published ports travel through docker_gwbridge, which the engine programs.
-        "NetworkDriver.ProgramExternalConnectivity": none,
-        "NetworkDriver.RevokeExternalConnectivity": none,
+        # In gateway mode (-o gateway=pyoverlay) published ports are ours; in
+        # the default mode they travel through docker_gwbridge and these do nothing.
+        "NetworkDriver.ProgramExternalConnectivity": lambda b: network.program_external_connectivity(
+            b["NetworkID"], b["EndpointID"], b.get("Options") or {}
+        ) or {},
+        "NetworkDriver.RevokeExternalConnectivity": ep(network.revoke_external_connectivity),
         # Swarm-only calls; answered so a swarm agent does not see errors.
         "NetworkDriver.AllocateNetwork": lambda b: {"Options": {}},
         "NetworkDriver.FreeNetwork": none,

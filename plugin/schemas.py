@@ -99,11 +99,24 @@ _NETWORK_OPTIONS = {
         "com.docker.network.internal": _FLAG,
     },
 }
+_PORT = {"type": "integer", "minimum": 0, "maximum": 65535}
+# libnetwork's types.PortBinding; gateway mode publishes these (driver/gateway.py).
+_PORTMAP = {
+    "type": ["array", "null"],
+    "maxItems": 65536,
+    "items": {
+        "type": "object",
+        "properties": {"Proto": {"type": "integer"}, "IP": {"type": ["string", "null"], "maxLength": 64},
+                       "Port": _PORT, "HostIP": {"type": ["string", "null"], "maxLength": 64},
+                       "HostPort": _PORT, "HostPortEnd": _PORT},
+        "required": ["Proto", "Port"],
+    },
+}
 _ENDPOINT_OPTIONS = {
     **_OPTIONS,
     "properties": {
         "com.docker.network.endpoint.ifname": {"type": ["string", "null"], "maxLength": 15},
-        "com.docker.network.portmap": {"type": ["array", "null"]},
+        "com.docker.network.portmap": _PORTMAP,
         "com.docker.network.endpoint.exposedports": {"type": ["array", "null"]},
     },
 }

@@ -19,8 +19,10 @@ from gunicorn.app.base import BaseApplication
 from driver.catalog import Catalog
 from driver.dataplane import Dataplane
 from driver.dataplane.firewall import Firewall
+from driver.dataplane.natrules import NatTable
 from driver.engine import Engine
 from driver.events import EventPump
+from driver.gateway import GatewayMode
 from driver.ipam import Ipam
 from driver.lastseen import LastSeenWriter
 from driver.leftovers import Leftovers
@@ -108,7 +110,8 @@ class Runtime:
         state = State(self.store)
         self._build_dns(config, host)
         self.network = NetworkDriver(state, self.dataplane, self.peers, host=host, vtep=vtep, name=config.name,
-                                     dns=self.dns_listeners)
+                                     dns=self.dns_listeners,
+                                     gateway=GatewayMode(state, self.dataplane, NatTable(), host))
         self.ipam = Ipam(state, host, default_pool=config.default_pool, host_routes=self.dataplane.routes,
                          block_grace=config.block_grace, metrics=self.metrics)
         self.network.claims_from = self.ipam.claims_from  # restore never frees what this process just claimed

@@ -241,6 +241,21 @@ def test_multicast_travels_with_the_name(state, engine):
     assert made.name == "web" and made.options == {"vni": "4096", "multicast": "true"}
 
 
+def test_gateway_mode_travels_with_the_name(state, engine):
+    """-o gateway=pyoverlay given on one host: another host's engine is asked for it too."""
+    engine.nets[NET] = on(WEB, options={"gateway": "pyoverlay"})
+    assert Applier(state, engine, H1, "pyoverlay", DesiredTable(state, on_change=lambda: None)).run_pass()
+    entry, _ = state.catalog_entry("web")
+    assert entry.gateway_mode == "pyoverlay" and NamedNetwork.from_json(entry.to_json()) == entry
+    other = StandinEngine()
+    there = Applier(state, other, "10.99.0.2", "pyoverlay", DesiredTable(state, on_change=lambda: None))
+    there.table.load({"web": state.catalog_entry("web")})
+    assert there.run_pass()
+    (made,) = other.nets.values()
+    assert made.options.get("gateway") == "pyoverlay"
+    assert "gateway_mode" not in WEB_ENTRY.to_json() and "gateway" not in WEB_ENTRY.options()
+
+
 def test_an_entry_without_multicast_reads_as_before():
     """Left out of the JSON when off: entries written before the option stay byte for byte."""
     entry = NamedNetwork("web", "10.40.0.0/24", vni=4096, origin=H1)

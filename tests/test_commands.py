@@ -121,6 +121,7 @@ def test_create_takes_docker_s_options(store):
     ((5000,), {"vni": "5001"}, "--vni 5000 and -o vni=5001 disagree"),
     ((), {"vni": "ten"}, "-o vni=ten is not valid: the VXLAN network identifier must be a whole number"),
     ((), {"multicast": "yes"}, "-o multicast=yes is not valid: use -o multicast=true to flood"),
+    ((), {"gateway": "bridge"}, "-o gateway=bridge is not valid: use -o gateway=pyoverlay"),
 ])
 def test_create_refuses_bad_options(store, args, options, message):
     with pytest.raises(CommandError, match=message):
@@ -139,6 +140,13 @@ def test_create_with_multicast_and_what_an_existing_overlay_says(store):
                                            r"\(-o multicast=true\); use -o multicast=true or leave the option out"):
         network_create(store, "api", "10.42.0.0/24", options={"multicast": "false"})
     assert network_create(store, "api", "10.42.0.0/24").multicast
+
+
+def test_create_with_gateway_mode(store):
+    entry = network_create(store, "web", "10.40.0.0/24", options={"gateway": "pyoverlay"})
+    assert entry.gateway_mode == "pyoverlay" and entry.options()["gateway"] == "pyoverlay"
+    assert "gateway" not in network_create(store, "db", "10.41.0.0/24",
+                                           options={"gateway": "docker_gwbridge"}).options()
 
 
 def test_create_refuses_conflicts_with_what_exists(store):
@@ -329,7 +337,8 @@ def test_cli_create_status_rm_json(sqlite_url, capsys):
                  "--wait", "0", "--store", sqlite_url, "--json"]) == 0
     created = json.loads(capsys.readouterr().out)
     assert created == {"network": {"name": "web", "subnet": "10.40.0.0/24", "gateway": "10.40.0.1", "vni": 4242,
-                                   "mtu": 1400, "internal": False, "origin": "cli", "multicast": False},
+                                   "mtu": 1400, "internal": False, "origin": "cli", "multicast": False,
+                                   "gateway_mode": ""},
                        "hosts": []}
 
     assert main(["status", "--store", sqlite_url, "--json"]) == 0

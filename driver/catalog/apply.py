@@ -104,8 +104,11 @@ class Applier:
         # The overlay's own setting: a host that left the option out joined it as it was made.
         overlay = self.state.overlay(vni) if vni else None
         multicast = overlay.multicast if overlay else info.options.get(OPT_MULTICAST) == "true"
+        # -o gateway is each host's (it programs only that host) but travels with
+        # the name, so every host's containers leave the same way.
+        gateway_mode = "pyoverlay" if info.options.get("gateway") == "pyoverlay" else ""
         entry = NamedNetwork(info.name, info.subnet, info.gateway, vni, mtu, info.internal, origin=self.host,
-                             multicast=multicast)
+                             multicast=multicast, gateway_mode=gateway_mode)
         if self.state.add_catalog_entry(entry):
             log.info("catalog: published network %s (%s, VNI %d) for every host", info.name, info.subnet, vni)
             self._count("published")

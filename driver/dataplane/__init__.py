@@ -7,6 +7,8 @@ imports pyroute2 or runs nft). One file per stage, behind one front class:
     endpoints.py  an endpoint's veth pair
     peers.py      vxlan0's FDB and neighbour table (set_peers: dump, plan, apply)
     firewall.py   the VXLAN source filter (nft)
+    egress.py     gateway mode: a network's uplink to the host (-o gateway=pyoverlay)
+    natrules.py   gateway mode: egress masquerade and published ports (nft)
     dnsplane.py   the cluster resolver's addresses, routes and sockets
     protocol.py   what the network driver asks of all this (for stand-ins)
 
@@ -26,6 +28,7 @@ underlay address is called ``vtep`` throughout this package.
 from __future__ import annotations
 
 from .base import DataplaneError
+from .egress import EgressStage
 from .endpoints import EndpointStage
 from .host import HostStage, default_route_address
 from .networks import NetworkStage, VxlanSettings
@@ -35,7 +38,7 @@ from .protocol import KernelLayer
 __all__ = ["Dataplane", "DataplaneError", "KernelLayer", "VxlanSettings", "default_route_address"]
 
 
-class Dataplane(HostStage, NetworkStage, EndpointStage, PeerStage):
+class Dataplane(HostStage, NetworkStage, EndpointStage, PeerStage, EgressStage):
     """One host's overlays: namespaces, bridges, vxlans, veths and peers.
 
     Dataplane(vtep, vxlan_port=4789, netns_dir="/run/netns", host_netns=None)

@@ -86,16 +86,7 @@ class Firewall:
     # -- running nft -----------------------------------------------------------
 
     def _run(self, *args: str, script: Optional[str] = None) -> str:
-        cmd = [self.nft, *args] if script is None else [self.nft, "-f", "-"]
-        if self.netns:
-            cmd = ["nsenter", f"--net={self.netns}", *cmd]
-        try:
-            done = subprocess.run(cmd, input=script, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise FirewallError(f"running {' '.join(cmd)} failed: {exc}") from None
-        if done.returncode != 0:
-            raise FirewallError(f"nft refused the VXLAN filter: {done.stderr.strip()}")
-        return done.stdout
+        return run_nft(self.nft, *args, script=script, netns=self.netns, what="the VXLAN filter")
 
     def _table_script(self, vteps: Iterable[str]) -> str:
         elements = ", ".join(sorted(vteps))
@@ -197,6 +188,22 @@ class Firewall:
             self._retry = None
             if not self._closed and self._wanted is not None and self._wanted != self._applied:
                 self._apply()
+
+
+def run_nft(nft: str, *args: str, script: Optional[str] = None, netns: Optional[str] = None,
+            what: str = "the rules") -> str:
+    """`nft args...`, or `nft -f -` fed script (one atomic transaction), in
+    netns if given; FirewallError on failure. Shared with natrules.py."""
+    cmd = [nft, *args] if script is None else [nft, "-f", "-"]
+    if netns:
+        cmd = ["nsenter", f"--net={netns}", *cmd]
+    try:
+        done = subprocess.run(cmd, input=script, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FirewallError(f"running {' '.join(cmd)} failed: {exc}") from None
+    if done.returncode != 0:
+        raise FirewallError(f"nft refused {what}: {done.stderr.strip()}")
+    return done.stdout
 
 
 def _valid(vteps: Iterable[str]) -> set[str]:

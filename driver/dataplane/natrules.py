@@ -1,0 +1,170 @@
+"""Gateway mode's NAT and filter rules in the host namespace (nft), the
+other half of egress.py. One table of pyoverlay's own, rewritten whole from
+what the store says on every change, as one nft transaction:
+
+    table ip pyoverlay-gw {
+      chain ports {                       # one rule per published port
+        ip daddr <HostIP> tcp dport 8080 dnat to 10.20.0.2:80     (HostIP given)
+        tcp dport 8080 dnat to 10.20.0.2:80                         (any local address)
+      }
+      chain prerouting { nat hook prerouting;  fib daddr type local jump ports }
+      chain output     { nat hook output;      fib daddr type local jump ports }
+      chain postrouting { nat hook postrouting;
+        oifname "pyg<vni>" ip saddr 127.0.0.0/8 masquerade        # -p reached on 127.0.0.1
+        oifname "pyg<vni>" ip saddr <subnet> masquerade           # a container to its own -p (hairpin)
+        oifname != "pyg<vni>" ip saddr <subnet> masquerade        # egress
+      }
+      chain forward { filter hook forward, before iptables' filter;
+        oifname "pyg*" ct state established,related accept
+        oifname "pyg*" ct status dnat accept      # published ports, from anywhere
+        oifname "pyg*" drop                       # nothing else is routed into an overlay
+      }
+    }
+
+Rewriting the whole table makes every change a convergence: a restart (or a
+rule someone deleted) ends with exactly the store's mappings, and no rule of
+a removed container survives. Conntrack entries are not in the table, so
+live connections do not notice a rewrite.
+
+The engine's iptables FORWARD policy is DROP (it set it for its bridges),
+and an nft accept in our table does not outvote a drop in another table: so
+two iptables rules accept what enters or leaves a pyg uplink (appended once,
+after the engine's own jumps, so DOCKER-USER still sees it first); the drop
+above is what keeps everything but published ports out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from .egress import UPLINK_PREFIX, uplink_name
+from .firewall import FirewallError, run_nft
+
+log = logging.getLogger(__name__)
+
+TABLE = "pyoverlay-gw"
+PROTOS = {6: "tcp", 17: "udp", 132: "sctp"}
+IPTABLES_RULES = (["-i", UPLINK_PREFIX + "+"], ["-o", UPLINK_PREFIX + "+"])
+COMMENT = ["-m", "comment", "--comment", "pyoverlay gateway mode"]
+
+
+@dataclass(frozen=True, order=True)
+class Uplink:
+    vni: int
+    subnet: str
+
+
+@dataclass(frozen=True, order=True)
+class PortMapping:
+    proto: str  # tcp, udp or sctp
+    host_ip: str  # "" for every local address
+    host_port: int
+    ip: str  # the container's overlay address
+    port: int
+
+
+def _check(uplinks: Iterable[Uplink], mappings: Iterable[PortMapping]) -> None:
+    """Everything that goes into the script is checked first: the values come from the store."""
+    for u in uplinks:
+        ipaddress.IPv4Network(u.subnet)
+        if not isinstance(u.vni, int):
+            raise ValueError(f"VNI {u.vni!r}")
+    for m in mappings:
+        if m.proto not in PROTOS.values() or not 0 < m.host_port < 65536 or not 0 < m.port < 65536:
+            raise ValueError(f"port mapping {m}")
+        ipaddress.IPv4Address(m.ip)
+        if m.host_ip:
+            ipaddress.IPv4Address(m.host_ip)
+
+
+def script(uplinks: Iterable[Uplink], mappings: Iterable[PortMapping]) -> str:
+    """The whole table, as one nft transaction (pure: tests read it)."""
+    uplinks, mappings = sorted(set(uplinks)), sorted(set(mappings))
+    _check(uplinks, mappings)
+    ports = []
+    for m in mappings:
+        where = f"ip daddr {m.host_ip} " if m.host_ip else ""
+        ports.append(f"    {where}{m.proto} dport {m.host_port} dnat to {m.ip}:{m.port}")
+    post = []
+    for u in uplinks:
+        dev = uplink_name(u.vni)
+        post += [f'    oifname "{dev}" ip saddr 127.0.0.0/8 masquerade',
+                 f'    oifname "{dev}" ip saddr {u.subnet} masquerade',
+                 f'    oifname != "{dev}" ip saddr {u.subnet} masquerade']
+    up = f'"{UPLINK_PREFIX}*"'
+    return "\n".join([
+        # "add" then "delete" makes the delete safe when the table is absent.
+        f"add table ip {TABLE}",
+        f"delete table ip {TABLE}",
+        f"table ip {TABLE} {{",
+        "  chain ports {", *ports, "  }",
+        "  chain prerouting {",
+        "    type nat hook prerouting priority dstnat; policy accept;",
+        "    fib daddr type local jump ports",
+        "  }",
+        "  chain output {",
+        "    type nat hook output priority -100; policy accept;",
+        "    fib daddr type local jump ports",
+        "  }",
+        "  chain postrouting {",
+        "    type nat hook postrouting priority srcnat; policy accept;", *post,
+        "  }",
+        "  chain forward {",
+        "    type filter hook forward priority filter - 10; policy accept;",
+        f"    oifname {up} ct state established,related accept",
+        f"    oifname {up} ct status dnat accept",
+        f"    oifname {up} drop",
+        "  }",
+        "}",
+        "",
+    ])
+
+
+class NatTable:
+    """Keeps the table equal to what apply() was last told (netns: tests)."""
+
+    def __init__(self, netns: Optional[str] = None, nft: str = "nft", iptables: str = "iptables"):
+        self.netns = netns
+        self.nft = nft
+        self.iptables = iptables
+        self._lock = threading.Lock()
+        self._forward_ok = False
+
+    def apply(self, uplinks: Iterable[Uplink], mappings: Iterable[PortMapping]) -> None:
+        """Raises FirewallError (nothing changed: nft applies all or nothing)."""
+        text = script(uplinks, mappings)
+        with self._lock:
+            run_nft(self.nft, script=text, netns=self.netns, what="gateway mode's NAT rules")
+            if uplinks and not self._forward_ok:
+                self._accept_forward()
+
+    def remove(self) -> None:
+        with self._lock:
+            run_nft(self.nft, script=f"add table ip {TABLE}\ndelete table ip {TABLE}\n", netns=self.netns)
+
+    def listing(self) -> str:
+        """`nft list table` of ours ("" if there is none)."""
+        try:
+            return run_nft(self.nft, "list", "table", "ip", TABLE, netns=self.netns)
+        except FirewallError:
+            return ""
+
+    def _accept_forward(self) -> None:
+        if shutil.which(self.iptables) is None:
+            return  # no iptables: no engine FORWARD policy to get past
+        for match in IPTABLES_RULES:
+            rule = ["FORWARD", *match, *COMMENT, "-j", "ACCEPT"]
+            cmd = ([] if not self.netns else ["nsenter", f"--net={self.netns}"]) + [self.iptables, "-w"]
+            if subprocess.run(cmd + ["-C", *rule], capture_output=True).returncode == 0:
+                continue
+            done = subprocess.run(cmd + ["-A", *rule], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise FirewallError(f"iptables refused to accept forwarding through the uplinks: "
+                                    f"{done.stderr.strip()}")
+        self._forward_ok = True

@@ -1,0 +1,173 @@
+"""-o gateway=pyoverlay through the real engine: pyoverlay's own egress and
+published ports, no docker_gwbridge endpoint (issue 14).
+
+One host for the module (its engine makes docker_gwbridge on first use, so
+its absence shows no container was given one) and the underlay's namespace
+as "another host". What is checked is what a user sees: where a container's
+traffic leaves, which addresses a -p answers on, `docker port`, the nft rules
+left in the host, and the same after a plugin kill and restart.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.e2e.conftest import FACTORY, HostFactory
+from tests.hosts import IMAGE, Host, wait_for
+
+SUBNET = "10.20.0.0/24"
+GATEWAY = "10.20.0.1"
+HTTPD = ("sh", "-c", "mkdir -p /www && echo published-ok > /www/index.html && exec httpd -f -p 80 -h /www")
+TABLE = "pyoverlay-gw"
+
+
+@pytest.fixture(scope="module")
+def factory(underlay, e2e_workdir, image_tar):
+    made = HostFactory(underlay, e2e_workdir, image_tar)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture(scope="module")
+def host(factory) -> Host:
+    (h,) = factory(1, engine_gwbridge=True)
+    h.start_plugin(f"sqlite://{h.state_dir}/state.db")
+    h.docker("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet", SUBNET,
+             "-o", "gateway=pyoverlay", "web")
+    return h
+
+
+@pytest.fixture(autouse=True)
+def _report(request, factory):
+    request.node.stash[FACTORY] = factory  # plugin and engine logs on a failure
+
+
+def fetch(runner, url: str) -> str:
+    return runner.run(["busybox", "wget", "-qO-", url], check=False).stdout
+
+
+def dnat_rules(host: Host) -> list[str]:
+    out = host.run(["nft", "list", "table", "ip", TABLE], check=False).stdout
+    return re.findall(r"dport (\d+) dnat to ([\d.:]+)", out)
+
+
+def endpoint_ids(host: Host, container: str, network: str = "web") -> dict:
+    out = host.docker("inspect", "-f", f"{{{{.NetworkSettings.Networks.{network}.NetworkID}}}} "
+                      f"{{{{.NetworkSettings.Networks.{network}.EndpointID}}}}", container)
+    network_id, endpoint_id = out.split()
+    return {"NetworkID": network_id, "EndpointID": endpoint_id}
+
+
+def interfaces(host: Host, container: str) -> list[str]:
+    out = host.docker("exec", container, "ip", "-o", "-4", "addr", "show")
+    return sorted(re.findall(r"^\d+: (\S+)\s+inet", out, re.M))
+
+
+def test_egress_and_published_ports_without_gwbridge(host, underlay, underlay_http):
+    url, token = underlay_http
+    host.docker("run", "-d", "--name", "www", "--network", "web", "-p", "8080:80", "-p", "80", IMAGE, *HTTPD)
+    try:
+        # No second endpoint: the engine never even made docker_gwbridge.
+        assert interfaces(host, "www") == ["eth0", "lo"]
+        assert host.docker_proc("network", "inspect", "docker_gwbridge", check=False).returncode != 0, \
+            "the engine made docker_gwbridge: a container got an endpoint there"
+        assert re.search(rf"^default via {GATEWAY} dev eth0", host.docker("exec", "www", "ip", "route"), re.M)
+        # Egress, masqueraded to the host's address (the underlay knows no overlay route).
+        assert host.docker("exec", "www", "wget", "-qO-", url) == token
+
+        # -p 8080:80 on loopback, on the host's address, from another host.
+        for runner, where in ((host, "127.0.0.1"), (host, host.addr), (underlay, host.addr)):
+            wait_for(lambda: fetch(runner, f"http://{where}:8080/") == "published-ok\n", 10,
+                     f"-p 8080 on {where} from {runner is host and 'the host' or 'the underlay'}")
+
+        # The engine reads a remote driver's bindings out of EndpointOperInfo
+        # as Go's []types.PortBinding, which decoded JSON never is: so
+        # `docker port` and .NetworkSettings.Ports stay empty on 20.10 and 28
+        # (pyoverlay answers them all the same, for an engine that reads them).
+        # What the user asked for is in .HostConfig.PortBindings; the port
+        # chosen for HostPort 0 is in the plugin's log and in the nft table.
+        ports = host.docker("port", "www")
+        print(f"\ndocker port www: {ports!r}")
+        if ports:
+            assert re.search(r"^80/tcp -> 0\.0\.0\.0:8080$", ports, re.M), ports
+        asked = json.loads(host.docker("inspect", "-f", "{{json .HostConfig.PortBindings}}", "www"))
+        assert sorted(b["HostPort"] for b in asked["80/tcp"]) == ["", "8080"], asked
+        _, info = host.plugin_request("NetworkDriver.EndpointOperInfo", endpoint_ids(host, "www"))
+        mapped = sorted(b["HostPort"] for b in info["Value"]["com.docker.network.portmap"])
+        chosen = [p for p in mapped if p != 8080]
+        assert len(mapped) == 2 and 8080 in mapped and chosen[0] > 0, info
+        assert sorted(int(p) for p, _ in dnat_rules(host)) == mapped
+        assert fetch(underlay, f"http://{host.addr}:{chosen[0]}/") == "published-ok\n"
+
+        # A taken port is refused, saying so, and changes nothing.
+        before = dnat_rules(host)
+        dup = host.docker_proc("run", "-d", "--name", "dup", "--network", "web", "-p", "8080:80", IMAGE,
+                               "sleep", "60", check=False)
+        assert dup.returncode != 0, "a second container published host port 8080"
+        assert "8080" in dup.stderr and "already taken" in dup.stderr, dup.stderr
+        assert dnat_rules(host) == before
+        assert fetch(underlay, f"http://{host.addr}:8080/") == "published-ok\n"
+
+        # docker stop and docker kill release the ports, docker start publishes them again.
+        host.docker("stop", "-t", "1", "www")
+        assert dnat_rules(host) == []
+        assert fetch(underlay, f"http://{host.addr}:8080/") == ""
+        host.docker("start", "www")
+        wait_for(lambda: fetch(underlay, f"http://{host.addr}:8080/") == "published-ok\n", 10, "-p after a start")
+        # docker kill: the engine revokes when it sees the exit, after the CLI returned.
+        host.docker("kill", "www")
+        wait_for(lambda: dnat_rules(host) == [], 10, lambda: f"the rules to go after docker kill: {dnat_rules(host)}")
+        assert fetch(underlay, f"http://{host.addr}:8080/") == ""
+    finally:
+        host.docker("rm", "-f", "www", "dup")
+    assert dnat_rules(host) == [], "a removed container left its DNAT rule"
+
+
+def test_plugin_kill_and_restart_keep_ports_and_leak_nothing(host, underlay):
+    host.docker("run", "-d", "--name", "keep", "--network", "web", "-p", "8081:80", IMAGE, *HTTPD)
+    wait_for(lambda: fetch(underlay, f"http://{host.addr}:8081/") == "published-ok\n", 10, "-p 8081")
+    host.kill_plugin()
+    # A stale rule, as if a container had gone while the plugin was down: restore must drop it.
+    host.run(["nft", "add", "rule", "ip", TABLE, "ports", "tcp", "dport", "9999", "dnat", "to", "10.20.0.99:80"])
+    assert fetch(underlay, f"http://{host.addr}:8081/") == "published-ok\n", "the kernel needs no plugin"
+    host.start_plugin(f"sqlite://{host.state_dir}/state.db")
+    wait_for(lambda: [p for p, _ in dnat_rules(host)] == ["8081"], 10, lambda: f"restore to leave only 8081: "
+             f"{dnat_rules(host)}")
+    assert fetch(underlay, f"http://{host.addr}:8081/") == "published-ok\n"
+    host.docker("rm", "-f", "keep")
+    assert dnat_rules(host) == []
+
+
+def test_connect_disconnect_and_internal_has_no_way_out(host, underlay):
+    host.docker("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet", "10.20.2.0/24",
+                "--internal", "-o", "gateway=pyoverlay", "inner")
+    try:
+        host.docker("run", "-d", "--name", "in1", "--network", "inner", IMAGE, "sleep", "600")
+        assert interfaces(host, "in1") == ["eth0", "lo"]
+        assert "default" not in host.docker("exec", "in1", "ip", "route")
+        assert host.docker_proc("exec", "in1", "ping", "-c1", "-W1", underlay.addr, check=False).returncode != 0
+
+        # Connected to a gateway-mode network: a way out through it; disconnected: none.
+        host.docker("network", "connect", "web", "in1")
+        assert re.search(rf"^default via {GATEWAY}", host.docker("exec", "in1", "ip", "route"), re.M)
+        host.docker("exec", "in1", "ping", "-c1", "-W2", underlay.addr)
+        host.docker("network", "disconnect", "web", "in1")
+        assert "default" not in host.docker("exec", "in1", "ip", "route")
+        assert host.docker_proc("exec", "in1", "ping", "-c1", "-W1", underlay.addr, check=False).returncode != 0
+    finally:
+        host.docker("rm", "-f", "in1")
+        host.docker("network", "rm", "inner")
+    assert "docker_gwbridge" not in host.docker("network", "ls", "--format", "{{.Name}}").split()
+
+
+def test_bad_option_value_is_refused_and_changes_nothing(host):
+    proc = host.docker_proc("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay",
+                            "--subnet", "10.20.5.0/24", "-o", "gateway=bridge", "bad", check=False)
+    assert proc.returncode != 0
+    assert "gateway=pyoverlay" in proc.stderr and "gateway=docker_gwbridge" in proc.stderr, proc.stderr
+    assert "bad" not in host.docker("network", "ls", "--format", "{{.Name}}").split()

@@ -1,0 +1,226 @@
+"""Gateway mode's kernel programming (dataplane/egress.py, dataplane/natrules.py)
+against the real kernel.
+
+Namespaces stand in for the machine: H is the host (its Dataplane and nft
+table are pointed at it), O is the world outside (H routes everything to it),
+C is a container whose veth end came from Dataplane.create_endpoint. Servers
+answer each connection with the address they saw it come from, so a test
+reads where NAT happened. Observation goes through nsenter, never the module
+under test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import pytest
+from pyroute2 import netns as pr_netns
+
+from driver.dataplane import Dataplane
+from driver.dataplane.egress import LINK_HOST, uplink_name
+from driver.dataplane.natrules import NatTable, PortMapping, Uplink, script
+from tests.hosts import wait_for
+
+VNI = 4177
+SUBNET, GATEWAY, CONTAINER = "10.97.100.0/24", "10.97.100.1", "10.97.100.2"
+HOST_ADDR, OUTSIDE = "10.97.0.1", "10.97.0.2"
+
+# Answers each connection with the peer's address, then closes it.
+ECHO_PEER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(16)
+while True:
+    c, peer = s.accept(); c.sendall(peer[0].encode() + b"\\n"); c.close()
+"""
+CONNECT = """
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2); print(s.recv(100).decode().strip())
+except OSError as e:
+    print("failed:", e)
+"""
+
+
+def sh(ns: str, *cmd: str, check: bool = True) -> str:
+    return subprocess.run(["nsenter", f"--net={ns}", *cmd], capture_output=True, text=True, timeout=20,
+                          check=check).stdout
+
+
+def peer_seen(ns: str, ip: str, port: int) -> str:
+    """What a server at ip:port says our address was, as seen from ns ("failed: ..." if unreachable)."""
+    return sh(ns, sys.executable, "-c", CONNECT, ip, str(port)).strip()
+
+
+class Lab:
+    def __init__(self):
+        self.tag = uuid.uuid4().hex[:6]
+        self.dir = tempfile.mkdtemp(prefix="pyo-gw-")
+        self.netns_dir = os.path.join(self.dir, "netns")
+        self.names: list[str] = []
+        self.servers: list[subprocess.Popen] = []
+
+    def ns(self, role: str) -> str:
+        name = f"pyogw-{self.tag}-{role}"
+        pr_netns.create(name)
+        self.names.append(name)
+        path = f"/run/netns/{name}"
+        sh(path, "ip", "link", "set", "lo", "up")
+        return path
+
+    def serve(self, ns: str, ip: str, port: int) -> None:
+        proc = subprocess.Popen(["nsenter", f"--net={ns}", sys.executable, "-c", ECHO_PEER, ip, str(port)])
+        self.servers.append(proc)
+        wait_for(lambda: sh(ns, "ss", "-Htln", f"sport = :{port}").strip(), 5, f"a server on {ip}:{port}")
+
+    def close(self) -> None:
+        for proc in self.servers:
+            proc.kill()
+            proc.wait()
+        for name in self.names:
+            try:
+                pr_netns.remove(name)
+            except OSError:
+                pass
+        subprocess.run(["rm", "-rf", self.dir])
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = Lab()
+    try:
+        lab.h, lab.o, lab.c = lab.ns("h"), lab.ns("o"), lab.ns("c")
+        # H <-> O, and H's default route out through O.
+        sh(lab.h, "ip", "link", "add", "out0", "type", "veth", "peer", "name", "in0", "netns", lab.o)
+        sh(lab.h, "ip", "addr", "add", f"{HOST_ADDR}/24", "dev", "out0")
+        sh(lab.h, "ip", "link", "set", "out0", "up")
+        sh(lab.h, "ip", "route", "add", "default", "via", OUTSIDE)
+        sh(lab.o, "ip", "addr", "add", f"{OUTSIDE}/24", "dev", "in0")
+        sh(lab.o, "ip", "link", "set", "in0", "up")
+        lab.dp = Dataplane(HOST_ADDR, host_netns=lab.h, netns_dir=lab.netns_dir)
+        lab.dp.create_network(VNI, 1450)
+        lab.dp.add_egress(VNI, SUBNET, GATEWAY)
+        lab.dp.add_egress(VNI, SUBNET, GATEWAY)  # idempotent
+        # The container: its veth end moved in, addressed, routed via the gateway (as the engine does).
+        ifname = lab.dp.create_endpoint(VNI, "c" * 64, "02:97:00:00:00:02", 1450)
+        sh(lab.h, "ip", "link", "set", ifname, "netns", lab.c)
+        sh(lab.c, "ip", "addr", "add", f"{CONTAINER}/24", "dev", ifname)
+        sh(lab.c, "ip", "link", "set", ifname, "up")
+        sh(lab.c, "ip", "route", "add", "default", "via", GATEWAY)
+        lab.nat = NatTable(netns=lab.h)
+        lab.serve(lab.c, "0.0.0.0", 80)
+        lab.serve(lab.o, OUTSIDE, 7000)
+        yield lab
+    finally:
+        if hasattr(lab, "dp"):
+            lab.dp.close()
+        lab.close()
+
+
+def test_egress_is_masqueraded_to_the_hosts_address(lab):
+    lab.nat.apply([Uplink(VNI, SUBNET)], [])
+    assert peer_seen(lab.c, OUTSIDE, 7000) == HOST_ADDR
+
+
+def test_without_the_nat_table_egress_is_not_masqueraded(lab):
+    """The masquerade is ours: without the table the outside sees the overlay address (and cannot answer)."""
+    lab.nat.remove()
+    try:
+        assert peer_seen(lab.c, OUTSIDE, 7000).startswith("failed")
+    finally:
+        lab.nat.apply([Uplink(VNI, SUBNET)], [])
+    assert peer_seen(lab.c, OUTSIDE, 7000) == HOST_ADDR
+
+
+def test_published_port_on_every_address_and_loopback(lab):
+    lab.nat.apply([Uplink(VNI, SUBNET)], [PortMapping("tcp", "", 8080, CONTAINER, 80)])
+    # From another host: the client's own address reaches the container (no masquerade).
+    assert peer_seen(lab.o, HOST_ADDR, 8080) == OUTSIDE
+    # From the host itself, on its address and on loopback (route_localnet, then masqueraded).
+    assert peer_seen(lab.h, HOST_ADDR, 8080) == HOST_ADDR
+    assert peer_seen(lab.h, "127.0.0.1", 8080) == LINK_HOST
+    # A container reaching its own published port through the host (hairpin).
+    assert peer_seen(lab.c, HOST_ADDR, 8080) == LINK_HOST
+
+
+def test_host_ip_limits_the_binding(lab):
+    lab.nat.apply([Uplink(VNI, SUBNET)], [PortMapping("tcp", "127.0.0.1", 8081, CONTAINER, 80)])
+    assert peer_seen(lab.h, "127.0.0.1", 8081) == LINK_HOST
+    assert peer_seen(lab.o, HOST_ADDR, 8081).startswith("failed")
+
+
+def test_the_overlay_is_not_routed_into_from_outside(lab):
+    """Only published ports get in: a neighbour routing the subnet via the host reaches nothing."""
+    lab.nat.apply([Uplink(VNI, SUBNET)], [PortMapping("tcp", "", 8080, CONTAINER, 80)])
+    sh(lab.o, "ip", "route", "replace", SUBNET, "via", HOST_ADDR)
+    try:
+        assert peer_seen(lab.o, CONTAINER, 80).startswith("failed")
+        assert peer_seen(lab.o, HOST_ADDR, 8080) == OUTSIDE
+    finally:
+        sh(lab.o, "ip", "route", "del", SUBNET)
+
+
+def test_rewrite_drops_every_rule_not_asked_for(lab):
+    lab.nat.apply([Uplink(VNI, SUBNET)], [PortMapping("tcp", "", 8080, CONTAINER, 80),
+                                          PortMapping("tcp", "", 8082, CONTAINER, 80)])
+    sh(lab.h, "nft", "add", "rule", "ip", "pyoverlay-gw", "ports", "tcp", "dport", "9999", "dnat", "to",
+       f"{CONTAINER}:80")
+    lab.nat.apply([Uplink(VNI, SUBNET)], [PortMapping("tcp", "", 8082, CONTAINER, 80)])
+    listing = lab.nat.listing()
+    assert "dport 8082" in listing and "dport 8080" not in listing and "9999" not in listing, listing
+    assert peer_seen(lab.o, HOST_ADDR, 8080).startswith("failed")
+    assert peer_seen(lab.o, HOST_ADDR, 8082) == OUTSIDE
+
+
+def test_bad_values_never_reach_nft(lab):
+    before = lab.nat.listing()
+    for bad in (PortMapping("tcp", "", 8080, "10.97.100.2; flush ruleset", 80),
+                PortMapping("icmp", "", 8080, CONTAINER, 80), PortMapping("tcp", "", 0, CONTAINER, 80)):
+        with pytest.raises(ValueError):
+            lab.nat.apply([Uplink(VNI, SUBNET)], [bad])
+    assert lab.nat.listing() == before
+
+
+def test_script_is_deterministic():
+    a = script([Uplink(1, "10.0.0.0/24"), Uplink(2, "10.0.1.0/24")],
+               [PortMapping("udp", "", 53, "10.0.0.2", 53), PortMapping("tcp", "", 80, "10.0.1.2", 80)])
+    b = script([Uplink(2, "10.0.1.0/24"), Uplink(1, "10.0.0.0/24")],
+               [PortMapping("tcp", "", 80, "10.0.1.2", 80), PortMapping("udp", "", 53, "10.0.0.2", 53)])
+    assert a == b
+
+
+def test_two_gateway_mode_networks_stay_apart(lab):
+    """The host routes both subnets, yet only a published port crosses from one to the other."""
+    vni2, subnet2 = VNI + 1, "10.97.101.0/24"
+    c2 = lab.ns("c2")
+    lab.dp.create_network(vni2, 1450)
+    try:
+        lab.dp.add_egress(vni2, subnet2, "10.97.101.1")
+        ifname = lab.dp.create_endpoint(vni2, "d" * 64, "02:97:00:00:01:02", 1450)
+        sh(lab.h, "ip", "link", "set", ifname, "netns", c2)
+        sh(c2, "ip", "addr", "add", "10.97.101.2/24", "dev", ifname)
+        sh(c2, "ip", "link", "set", ifname, "up")
+        sh(c2, "ip", "route", "add", "default", "via", "10.97.101.1")
+        lab.nat.apply([Uplink(VNI, SUBNET), Uplink(vni2, subnet2)], [PortMapping("tcp", "", 8080, CONTAINER, 80)])
+        assert peer_seen(c2, OUTSIDE, 7000) == HOST_ADDR  # its own way out works
+        assert peer_seen(c2, CONTAINER, 80).startswith("failed")
+        # A published port is open to it, as to any client; it leaves net 2 by
+        # an uplink not its own, so its egress masquerade applies (as between two Docker bridges).
+        assert peer_seen(c2, HOST_ADDR, 8080) == LINK_HOST
+    finally:
+        lab.dp.delete_network(vni2)
+        lab.nat.apply([Uplink(VNI, SUBNET)], [])
+
+
+def test_deleting_the_network_takes_the_uplink_and_its_route(lab):
+    """Last: the module's network goes."""
+    assert uplink_name(VNI) in sh(lab.h, "ip", "-o", "link", "show")
+    assert SUBNET in sh(lab.h, "ip", "route", "show")
+    lab.dp.delete_network(VNI)
+    assert uplink_name(VNI) not in sh(lab.h, "ip", "-o", "link", "show")
+    assert SUBNET not in sh(lab.h, "ip", "route", "show")
+    assert lab.dp.uplinks() == set()
