@@ -7,6 +7,7 @@ imports pyroute2 or runs nft). One file per stage, behind one front class:
     endpoints.py  an endpoint's veth pair
     peers.py      vxlan0's FDB and neighbour table (set_peers: dump, plan, apply)
     firewall.py   the VXLAN source filter (nft)
+    crypto.py     encrypted overlays: the WireGuard tunnel between hosts
     dnsplane.py   the cluster resolver's addresses, routes and sockets
     protocol.py   what the network driver asks of all this (for stand-ins)
 
@@ -26,6 +27,7 @@ underlay address is called ``vtep`` throughout this package.
 from __future__ import annotations
 
 from .base import DataplaneError
+from .crypto import CryptoStage
 from .endpoints import EndpointStage
 from .host import HostStage, default_route_address
 from .networks import NetworkStage, VxlanSettings
@@ -35,7 +37,7 @@ from .protocol import KernelLayer
 __all__ = ["Dataplane", "DataplaneError", "KernelLayer", "VxlanSettings", "default_route_address"]
 
 
-class Dataplane(HostStage, NetworkStage, EndpointStage, PeerStage):
+class Dataplane(HostStage, NetworkStage, EndpointStage, PeerStage, CryptoStage):
     """One host's overlays: namespaces, bridges, vxlans, veths and peers.
 
     Dataplane(vtep, vxlan_port=4789, netns_dir="/run/netns", host_netns=None)
