@@ -372,3 +372,82 @@ def test_cannot_encrypt_without_wireguard_go(monkeypatch):
 
 def test_store_prefix_is_states():
     assert CRYPTO == "crypto/"
+
+
+# -- the driver's hooks, with stand-ins (tests/test_network.py's) ------------------------------
+
+
+class RefusingEncryption:
+    def __init__(self, problem: str = ""):
+        self.problem, self.calls = problem, []
+
+    def check(self):
+        if self.problem:
+            raise DriverError(self.problem)
+
+    def network_added(self, vni):
+        self.calls.append(("added", vni))
+
+    def network_removed(self, vni):
+        self.calls.append(("removed", vni))
+
+
+def _driver(encryption):
+    from driver.network import NetworkDriver
+    from tests.test_network import HOST, RecordingKernel, RecordingPeers
+
+    store = open_store("memory://")
+    kernel = RecordingKernel()
+    kernel.create_network = lambda vni, mtu, encrypted=False: kernel._record("create_network", vni, mtu, encrypted)
+    driver = NetworkDriver(State(store), kernel, RecordingPeers(), host=HOST, vtep=HOST, encryption=encryption)
+    return store, kernel, driver
+
+
+def _options(value):
+    return {"com.docker.network.generic": {"encrypted": value}}
+
+
+def test_an_encrypted_network_gets_the_tunnel_first_and_a_smaller_mtu():
+    from tests.test_network import NET, POOL, VNI
+
+    enc = RefusingEncryption()
+    store, kernel, driver = _driver(enc)
+    driver.create_network(NET, _options("true"), POOL, [])
+    assert ("create_network", VNI, 1500 - 50 - 60, True) in kernel.calls  # VXLAN's 50, the tunnel's 60
+    assert enc.calls == [("added", VNI)]
+    assert driver.state.overlay(VNI).encrypted
+    driver.delete_network(NET)
+    assert kernel.calls[-1] == ("delete_network", VNI) and enc.calls[-1] == ("removed", VNI)
+
+
+def test_a_host_that_cannot_encrypt_changes_nothing():
+    from tests.test_network import NET, POOL
+
+    enc = RefusingEncryption("this host cannot encrypt: wireguard-go is not installed; install it")
+    store, kernel, driver = _driver(enc)
+    with pytest.raises(DriverError, match="cannot encrypt"):
+        driver.create_network(NET, _options("true"), POOL, [])
+    with pytest.raises(DriverError, match="-o encrypted=maybe is not valid"):
+        driver.create_network(NET, _options("maybe"), POOL, [])
+    assert [c for c in kernel.calls if c[0] != "underlay_mtu"] == [] and enc.calls == []
+    assert store.list("")[0] == []
+
+
+def test_joining_an_encrypted_overlay_without_the_option_still_encrypts_or_refuses():
+    from tests.test_network import NET, POOL, VNI
+
+    store, kernel, driver = _driver(RefusingEncryption())
+    driver.create_network(NET, _options("true"), POOL, [])
+    from driver.network import NetworkDriver
+    from tests.test_network import RecordingKernel, RecordingPeers
+
+    before = sorted((kv.key, kv.value) for kv in store.list("")[0])
+    other = NetworkDriver(State(store), RecordingKernel(), RecordingPeers(), host="10.0.0.99", vtep="10.0.0.99",
+                          encryption=RefusingEncryption("this host cannot encrypt: install wireguard-go"))
+    with pytest.raises(DriverError, match="cannot encrypt"):
+        other.create_network("f" * 64, {}, POOL, [])
+    with pytest.raises(DriverError, match="is encrypted on other hosts"):
+        NetworkDriver(State(store), RecordingKernel(), RecordingPeers(), host="10.0.0.98", vtep="10.0.0.98",
+                      encryption=RefusingEncryption()).create_network("e" * 64, _options("false"), POOL, [])
+    assert sorted((kv.key, kv.value) for kv in store.list("")[0]) == before
+    assert driver.state.overlay(VNI).networks.keys() == {driver.host}

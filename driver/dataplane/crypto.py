@@ -148,7 +148,8 @@ class CryptoStage(Worker):
         # Its output to an unlinked file, not a pipe: the detached daemon keeps
         # the descriptor, and a pipe would never reach end of file.
         with tempfile.TemporaryFile() as out:
-            done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, timeout=15)
+            done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, timeout=15,
+                                  start_new_session=True)
             if done.returncode != 0:
                 out.seek(0)
                 said = out.read().decode(errors="replace")[-300:].strip()
