@@ -451,3 +451,20 @@ def test_joining_an_encrypted_overlay_without_the_option_still_encrypts_or_refus
                       encryption=RefusingEncryption()).create_network("e" * 64, _options("false"), POOL, [])
     assert sorted((kv.key, kv.value) for kv in store.list("")[0]) == before
     assert driver.state.overlay(VNI).networks.keys() == {driver.host}
+
+
+def test_status_shows_encrypted_networks_and_key_age():
+    from ops.commands import collect_status, render_status
+    from driver.model import Overlay
+
+    store = open_store("memory://")
+    state = State(store)
+    state.create_overlay(Overlay(4200, "10.42.0.0/24", 1390, {"10.0.0.1": "n" * 64}, encrypted=True), True)
+    keys = _host(5)
+    state.put_host_key(HostKey("10.0.0.1", "10.0.0.1", 51820, keys.static_public.hex(), keys.exchange_public.hex(),
+                               5, 1000.0, rotation=3600.0))
+    status = collect_status(store, now=1090.0)
+    network = status["networks"][0]
+    assert (network["encrypted"], network["key_age"]) == (True, 90.0)
+    assert status["keys"] == [{"host": "10.0.0.1", "epoch": 5, "age": 90.0, "rotation": 3600.0}]
+    assert "on (key 1m old)" in render_status(status, now=1090.0)
