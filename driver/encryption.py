@@ -63,6 +63,25 @@ def check_overlay_encrypted(vni: int, encrypted: Optional[bool], overlay_encrypt
         )
 
 
+def expected_peers(records: dict[str, HostKey], keys: LocalKeys, host: str, vtep: str,
+                   now: float) -> list[TunnelPeer]:
+    """Every other host's record that is not stale, as a tunnel peer with the
+    pair's current key (the plugin programs these; doctor compares with them)."""
+    found = []
+    for record in records.values():
+        if record.host == host or record.vtep == vtep:
+            continue
+        if now - record.made > 2 * record.rotation + STALE_SLACK:
+            continue  # stopped rotating: gone, or cut off from the store
+        try:
+            psk = pair_psk(keys.exchange, bytes.fromhex(record.exchange), keys.static_public,
+                           bytes.fromhex(record.public), keys.epoch, record.epoch)
+            found.append(TunnelPeer(bytes.fromhex(record.public), record.vtep, record.port, psk))
+        except ValueError as e:
+            log.warning("encryption: host %s's keys are unusable (%s); skipped", record.host, e)
+    return found
+
+
 class Encryption:
     def __init__(self, store: Store, dataplane, host: str, vtep: str, key_file: str,
                  rotation: float = KEY_ROTATION, port: int = WIREGUARD_PORT,
@@ -172,23 +191,9 @@ class Encryption:
                     self._records[record.host] = record
             self._apply()
 
-    def peers(self, now: Optional[float] = None):
-        """The tunnel peers the store asks for (TunnelPeer list)."""
-        now = self.clock() if now is None else now
-        keys = self._keys
-        found = []
-        for record in self._records.values():
-            if record.host == self.host or record.vtep == self.vtep:
-                continue
-            if now - record.made > 2 * record.rotation + STALE_SLACK:
-                continue  # stopped rotating: gone, or cut off from the store
-            try:
-                psk = pair_psk(keys.exchange, bytes.fromhex(record.exchange), keys.static_public,
-                               bytes.fromhex(record.public), keys.epoch, record.epoch)
-                found.append(TunnelPeer(bytes.fromhex(record.public), record.vtep, record.port, psk))
-            except ValueError as e:
-                log.warning("encryption: host %s's keys are unusable (%s); skipped", record.host, e)
-        return found
+    def peers(self, now: Optional[float] = None) -> list[TunnelPeer]:
+        """The tunnel peers the store asks for."""
+        return expected_peers(self._records, self._keys, self.host, self.vtep, self.clock() if now is None else now)
 
     def _apply(self) -> None:
         """With the lock held. Not before the first snapshot: a restarted
