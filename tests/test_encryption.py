@@ -398,7 +398,6 @@ def _driver(encryption):
 
     store = open_store("memory://")
     kernel = RecordingKernel()
-    kernel.create_network = lambda vni, mtu, encrypted=False: kernel._record("create_network", vni, mtu, encrypted)
     driver = NetworkDriver(State(store), kernel, RecordingPeers(), host=HOST, vtep=HOST, encryption=encryption)
     return store, kernel, driver
 
@@ -413,7 +412,7 @@ def test_an_encrypted_network_gets_the_tunnel_first_and_a_smaller_mtu():
     enc = RefusingEncryption()
     store, kernel, driver = _driver(enc)
     driver.create_network(NET, _options("true"), POOL, [])
-    assert ("create_network", VNI, 1500 - 50 - 60, True) in kernel.calls  # VXLAN's 50, the tunnel's 60
+    assert ("create_network", VNI, 1500 - 50 - 60, "encrypted") in kernel.calls  # VXLAN's 50, the tunnel's 60
     assert enc.calls == [("added", VNI)]
     assert driver.state.overlay(VNI).encrypted
     driver.delete_network(NET)
@@ -468,3 +467,44 @@ def test_status_shows_encrypted_networks_and_key_age():
     assert (network["encrypted"], network["key_age"]) == (True, 90.0)
     assert status["keys"] == [{"host": "10.0.0.1", "epoch": 5, "age": 90.0, "rotation": 3600.0}]
     assert "on (key 1m old)" in render_status(status, now=1090.0)
+
+
+def test_doctor_compares_the_tunnel_with_the_store(tmp_path):
+    from driver.encryption import expected_peers
+    from driver.model import Network, Overlay
+    from ops.checks import FAIL, OK
+    from ops.doctor_crypto import check_encryption
+
+    store = open_store("memory://")
+    state = State(store)
+    me, other = "10.0.0.1", "10.0.0.2"
+    state.create_overlay(Overlay(4200, "10.42.0.0/24", 1390, {me: "n" * 64}, encrypted=True), True)
+    state.create_network(Network("n" * 64, 4200, me, 1390, "10.42.0.0/24"))
+    keys = KeyFile(str(tmp_path / f"{me}.json")).load_or_make()
+    theirs = _host(2)
+    for host, k in ((me, keys), (other, theirs)):
+        state.put_host_key(HostKey(host, host, 51820, k.static_public.hex(), k.exchange_public.hex(), k.epoch,
+                                   time.time(), rotation=3600.0))
+
+    class Kernel:
+        tunnel_device, vtep = "pywtest", me
+        peers: list = []
+
+        def tunnel_present(self):
+            return True
+
+        def tunnel_filter_present(self):
+            return True
+
+        def tunnel_peers(self):
+            return self.peers
+
+    kernel = Kernel()
+    kernel.peers = expected_peers(state.host_keys(), keys, me, me, time.time())
+    assert check_encryption(state, kernel, me, str(tmp_path)).status == OK
+    wrong = kernel.peers[0]
+    kernel.peers = [TunnelPeer(wrong.public, wrong.vtep, wrong.port, os.urandom(32))]
+    check = check_encryption(state, kernel, me, str(tmp_path))
+    assert check.status == FAIL and "another pair key" in check.details[0]
+    kernel.peers = []
+    assert "is missing" in check_encryption(state, kernel, me, str(tmp_path)).details[0]
