@@ -18,6 +18,7 @@ from .logs import use_json
 from .settings import (DEFAULT_BLOCK_GRACE, DEFAULT_DEFAULT_POOL, DEFAULT_DNS_ADDR, DEFAULT_ETCD_PREFIX,  # noqa: F401
                        DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, DEFAULT_NAMES_TTL, DEFAULT_SOCKET, DEFAULT_STORE,
                        DEFAULT_VXLAN_PORT, env_on)
+from .settings import DEFAULT_ENCRYPTED_VXLAN_PORT, DEFAULT_KEY_DIR, DEFAULT_KEY_ROTATION, DEFAULT_WIREGUARD_PORT
 from .settings import env as _env
 
 
@@ -101,11 +102,9 @@ def _add_dns_flags(serve: argparse.ArgumentParser) -> None:
 # -- encrypted overlays (issue 17) -------------------------------------------------
 
 def _add_encryption_flags(serve: argparse.ArgumentParser) -> None:
-    from .settings import DEFAULT_ENCRYPTED_VXLAN_PORT, DEFAULT_KEY_DIR, DEFAULT_KEY_ROTATION, DEFAULT_WIREGUARD_PORT
-
-    serve.add_argument("--key-rotation", type=float, default=float(_env("KEY_ROTATION", DEFAULT_KEY_ROTATION)),
+    serve.add_argument("--key-rotation", type=float, default=_env("KEY_ROTATION", DEFAULT_KEY_ROTATION),
                        help="seconds between rotations of this host's key exchange key for -o encrypted=true "
-                            "networks (default %(default)s: 12 hours)")
+                            "networks (default %(default)s, 12 hours)")
     serve.add_argument("--key-dir", default=_env("KEY_DIR", DEFAULT_KEY_DIR),
                        help="where this host keeps its private keys, readable by root only (default %(default)s)")
     serve.add_argument("--encrypted-vxlan-port", type=int,

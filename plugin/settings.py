@@ -27,7 +27,7 @@ DEFAULT_DNS_ADDR = "169.254.53.53"
 DEFAULT_NAMES_TTL = "10"  # seconds a dead host's names outlive it
 DEFAULT_DAEMON_JSON = "/etc/docker/daemon.json"
 # Encrypted overlays (driver/encryption.py).
-DEFAULT_KEY_ROTATION = str(KEY_ROTATION)  # seconds between a host's exchange keys
+DEFAULT_KEY_ROTATION = str(KEY_ROTATION)  # "43200"  # seconds between a host's exchange keys
 DEFAULT_KEY_DIR = "/var/lib/pyoverlay/keys"  # this host's private keys (<dir>/<host>.json, 0600)
 DEFAULT_ENCRYPTED_VXLAN_PORT = str(ENCRYPTED_VXLAN_PORT)
 DEFAULT_WIREGUARD_PORT = str(WIREGUARD_PORT)
