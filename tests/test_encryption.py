@@ -508,3 +508,18 @@ def test_doctor_compares_the_tunnel_with_the_store(tmp_path):
     assert check.status == FAIL and "another pair key" in check.details[0]
     kernel.peers = []
     assert "is missing" in check_encryption(state, kernel, me, str(tmp_path)).details[0]
+
+
+@needs_wg
+def test_a_tunnel_that_fails_to_start_leaves_nothing(two_hosts, tmp_path, monkeypatch):
+    planes, hosts = two_hosts
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "wireguard-go").write_text("#!/bin/sh\necho 'cannot open /dev/net/tun' >&2\nexit 1\n")
+    (fake / "wireguard-go").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    with pytest.raises(DataplaneError, match="cannot open /dev/net/tun"):
+        planes[0].tunnel_up(new_private(), 51820, 1440)
+    assert planes[0].tunnel_device not in _in(hosts[0], "ip", "link", "show", check=True).stdout
+    assert str(RULE_PRIORITY) not in _in(hosts[0], "ip", "rule", "show", check=True).stdout
+    assert NFT_TABLE not in _in(hosts[0], "nft", "list", "tables", check=True).stdout

@@ -99,6 +99,21 @@ class CryptoStage(Worker):
 
     def _tunnel_up(self, private_key: bytes, listen_port: int, mtu: int) -> None:
         host = self._host_handle()
+        # No device and no rule: nothing encrypted runs here, so a failure may
+        # take back all this call made (a running tunnel is never torn down).
+        fresh = host.index(self.tunnel_device) is None and \
+            not any(r["priority"] == RULE_PRIORITY for r in self._rules(host))
+        try:
+            self._build_tunnel(host, private_key, listen_port, mtu)
+        except BaseException as error:
+            if fresh:
+                try:
+                    self._tunnel_down()
+                except DataplaneError as cleanup:
+                    error.add_note(f"cleaning up also failed: {cleanup}")
+            raise
+
+    def _build_tunnel(self, host, private_key: bytes, listen_port: int, mtu: int) -> None:
         name = self.tunnel_device
         # Filter first: from here on nothing on the encrypted port passes in clear.
         self._nft(self._filter_script())
