@@ -74,8 +74,9 @@ class Doctor:
         checks.append(self.check_vxlan_port(store_ok))
         if store_ok:
             checks += [self.check_overlays(), self.check_peers(), self.check_engine()]
-            if self.key_dir is not None:
-                checks.append(check_encryption(self.state, self.dataplane, self.host, self.key_dir))
+            crypto = check_encryption(self.state, self.dataplane, self.host, self.key_dir) if self.key_dir else None
+            if crypto is not None:  # only on a host with encrypted networks (or a tunnel left over)
+                checks.append(crypto)
         else:
             for name in ("overlays", "peers", "engine"):
                 checks.append(Check(name, SKIP, "not checked: the store does not answer"))

@@ -198,6 +198,15 @@ def test_plugin_kill_and_restart_keeps_encryption(cluster, hosts, nets, e2e_work
         seen = capture.stop()
     assert run_of(secret) not in seen
     assert set(preshared(h)) == set(before)  # the same peers, from the key file and the store
+    # doctor: the tunnel's peers and pair keys are what the store and the key file say.
+    def doctor() -> dict:
+        out = h.run([PLUGIN_EXE, "doctor", "--json", "--store", cluster.etcd.url, "--advertise-addr", h.addr,
+                     "--no-engine", "--no-dns", "--key-dir", f"{h.dir}/keys"], check=False, timeout=60).stdout
+        return {c["name"]: c for c in json.loads(out)["checks"]}
+    # Retried: a rotation (every 3 s here) between its reads of the store and the tunnel reads as drift.
+    checks = wait_for(lambda: (c := doctor())["encryption"]["status"] == "ok" and c, 15,
+                      lambda: f"doctor's encryption check to pass: {doctor()}")
+    assert checks["vxlan port"]["status"] == "ok", checks
     epoch = next(k["epoch"] for k in cluster.status()["keys"] if k["host"] == h.addr)
     wait_for(lambda: next(k["epoch"] for k in cluster.status()["keys"] if k["host"] == h.addr) > epoch,
              3 * ROTATION, "the restarted plugin to rotate again")
