@@ -109,9 +109,14 @@ class Capture:
         self.err = path.with_suffix(".err")
         with open(self.err, "w") as err:
             self.proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{host.name}", "tcpdump", "-i", "eth0",
-                                          "-n", "-U", "-s", "0", "-w", str(path)],
+                                          "--immediate-mode", "-n", "-U", "-s", "0", "-w", str(path)],
                                          stdout=subprocess.DEVNULL, stderr=err)
         wait_for(lambda: "listening on" in self.err.read_text(), 10, "tcpdump to listen")
+
+    def wait(self, cond, what: str) -> None:
+        """Until the file holds what cond looks for: a capture stopped at once
+        may not have written the last packets yet (the test would then prove nothing)."""
+        wait_for(lambda: cond(self.path.read_bytes()), 10, f"the capture to hold {what}")
 
     def stop(self) -> bytes:
         self.proc.terminate()
@@ -147,6 +152,9 @@ def test_encrypted_network_never_crosses_in_clear(cluster, hosts, nets, e2e_work
         assert " 0% packet loss" in out, out
         out = ping(hosts[0], "c0", nets["c1", "plain"], "-c", "3", "-i", "0.2", "-s", "200", "-p", f"{clear:02x}")
         assert " 0% packet loss" in out, out
+        # The plain pings came after the encrypted ones: once they are in the file, so is all before them.
+        capture.wait(lambda data: data.count(run_of(clear)) >= 18,  # 6 echoes, 3 runs each
+                     "the plain network's pattern: it must see inner frames, or it proves nothing")
     finally:
         seen = capture.stop()
     assert run_of(clear) in seen, "the capture does not see the plain network's frames: it proves nothing"
@@ -194,6 +202,9 @@ def test_plugin_kill_and_restart_keeps_encryption(cluster, hosts, nets, e2e_work
     try:
         out = ping(hosts[0], "c0", nets["c1", "sec"], "-c", "10", "-i", "0.2", "-s", "200", "-p", f"{secret:02x}")
         assert "10 packets transmitted, 10 packets received" in out, out
+        # The 20 echoes (and nothing in clear) in the file before it stops: WireGuard's packets carry
+        # them at 200 + 28 + 14 + 50 + 60 bytes or more; count those.
+        capture.wait(lambda data: capture.count("udp port 51820 and greater 340") >= 20, "the 20 encrypted echoes")
     finally:
         seen = capture.stop()
     assert run_of(secret) not in seen
