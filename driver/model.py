@@ -13,7 +13,7 @@ import json
 import secrets
 from dataclasses import asdict, dataclass, field
 
-from .defaults import OPT_MTU, OPT_MULTICAST, OPT_VNI
+from .defaults import KEY_ROTATION, OPT_ENCRYPTED, OPT_MTU, OPT_MULTICAST, OPT_VNI
 
 
 class Record:
@@ -47,11 +47,12 @@ class Overlay(Record):
     networks: dict[str, str] = field(default_factory=dict)  # host -> NetworkID
     block_size: int = 0  # prefix length of the IPAM blocks (-o block_size); 0: the default for the subnet
     multicast: bool = False  # -o multicast=true: broadcast and multicast flood to every host with a peer
+    encrypted: bool = False  # -o encrypted=true: its VXLAN between hosts goes through the tunnel
 
     def to_json(self) -> str:
         # Left out when unset, so hosts still running the previous version read it.
         data = asdict(self)
-        for name in ("block_size", "multicast"):
+        for name in ("block_size", "multicast", "encrypted"):
             if not data[name]:
                 del data[name]
         return json.dumps(data, sort_keys=True)
@@ -202,10 +203,11 @@ class NamedNetwork(Record):
     origin: str = ""  # the host whose engine it came from, or "cli"
     multicast: bool = False  # -o multicast=true, so every host's engine shows (and asks for) it
     gateway_mode: str = ""  # -o gateway=pyoverlay (driver/gateway.py), so every host carries its own egress
+    encrypted: bool = False  # -o encrypted=true, likewise
 
     def to_json(self) -> str:
         data = asdict(self)
-        for name in ("multicast", "gateway_mode"):
+        for name in ("multicast", "gateway_mode", "encrypted"):
             if not data[name]:
                 del data[name]  # entries without them read as before, byte for byte
         return json.dumps(data, sort_keys=True)
@@ -218,6 +220,8 @@ class NamedNetwork(Record):
             options[OPT_MULTICAST] = "true"
         if self.gateway_mode:
             options["gateway"] = self.gateway_mode
+        if self.encrypted:
+            options[OPT_ENCRYPTED] = "true"
         return options
 
     def matches(self, info, vni: int = 0) -> bool:
@@ -241,3 +245,28 @@ class EngineNetwork(Record):
     catalogued: bool = False  # matched the catalog: deleting the entry removes it here
     removing: bool = False  # deleted from the catalog; waits for its containers to leave
     error: str = ""
+
+
+@dataclass(frozen=True)
+class HostKey(Record):
+    """crypto/<host>: the public keys a host with encrypted overlays publishes
+    (driver/keys.py). Its private keys never leave it."""
+
+    host: str
+    vtep: str  # the tunnel's endpoint: this host's underlay address
+    port: int  # its WireGuard listen port
+    public: str  # static WireGuard public key, hex
+    exchange: str  # current exchange (X25519) public key, hex
+    epoch: int  # which exchange key of this host it is (grows by one per rotation)
+    made: float  # when that key was made (time.time() on that host)
+    rotation: float = float(KEY_ROTATION)  # its --key-rotation: a key older than two of these is stale
+
+
+@dataclass(frozen=True)
+class TunnelPeer:
+    """Another host, as this host's WireGuard device holds it (driver/dataplane/crypto.py)."""
+
+    public: bytes  # its static public key (32 bytes)
+    vtep: str  # its underlay address: the tunnel endpoint and the one allowed inner source
+    port: int  # its WireGuard listen port
+    psk: bytes  # this pair's current preshared key (32 bytes)

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
 from . import rules
 from .blocks import check_block_size, default_block_size
-from .defaults import ADDRESS_SPACE, DRIVER_NAME
+from .defaults import ADDRESS_SPACE, DRIVER_NAME, OPT_ENCRYPTED, TUNNEL_OVERHEAD
 from .drift import KernelView, StoreView, drift
+from .encryption import check_overlay_encrypted, encrypted_option
 from .errors import DriverError
 from .gateway import OPT_GATEWAY, GatewayMode, gateway_option
 from .rules import (  # noqa: F401 (the rules' names, importable from here as before)
@@ -37,7 +38,7 @@ OPT_IPV6 = "com.docker.network.enable_ipv6"
 OPT_IPV4 = "com.docker.network.enable_ipv4"
 OPT_INTERNAL = "com.docker.network.internal"
 OPT_BLOCK_SIZE = "block_size"  # prefix length of the per-host address blocks (driver/blocks.py)
-ACCEPTED_OPTIONS = (OPT_VNI, OPT_MTU, OPT_BLOCK_SIZE, OPT_MULTICAST, OPT_GATEWAY)
+ACCEPTED_OPTIONS = (OPT_VNI, OPT_MTU, OPT_BLOCK_SIZE, OPT_MULTICAST, OPT_GATEWAY, OPT_ENCRYPTED)
 
 
 class PeerTable(Protocol):
@@ -49,6 +50,19 @@ class PeerTable(Protocol):
         """Every overlay this host carries has been named (after a start)."""
 
     def network_removed(self, vni: int) -> None: ...
+
+
+class Encrypting(Protocol):
+    """What the driver tells the key sync (driver/encryption.py)."""
+
+    def check(self) -> None:
+        """Raise DriverError, saying what to do, if this host cannot encrypt."""
+
+    def network_added(self, vni: int) -> None:
+        """Before an encrypted overlay's vxlan device is made: the tunnel is up."""
+
+    def network_removed(self, vni: int) -> None:
+        """After it is gone."""
 
 
 class DnsListeners(Protocol):
@@ -70,9 +84,10 @@ def endpoint_mac(ip: ipaddress.IPv4Address) -> str:
 class NetworkDriver:
     def __init__(self, state: State, dataplane: KernelLayer, peers: PeerTable, host: str, vtep: str,
                  name: str = DRIVER_NAME,
-                 dns: Optional[DnsListeners] = None,
+                 dns: Optional[DnsListeners] = None, encryption: Optional[Encrypting] = None,
                  gateway: Optional[GatewayMode] = None):
         self.state = state
+        self.encryption = encryption  # None: this plugin was started without encryption
         self.gateway = gateway  # None: -o gateway=pyoverlay is refused (no kernel layer for it)
         self.dns = dns  # None: --no-dns
         # SandboxKey -> the endpoint carrying the resolver's route there (None: not loaded yet).
@@ -114,8 +129,8 @@ class NetworkDriver:
             raise DriverError(
                 f"unknown option {', '.join('-o ' + u for u in unknown)}; pyoverlay accepts "
                 f"-o {OPT_VNI}=<{VNI_MIN}-{VNI_MAX}>, -o {OPT_MTU}=<bytes>, "
-                f"-o {OPT_BLOCK_SIZE}=<prefix length>, -o {OPT_MULTICAST}=true|false "
-                f"and -o {OPT_GATEWAY}=pyoverlay|docker_gwbridge"
+                f"-o {OPT_BLOCK_SIZE}=<prefix length>, -o {OPT_MULTICAST}=true|false, "
+                f"-o {OPT_GATEWAY}=pyoverlay|docker_gwbridge and -o {OPT_ENCRYPTED}=true|false"
             )
         subnet = self._subnet(ipv4_data)
         block_size = None
@@ -123,16 +138,28 @@ class NetworkDriver:
             block_size = check_block_size(ipaddress.ip_network(subnet), generic[OPT_BLOCK_SIZE])
         max_mtu = self.dataplane.underlay_mtu() - VXLAN_OVERHEAD
         vni = rules.vni_option(generic)
-        mtu = rules.mtu_option(generic, max_mtu)
         multicast = rules.multicast_option(generic)
         gateway_mode = gateway_option(generic)
         gateway = self._gateway_address(ipv4_data, gateway_mode)
+        encrypted = encrypted_option(generic)
 
         if self.state.network(network_id):
             return  # the engine repeated itself
-        vni = self._join_overlay(network_id, subnet, vni, mtu, max_mtu, block_size, multicast)
+        # Encrypted: asked for, or the overlay being joined is. Refused here,
+        # before any write, when this host cannot encrypt.
+        checked = self._encryptable(encrypted if encrypted is not None else self._overlay_encrypted(subnet, vni))
+        if checked:
+            max_mtu -= TUNNEL_OVERHEAD
+        mtu = rules.mtu_option(generic, max_mtu)
+        vni = self._join_overlay(network_id, subnet, vni, mtu, max_mtu, block_size, multicast, encrypted)
         with self._locks[vni]:
             overlay = self.state.overlay(vni)
+            if overlay.encrypted and not checked:  # made encrypted by another host meanwhile
+                try:
+                    self._encryptable(True)
+                except DriverError:
+                    self._leave_overlay(vni, network_id)
+                    raise
             network = Network(
                 network_id=network_id, vni=vni, host=self.host, mtu=overlay.mtu,
                 subnet=subnet, internal=options.get(OPT_INTERNAL) in (True, "true"),
@@ -140,7 +167,11 @@ class NetworkDriver:
             )
             try:
                 self.state.create_network(network)
-                self.dataplane.create_network(vni, network.mtu)
+                if overlay.encrypted:
+                    self.encryption.network_added(vni)  # the tunnel first: never a clear-text moment
+                    self.dataplane.create_network(vni, network.mtu, encrypted=True)
+                else:
+                    self.dataplane.create_network(vni, network.mtu)
                 if self.dns is not None:
                     try:
                         self.dns.network_added(vni, subnet)
@@ -159,11 +190,30 @@ class NetworkDriver:
                         self.gateway.sync()  # its uplink is gone with the namespace; so go its rules
                         raise
             except Exception:
+                if overlay.encrypted:
+                    self.encryption.network_removed(vni)
                 self._leave_overlay(vni, network_id)
                 self.state.delete_network(network_id)
                 raise
             self.peers.network_added(vni, overlay.multicast)
         log.info("network %s: overlay vni %d subnet %s mtu %d", network_id[:12], vni, subnet, network.mtu)
+
+    def _overlay_encrypted(self, subnet: str, vni: Optional[int]) -> bool:
+        """Is the overlay this network would join (by VNI, else by subnet) encrypted?"""
+        if vni is None:
+            claim = self.state.subnet_claim(subnet)
+            vni = claim.vni if claim else None
+        overlay = self.state.overlay(vni) if vni is not None else None
+        return bool(overlay and overlay.encrypted)
+
+    def _encryptable(self, encrypted: bool) -> bool:
+        """encrypted, once it is known that this host can encrypt (else DriverError)."""
+        if encrypted:
+            if self.encryption is None:
+                raise DriverError("this pyoverlay plugin runs without encryption; start it with encryption "
+                                  "(the default) or create the network without -o encrypted=true")
+            self.encryption.check()
+        return encrypted
 
     def _subnet(self, ipv4_data: list) -> str:
         if len(ipv4_data) != 1:
@@ -191,7 +241,8 @@ class NetworkDriver:
         return str(parse_ip(gateway))
 
     def _join_overlay(self, network_id: str, subnet: str, vni: Optional[int], mtu: Optional[int], max_mtu: int,
-                      block_size: Optional[int] = None, multicast: Optional[bool] = None) -> int:
+                      block_size: Optional[int] = None, multicast: Optional[bool] = None,
+                      encrypted: Optional[bool] = None) -> int:
         """Find or make the overlay for this subnet/VNI and record this host on it."""
         for _ in range(20):
             claim = self.state.subnet_claim(subnet)
@@ -200,7 +251,7 @@ class NetworkDriver:
             overlay = self.state.overlay(target)
             if overlay is None:
                 overlay = Overlay(vni=target, subnet=subnet, mtu=mtu or max_mtu, networks={self.host: network_id},
-                                  block_size=block_size or 0, multicast=bool(multicast))
+                                  block_size=block_size or 0, multicast=bool(multicast), encrypted=bool(encrypted))
                 if self.state.create_overlay(overlay, claim_subnet=claim is None):
                     return target
                 continue  # another host made it first: join theirs
@@ -211,6 +262,7 @@ class NetworkDriver:
                 rules.check_vni_subnet(target, subnet, current.subnet)
                 rules.check_overlay_mtu(target, mtu, current.mtu)
                 rules.check_overlay_multicast(target, multicast, current.multicast)
+                check_overlay_encrypted(target, encrypted, current.encrypted)
                 used = current.block_size or default_block_size(ipaddress.ip_network(subnet))
                 if block_size is not None and block_size != used:
                     raise DriverError(
@@ -262,6 +314,8 @@ class NetworkDriver:
             if self.dns is not None:
                 self.dns.network_removed(network.vni)
             self.dataplane.delete_network(network.vni)
+            if self.encryption is not None:
+                self.encryption.network_removed(network.vni)  # after its vxlan device: see encryption.py
             self._leave_overlay(network.vni, network_id)
             self.state.delete_network(network_id)
             if network.gateway_mode and self.gateway is not None:
@@ -437,12 +491,18 @@ class NetworkDriver:
         found = drift(store, kernel)
         for vni in found.stale_namespaces:
             self.dataplane.delete_network(vni)
-        multicast = {o.vni for o in self.state.overlays() if o.multicast}
+        overlays = self.state.overlays()
+        multicast = {o.vni for o in overlays if o.multicast}
+        encrypted = {o.vni for o in overlays if o.encrypted}
         for vni, network in wanted.items():
             with self._locks[vni]:
                 # Missing namespaces are made; present ones converge (MTU) and
                 # their vxlan device is checked against this host's flags.
-                self.dataplane.create_network(vni, network.mtu)
+                if vni in encrypted:
+                    if not self._restore_encrypted(vni, network):
+                        continue
+                else:
+                    self.dataplane.create_network(vni, network.mtu)
                 if self.dns is not None:
                     self.dns.network_added(vni, network.subnet)
                 for stale in found.stale_veths.get(vni, ()):
@@ -456,6 +516,21 @@ class NetworkDriver:
         released = self._release_orphan_addresses()
         log.info("restored %d networks, %d endpoints; released %d orphan addresses",
                  len(networks), len(endpoints), released)
+
+    def _restore_encrypted(self, vni: int, network: Network) -> bool:
+        """The tunnel (kept running across the restart, or started again), then
+        the network. If this host can no longer encrypt, the network is left as
+        it is: its vxlan device's traffic stays blackholed, never clear."""
+        try:
+            self._encryptable(True)
+            self.encryption.network_added(vni)
+        except Exception as e:
+            log.error("network %s (vni %d) is encrypted but this host cannot encrypt now: %s; "
+                      "it carries no traffic until that is fixed and the plugin restarted",
+                      network.network_id[:12], vni, e)
+            return False
+        self.dataplane.create_network(vni, network.mtu, encrypted=True)
+        return True
 
     def _release_orphan_addresses(self) -> int:
         """Container addresses this host claimed that no endpoint uses. A crash

@@ -13,6 +13,7 @@
     catalog/<name>                   NamedNetwork (a network name every host's engine gets)
     engine/<host>/<name>             EngineNetwork (that name in one host's engine)
     names/<vni>/<endpoint_id>        NameRecord (a container's DNS names; under its host's lease)
+    crypto/<host>                    HostKey (public keys of a host with encrypted overlays)
 
 Subnets appear in keys with "/" replaced by "_" so that a prefix never
 matches a longer one by accident.
@@ -31,7 +32,7 @@ from typing import Callable, Iterable, Optional, TypeVar
 
 from .decoding import bad_records, decode, skipped as _skipped  # noqa: F401 (bad_records: for plugin/metrics.py)
 from .errors import DriverError
-from .model import (Address, Block, Endpoint, EngineNetwork, Host, LastSeen, NamedNetwork, NameRecord, Network,
+from .model import (Address, Block, Endpoint, EngineNetwork, Host, HostKey, LastSeen, NamedNetwork, NameRecord, Network,
                     Overlay, Peer, Pool, Record, SubnetClaim)
 from .store.base import Store
 from .store.follow import follow
@@ -145,6 +146,18 @@ NAMES = "names/"
 
 def name_key(vni: int, endpoint_id: str) -> str:
     return f"{NAMES}{vni}/{endpoint_id}"
+
+
+CRYPTO = "crypto/"
+
+
+def crypto_key(host: str) -> str:
+    return f"{CRYPTO}{host}"
+
+
+def decode_host_key(key: str, value: Optional[str]) -> Optional[HostKey]:
+    """A crypto/ record, or None (deleted, or skipped as a bad record)."""
+    return decode(key, value, HostKey) if value is not None else None
 
 
 def parse_name_key(key: str) -> tuple[int, str]:
@@ -508,3 +521,14 @@ class State:
 
     def delete_name(self, vni: int, endpoint_id: str) -> None:
         self.delete([name_key(vni, endpoint_id)])
+
+    # Encrypted overlays: hosts' public keys (driver/encryption.py)
+
+    def host_keys(self) -> dict[str, HostKey]:
+        return {rec.host: rec for rec in self.list(CRYPTO, HostKey)}
+
+    def put_host_key(self, record: HostKey) -> None:
+        self.store.put(crypto_key(record.host), record.to_json())
+
+    def delete_host_key(self, host: str) -> None:
+        self.delete([crypto_key(host)])

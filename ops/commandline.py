@@ -37,7 +37,7 @@ def add_operator_commands(commands, add_store_flags: Callable[[argparse.Argument
                                                 f"(default: each host's underlay MTU minus {rules.VXLAN_OVERHEAD})")
     create.add_argument("-o", "--opt", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
                         help=f"as docker network create's: {rules.OPT_VNI}, {rules.OPT_MTU}, "
-                             f"{rules.OPT_MULTICAST}=true|false")
+                             f"{rules.OPT_MULTICAST}=true|false, encrypted=true|false")
     create.add_argument("--internal", action="store_true", help="no way out of the overlay")
     create.add_argument("--wait", type=float, default=DEFAULT_WAIT,
                         help="seconds to wait for the hosts to create it (default %(default)s; 0: do not wait)")

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 from driver import rules
+from driver.defaults import OPT_ENCRYPTED
+from driver.encryption import check_overlay_encrypted, encrypted_option
 from driver.errors import DriverError
 from driver.gateway import OPT_GATEWAY, gateway_option
 from driver.model import EngineNetwork, Host, NamedNetwork
@@ -68,6 +70,7 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
         vni = rules.vni_option(options)
         multicast = rules.multicast_option(options)
         gateway_mode = gateway_option(options)
+        encrypted = encrypted_option(options)
         catalog = state.catalog_entries()
         for other in catalog.values():
             if ipaddress.ip_network(other.subnet).overlaps(net):
@@ -90,6 +93,8 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
         if overlay is not None:  # hosts already carry it: it floods as it was made
             rules.check_overlay_multicast(overlay.vni, multicast, overlay.multicast)
             multicast = overlay.multicast
+            check_overlay_encrypted(overlay.vni, encrypted, overlay.encrypted)
+            encrypted = overlay.encrypted
 
         wanted = rules.usable_address(net, gateway) if gateway else None
         pool = state.pool(subnet)
@@ -101,7 +106,7 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
         raise CommandError(str(e)) from None
 
     entry = NamedNetwork(name, subnet, gateway, vni, mtu or 0, internal, origin="cli", multicast=bool(multicast),
-                         gateway_mode=gateway_mode)
+                         gateway_mode=gateway_mode, encrypted=bool(encrypted))
     if not State(store).add_catalog_entry(entry):
         raise CommandError(f"a network named {name} was added to the catalog meanwhile; "
                            "look at it with pyoverlay status")
@@ -109,7 +114,7 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
 
 
 #: The -o options `pyoverlay network create` takes (block_size is per overlay, not in the catalog).
-CREATE_OPTIONS = (rules.OPT_VNI, rules.OPT_MTU, rules.OPT_MULTICAST, OPT_GATEWAY)
+CREATE_OPTIONS = (rules.OPT_VNI, rules.OPT_MTU, rules.OPT_MULTICAST, OPT_GATEWAY, OPT_ENCRYPTED)
 
 
 def _options(options: Optional[dict[str, str]], vni: Optional[int], mtu: Optional[int]) -> dict[str, str]:
@@ -119,8 +124,8 @@ def _options(options: Optional[dict[str, str]], vni: Optional[int], mtu: Optiona
     if unknown:
         raise CommandError(f"unknown option {', '.join('-o ' + u for u in unknown)}; pyoverlay network create "
                            f"accepts -o {rules.OPT_VNI}=<{rules.VNI_MIN}-{rules.VNI_MAX}>, "
-                           f"-o {rules.OPT_MTU}=<bytes> (or --vni, --mtu), -o {rules.OPT_MULTICAST}=true|false "
-                           f"and -o {OPT_GATEWAY}=pyoverlay|docker_gwbridge")
+                           f"-o {rules.OPT_MTU}=<bytes> (or --vni, --mtu), -o {rules.OPT_MULTICAST}=true|false, "
+                           f"-o {OPT_GATEWAY}=pyoverlay|docker_gwbridge and -o {OPT_ENCRYPTED}=true|false")
     for key, flag, value in ((rules.OPT_VNI, "--vni", vni), (rules.OPT_MTU, "--mtu", mtu)):
         if value is None:
             continue
@@ -259,6 +264,7 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
         count[ep.vni] += 1
         with_endpoints[ep.vni].add(ep.vtep)
 
+    keys = state.host_keys()  # encrypted overlays: each host's exchange key (driver/encryption.py)
     networks, name_of_vni = [], {}
     entries = {(e.vni, e.subnet): e for e in catalog.values()}
     for vni in sorted(set(overlays) | {e.vni for e in catalog.values()}):
@@ -274,6 +280,7 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
             elif n == name and rec.removing:
                 notes.append(f"{host}: being removed, in use by {', '.join(sorted(rec.containers.values()))}")
         multicast = overlay.multicast if overlay else entry.multicast
+        encrypted = overlay.encrypted if overlay else entry.encrypted
         networks.append({
             "name": name,
             "vni": vni,
@@ -284,6 +291,9 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
             # The VTEPs its broadcast and multicast go to: every host with a container
             # on it (each floods to the others); empty without -o multicast=true.
             "flood": sorted(with_endpoints[vni], key=_host_order) if multicast else [],
+            "encrypted": encrypted,
+            # Age in seconds of the oldest exchange key among its hosts (None: not encrypted, or no key yet).
+            "key_age": _key_age(keys, overlay.networks if overlay else {}, now) if encrypted else None,
             "in_catalog": entry is not None,
             "hosts": sorted(overlay.networks if overlay else [], key=_host_order),
             "endpoints": count.get(vni, 0),
@@ -301,7 +311,22 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
     } for ep in sorted(endpoints, key=lambda e: (_host_order(e.host), e.vni, ipaddress.ip_address(e.ip)))]
     _add_names(store, networks)
     return {"hosts": hosts, "networks": networks, "endpoints": endpoint_rows,
-            "blocks": collect_blocks(store, set(alive))}
+            "blocks": collect_blocks(store, set(alive)),
+            "keys": [{"host": k.host, "epoch": k.epoch, "age": round(now - k.made, 1), "rotation": k.rotation}
+                     for k in sorted(keys.values(), key=lambda k: _host_order(k.host))]}
+
+
+def _key_age(keys: dict, hosts: Iterable[str], now: float) -> Optional[float]:
+    ages = [now - keys[h].made for h in hosts if h in keys]
+    return round(max(ages), 1) if ages else None
+
+
+def _encrypted(network: dict) -> str:
+    """off, or on and how old its oldest key is."""
+    if not network.get("encrypted"):
+        return "off"
+    age = network.get("key_age")
+    return "on" if age is None else f"on (key {_span(age)} old)"
 
 
 def _add_names(store: Store, networks: list[dict]) -> None:
@@ -340,8 +365,9 @@ def render_status(status: dict, now: Optional[float] = None) -> str:
          "now" if h["alive"] else (f"{_span(now - h['last_seen'])} ago" if h["last_seen"] else "never"),
          h["version"])
         for h in status["hosts"]])
-    networks = table(["NAME", "VNI", "SUBNET", "MTU", "MULTICAST", "HOSTS", "ENDPOINTS"], [
-        (n["name"], n["vni"], n["subnet"], n["mtu"], _multicast(n), ",".join(n["hosts"]), n["endpoints"])
+    networks = table(["NAME", "VNI", "SUBNET", "MTU", "MULTICAST", "ENCRYPTED", "HOSTS", "ENDPOINTS"], [
+        (n["name"], n["vni"], n["subnet"], n["mtu"], _multicast(n), _encrypted(n), ",".join(n["hosts"]),
+         n["endpoints"])
         for n in status["networks"]])
     notes = [f"  {n['name'] or n['vni']}: {note}" for n in status["networks"] for note in n["notes"]]
     endpoints = table(["HOST", "NETWORK", "CONTAINER", "IP", "MAC", "ENDPOINT"], [

@@ -33,9 +33,11 @@ from driver.state import State
 from driver.store.base import Store, StoreError
 
 from plugin.client import call
-from plugin.settings import DEFAULT_DAEMON_JSON, DEFAULT_DNS_ADDR, DEFAULT_SOCKET, DEFAULT_VXLAN_PORT, env, env_on
+from plugin.settings import (DEFAULT_DAEMON_JSON, DEFAULT_DNS_ADDR, DEFAULT_ENCRYPTED_VXLAN_PORT, DEFAULT_KEY_DIR,
+                             DEFAULT_SOCKET, DEFAULT_VXLAN_PORT, env, env_on)
 
 from .checks import FAIL, OK, SKIP, WARN, Check  # noqa: F401 (importers take them from here too)
+from .doctor_crypto import check_encryption
 from .doctor_dns import check_daemon_config, check_resolver
 from .storeargs import open_store_from
 
@@ -50,7 +52,9 @@ class Doctor:
     def __init__(self, store: Store, host: str, dataplane: Dataplane, *, socket_path: Optional[str] = None,
                  engine: Optional[Engine] = None, driver: str = DRIVER_NAME,
                  ip_forward_path: Optional[str] = None,
-                 dns_addr: Optional[str] = None, daemon_json: Optional[str] = None):
+                 dns_addr: Optional[str] = None, daemon_json: Optional[str] = None,
+                 key_dir: Optional[str] = None):
+        self.key_dir = key_dir  # None: encrypted overlays are not checked
         self.ip_forward_path = ip_forward_path  # None: not checked
         self.dns_addr = dns_addr  # None: the cluster resolver is not checked
         self.daemon_json = daemon_json
@@ -70,6 +74,9 @@ class Doctor:
         checks.append(self.check_vxlan_port(store_ok))
         if store_ok:
             checks += [self.check_overlays(), self.check_peers(), self.check_engine()]
+            crypto = check_encryption(self.state, self.dataplane, self.host, self.key_dir) if self.key_dir else None
+            if crypto is not None:  # only on a host with encrypted networks (or a tunnel left over)
+                checks.append(crypto)
         else:
             for name in ("overlays", "peers", "engine"):
                 checks.append(Check(name, SKIP, "not checked: the store does not answer"))
@@ -152,8 +159,16 @@ class Doctor:
                 kernel.vxlan[vni] = self.dataplane.vxlan_settings(vni)
             except (OSError, DataplaneError) as e:
                 unread[vni] = e
-        # The store is not needed here: every overlay must match this host's flags.
-        found = drift(StoreView(networks=set(vnis), vtep=vtep, vxlan_port=port), kernel)
+        # The store is not needed here: every overlay must match this host's flags
+        # (an encrypted one's port is --encrypted-vxlan-port: known only with the store).
+        encrypted = {o.vni for o in self.state.overlays() if o.encrypted} if store_ok else set()
+        found = drift(StoreView(networks=set(vnis) - encrypted, vtep=vtep, vxlan_port=port),
+                      KernelView(namespaces=set(vnis) - encrypted,
+                                 vxlan={v: s for v, s in kernel.vxlan.items() if v not in encrypted}))
+        secure = drift(StoreView(networks=set(vnis) & encrypted, vtep=vtep, vxlan_port=self.dataplane.encrypted_port),
+                       KernelView(namespaces=set(vnis) & encrypted,
+                                  vxlan={v: s for v, s in kernel.vxlan.items() if v in encrypted}))
+        found.vxlan.update(secure.vxlan)
         wrong = []
         for vni in vnis:
             if vni in unread:
@@ -337,6 +352,10 @@ def add_parser(commands, with_store) -> None:
     doctor.add_argument("--docker-host", default=env("DOCKER_HOST"),
                         help="the local engine (default: $DOCKER_HOST, else unix:///var/run/docker.sock)")
     doctor.add_argument("--no-engine", action="store_true", help="do not compare with the engine")
+    doctor.add_argument("--key-dir", default=env("KEY_DIR", DEFAULT_KEY_DIR),
+                        help="the plugin's --key-dir, to check encrypted networks' tunnel (default %(default)s)")
+    doctor.add_argument("--encrypted-vxlan-port", type=int,
+                        default=int(env("ENCRYPTED_VXLAN_PORT", DEFAULT_ENCRYPTED_VXLAN_PORT)))
     doctor.add_argument("--dns-addr", default=env("DNS_ADDR", DEFAULT_DNS_ADDR),
                         help="the cluster resolver's address (default %(default)s)")
     doctor.add_argument("--daemon-json", default=DEFAULT_DAEMON_JSON,
@@ -354,13 +373,14 @@ def _run(args) -> int:
     except (ValueError, DataplaneError) as e:
         print(f"pyoverlay: {e}", file=sys.stderr)
         return 1
-    dataplane = Dataplane(vtep=vtep, vxlan_port=args.vxlan_port)
+    dataplane = Dataplane(vtep=vtep, vxlan_port=args.vxlan_port, encrypted_port=args.encrypted_vxlan_port)
     engine = None if args.no_engine else Engine(args.docker_host, timeout=SOCKET_TIMEOUT)
     driver = os.path.basename(args.socket).removesuffix(".sock")
     try:
         checks = Doctor(store, vtep, dataplane, socket_path=args.socket, engine=engine, driver=driver,
                         ip_forward_path=IP_FORWARD,
-                        dns_addr=None if args.no_dns else args.dns_addr, daemon_json=args.daemon_json).run()
+                        dns_addr=None if args.no_dns else args.dns_addr, daemon_json=args.daemon_json,
+                        key_dir=args.key_dir).run()
     finally:
         dataplane.close()
         store.close()

@@ -18,6 +18,7 @@ from .logs import use_json
 from .settings import (DEFAULT_BLOCK_GRACE, DEFAULT_DEFAULT_POOL, DEFAULT_DNS_ADDR, DEFAULT_ETCD_PREFIX,  # noqa: F401
                        DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, DEFAULT_NAMES_TTL, DEFAULT_SOCKET, DEFAULT_STORE,
                        DEFAULT_VXLAN_PORT, env_on)
+from .settings import DEFAULT_ENCRYPTED_VXLAN_PORT, DEFAULT_KEY_DIR, DEFAULT_KEY_ROTATION, DEFAULT_WIREGUARD_PORT
 from .settings import env as _env
 
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds an endpoint no container of the engine has stays before it is removed "
                             "(left when the plugin was down as its container went; 0: never; default %(default)s)")
     _add_dns_flags(serve)
+    _add_encryption_flags(serve)
     add_operator_commands(commands, _add_store_flags)
     _add_dns_config_command(commands)
     return parser
@@ -95,6 +97,34 @@ def _add_dns_flags(serve: argparse.ArgumentParser) -> None:
                             "read at start)")
     serve.add_argument("--names-ttl", type=int, default=int(_env("NAMES_TTL", DEFAULT_NAMES_TTL)),
                        help="seconds a dead host's container names outlive it (their lease; default %(default)s)")
+
+
+# -- encrypted overlays (issue 17) -------------------------------------------------
+
+def _add_encryption_flags(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--key-rotation", type=float, default=_env("KEY_ROTATION", DEFAULT_KEY_ROTATION),
+                       help="seconds between rotations of this host's key exchange key for -o encrypted=true "
+                            "networks (default %(default)s, 12 hours)")
+    serve.add_argument("--key-dir", default=_env("KEY_DIR", DEFAULT_KEY_DIR),
+                       help="where this host keeps its private keys, readable by root only (default %(default)s)")
+    serve.add_argument("--encrypted-vxlan-port", type=int,
+                       default=int(_env("ENCRYPTED_VXLAN_PORT", DEFAULT_ENCRYPTED_VXLAN_PORT)),
+                       help="UDP port of encrypted networks' VXLAN, inside the tunnel (default %(default)s; "
+                            "the same on every host)")
+    serve.add_argument("--wireguard-port", type=int, default=int(_env("WIREGUARD_PORT", DEFAULT_WIREGUARD_PORT)),
+                       help="UDP port of the WireGuard tunnel between hosts (default %(default)s)")
+
+
+def _encryption_flags_problem(args) -> str:
+    if args.key_rotation < 1:
+        return f"--key-rotation {args.key_rotation:g}: use 1 second or more (default 43200, 12 hours)"
+    for flag, port in (("--encrypted-vxlan-port", args.encrypted_vxlan_port), ("--wireguard-port", args.wireguard_port)):
+        if not 1 <= port <= 65535:
+            return f"{flag} {port}: use 1 to 65535"
+    if args.encrypted_vxlan_port in (args.vxlan_port, args.wireguard_port):
+        return (f"--encrypted-vxlan-port {args.encrypted_vxlan_port} must differ from --vxlan-port and "
+                "--wireguard-port")
+    return ""
 
 
 def _dns_flags_problem(args) -> str:
@@ -139,6 +169,10 @@ def _serve(args) -> int:
         if problem:
             print(f"pyoverlay: {problem}", file=sys.stderr)
             return 2
+    problem = _encryption_flags_problem(args)
+    if problem:
+        print(f"pyoverlay: {problem}", file=sys.stderr)
+        return 2
     serve(Config(
         socket=args.socket, store=args.store, vtep=vtep, vxlan_port=args.vxlan_port,
         default_pool=args.default_pool, etcd_prefix=args.etcd_prefix, etcd_cacert=args.etcd_cacert,
@@ -148,6 +182,8 @@ def _serve(args) -> int:
         etcd_user=args.etcd_user, etcd_password=args.etcd_password,
         block_grace=args.block_grace, sweep_grace=args.sweep_grace,
         dns=args.dns, dns_addr=args.dns_addr, dns_upstream=args.dns_upstream, names_ttl=args.names_ttl,
+        key_rotation=args.key_rotation, key_dir=args.key_dir, encrypted_vxlan_port=args.encrypted_vxlan_port,
+        wireguard_port=args.wireguard_port,
     ))
     return 0
 

@@ -31,7 +31,8 @@ from driver.network import NetworkDriver
 from driver.peersync import PeerSync
 from driver.state import State
 from driver.store import open_store
-from driver.defaults import DEFAULT_POOL, VXLAN_PORT
+from driver.defaults import DEFAULT_POOL, ENCRYPTED_VXLAN_PORT, KEY_ROTATION, VXLAN_PORT, WIREGUARD_PORT
+from driver.encryption import Encryption
 # The cluster resolver (not built with --no-dns).
 from driver.dns.server import Resolver
 from driver.dns.upstreams import parse_upstreams, upstreams_from_resolv_conf
@@ -42,7 +43,7 @@ from driver.sweep import EndpointSweep
 
 from .app import create_app
 from .metrics import Metrics
-from .settings import DEFAULT_DNS_ADDR, DEFAULT_ETCD_PREFIX
+from .settings import DEFAULT_DNS_ADDR, DEFAULT_ETCD_PREFIX, DEFAULT_KEY_DIR
 
 log = logging.getLogger("pyoverlay")
 
@@ -76,6 +77,11 @@ class Config:
     names_ttl: int = 10  # seconds a dead host's names outlive it (their lease)
     # The endpoint sweep (driver/sweep.py): endpoints the engine forgot while the plugin was down.
     sweep_grace: float = 60.0  # seconds; 0: no sweep
+    # Encrypted overlays (issue 17, driver/encryption.py).
+    key_rotation: float = float(KEY_ROTATION)
+    key_dir: str = DEFAULT_KEY_DIR
+    encrypted_vxlan_port: int = ENCRYPTED_VXLAN_PORT
+    wireguard_port: int = WIREGUARD_PORT
 
     @property
     def name(self) -> str:
@@ -102,7 +108,11 @@ class Runtime:
             self.store = self.metrics.wrap_store(self.store)
         vtep = config.vtep
         host = vtep  # the store knows a host by its underlay address
-        self.dataplane = Dataplane(vtep=vtep, vxlan_port=config.vxlan_port)
+        self.dataplane = Dataplane(vtep=vtep, vxlan_port=config.vxlan_port,
+                                   encrypted_port=config.encrypted_vxlan_port)
+        self.encryption = Encryption(self.store, self.dataplane, host, vtep,
+                                     key_file=os.path.join(config.key_dir, f"{host}.json"),
+                                     rotation=config.key_rotation, port=config.wireguard_port)
         self.peers = PeerSync(self.store, self.dataplane, vtep=vtep, metrics=self.metrics)
         # Only peer hosts' VTEPs may send VXLAN here; peer sync keeps the set.
         self.firewall = Firewall(port=config.vxlan_port)
@@ -110,7 +120,7 @@ class Runtime:
         state = State(self.store)
         self._build_dns(config, host)
         self.network = NetworkDriver(state, self.dataplane, self.peers, host=host, vtep=vtep, name=config.name,
-                                     dns=self.dns_listeners,
+                                     dns=self.dns_listeners, encryption=self.encryption,
                                      gateway=GatewayMode(state, self.dataplane, NatTable(), host))
         self.ipam = Ipam(state, host, default_pool=config.default_pool, host_routes=self.dataplane.routes,
                          block_grace=config.block_grace, metrics=self.metrics)
@@ -166,6 +176,7 @@ class Runtime:
                 log.error("metrics: cannot listen on %s (%s); running without metrics", self.config.metrics_addr, exc)
         self.firewall.install()  # before peer sync: it keeps the set a previous run left
         self.peers.start()
+        self.encryption.start()  # before restore: the tunnel's peers follow the store from the first
         self.ipam.start()  # its watches fill the address cache before the first RequestAddress
         self.membership.start()
         self.last_seen.start()
@@ -208,6 +219,7 @@ class Runtime:
         if self.metrics is not None:
             self.metrics.close()
         self.peers.stop()
+        self.encryption.stop()
         self.ipam.close()
         self.firewall.close()
         self.membership.stop()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from driver.defaults import DEFAULT_POOL, DRIVER_NAME, VXLAN_PORT
+from driver.defaults import DEFAULT_POOL, DRIVER_NAME, ENCRYPTED_VXLAN_PORT, KEY_ROTATION, VXLAN_PORT, WIREGUARD_PORT
 
 DEFAULT_SOCKET = f"/run/docker/plugins/{DRIVER_NAME}.sock"
 DEFAULT_STORE = "sqlite:///var/lib/pyoverlay/state.db"
@@ -26,6 +26,11 @@ DEFAULT_BLOCK_GRACE = "120"  # seconds an empty address block stays with its hos
 DEFAULT_DNS_ADDR = "169.254.53.53"
 DEFAULT_NAMES_TTL = "10"  # seconds a dead host's names outlive it
 DEFAULT_DAEMON_JSON = "/etc/docker/daemon.json"
+# Encrypted overlays (driver/encryption.py).
+DEFAULT_KEY_ROTATION = str(KEY_ROTATION)  # "43200"  # seconds between a host's exchange keys
+DEFAULT_KEY_DIR = "/var/lib/pyoverlay/keys"  # this host's private keys (<dir>/<host>.json, 0600)
+DEFAULT_ENCRYPTED_VXLAN_PORT = str(ENCRYPTED_VXLAN_PORT)
+DEFAULT_WIREGUARD_PORT = str(WIREGUARD_PORT)
 DEFAULT_WAIT = 10.0  # seconds `pyoverlay network create|rm` waits for the hosts
 
 _OFF = ("0", "false", "no", "off")

@@ -291,9 +291,9 @@ def test_status_table(store):
         "10.99.0.3  10.99.0.3  down          10m ago    -\n"
         "\n"
         "NETWORKS\n"
-        "NAME  VNI   SUBNET        MTU   MULTICAST     HOSTS                ENDPOINTS\n"
-        "-     77    10.41.0.0/24  1400  off           10.99.0.3            1\n"
-        "web   4096  10.40.0.0/24  1450  on (2 hosts)  10.99.0.1,10.99.0.2  3\n"
+        "NAME  VNI   SUBNET        MTU   MULTICAST     ENCRYPTED  HOSTS                ENDPOINTS\n"
+        "-     77    10.41.0.0/24  1400  off           off        10.99.0.3            1\n"
+        "web   4096  10.40.0.0/24  1450  on (2 hosts)  off        10.99.0.1,10.99.0.2  3\n"
         "notes:\n"
         "  web: 10.99.0.3: refused: x\n"
         "\n"
@@ -321,7 +321,7 @@ def test_last_seen_is_kept_after_the_host_is_gone(store):
 def test_status_of_an_empty_store(store):
     text = render_status(collect_status(store, now=NOW), now=NOW)
     assert text == ("HOSTS\nHOST  ADDRESS  STATE  LAST SEEN  VERSION\n(none)\n\n"
-                    "NETWORKS\nNAME  VNI  SUBNET  MTU  MULTICAST  HOSTS  ENDPOINTS\n(none)\n\n"
+                    "NETWORKS\nNAME  VNI  SUBNET  MTU  MULTICAST  ENCRYPTED  HOSTS  ENDPOINTS\n(none)\n\n"
                     "ENDPOINTS\nHOST  NETWORK  CONTAINER  IP  MAC  ENDPOINT\n(none)\n")
 
 
@@ -338,13 +338,13 @@ def test_cli_create_status_rm_json(sqlite_url, capsys):
     created = json.loads(capsys.readouterr().out)
     assert created == {"network": {"name": "web", "subnet": "10.40.0.0/24", "gateway": "10.40.0.1", "vni": 4242,
                                    "mtu": 1400, "internal": False, "origin": "cli", "multicast": False,
-                                   "gateway_mode": ""},
+                                   "gateway_mode": "", "encrypted": False},
                        "hosts": []}
 
     assert main(["status", "--store", sqlite_url, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["networks"] == [{"name": "web", "vni": 4242, "subnet": "10.40.0.0/24", "mtu": 1400,
-                                   "internal": False, "multicast": False, "flood": [], "in_catalog": True,
+                                   "internal": False, "multicast": False, "flood": [], "encrypted": False, "key_age": None, "in_catalog": True,
                                    "hosts": [], "endpoints": 0,
                                    "notes": [], "names": []}]
 

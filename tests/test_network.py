@@ -39,8 +39,8 @@ class RecordingKernel:
         self._record("underlay_mtu")
         return 1500
 
-    def create_network(self, vni, mtu):
-        self._record("create_network", vni, mtu)
+    def create_network(self, vni, mtu, encrypted=False):
+        self._record("create_network", vni, mtu, *(("encrypted",) if encrypted else ()))
         self.namespaces.add(vni)
 
     def delete_network(self, vni):

@@ -16,7 +16,7 @@ from typing import Optional
 from ..engine import Engine, EngineNetworkInfo, EngineRefused, endpoint_in
 from ..events import EngineEvent
 from ..leftovers import Leftovers
-from ..defaults import OPT_MTU, OPT_MULTICAST, OPT_VNI
+from ..defaults import OPT_ENCRYPTED, OPT_MTU, OPT_MULTICAST, OPT_VNI
 from ..model import EngineNetwork, NamedNetwork
 from ..state import State
 from .plan import Action, Create, DropRecord, Later, Publish, Record, Remove, plan, plan_network, refused
@@ -107,8 +107,9 @@ class Applier:
         # -o gateway is each host's (it programs only that host) but travels with
         # the name, so every host's containers leave the same way.
         gateway_mode = "pyoverlay" if info.options.get("gateway") == "pyoverlay" else ""
+        encrypted = overlay.encrypted if overlay else info.options.get(OPT_ENCRYPTED) == "true"
         entry = NamedNetwork(info.name, info.subnet, info.gateway, vni, mtu, info.internal, origin=self.host,
-                             multicast=multicast, gateway_mode=gateway_mode)
+                             multicast=multicast, gateway_mode=gateway_mode, encrypted=encrypted)
         if self.state.add_catalog_entry(entry):
             log.info("catalog: published network %s (%s, VNI %d) for every host", info.name, info.subnet, vni)
             self._count("published")

@@ -9,6 +9,7 @@ imports pyroute2 or runs nft). One file per stage, behind one front class:
     firewall.py   the VXLAN source filter (nft)
     egress.py     gateway mode: a network's uplink to the host (-o gateway=pyoverlay)
     natrules.py   gateway mode: egress masquerade and published ports (nft)
+    crypto.py     encrypted overlays: the WireGuard tunnel between hosts
     dnsplane.py   the cluster resolver's addresses, routes and sockets
     protocol.py   what the network driver asks of all this (for stand-ins)
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 from .base import DataplaneError
 from .egress import EgressStage
+from .crypto import CryptoStage
 from .endpoints import EndpointStage
 from .host import HostStage, default_route_address
 from .networks import NetworkStage, VxlanSettings
@@ -38,7 +40,7 @@ from .protocol import KernelLayer
 __all__ = ["Dataplane", "DataplaneError", "KernelLayer", "VxlanSettings", "default_route_address"]
 
 
-class Dataplane(HostStage, NetworkStage, EndpointStage, PeerStage, EgressStage):
+class Dataplane(HostStage, NetworkStage, EndpointStage, PeerStage, EgressStage, CryptoStage):
     """One host's overlays: namespaces, bridges, vxlans, veths and peers.
 
     Dataplane(vtep, vxlan_port=4789, netns_dir="/run/netns", host_netns=None)

@@ -86,14 +86,15 @@ def bridge_netfilter_off(ns: Handle) -> None:
 
 
 class NetworkStage(Worker):
-    def create_network(self, vni: int, mtu: int) -> None:
+    def create_network(self, vni: int, mtu: int, encrypted: bool = False) -> None:
         """Make <netns_dir>/pyo-<vni> with br0 and vxlan0, all up. Idempotent
-        (a repeat converges the MTU); on failure removes what this call made."""
+        (a repeat converges the MTU); on failure removes what this call made.
+        encrypted: vxlan0 uses the encrypted port, routed into the tunnel (crypto.py)."""
         check_vni(vni)
         check_mtu(mtu)
-        self._call(self._create_network, vni, mtu)
+        self._call(self._create_network, vni, mtu, self.encrypted_port if encrypted else self.vxlan_port)
 
-    def _create_network(self, vni: int, mtu: int) -> None:
+    def _create_network(self, vni: int, mtu: int, port: int) -> None:
         path = self._path(vni)
         host = self._host_handle()
         with self._dir_lock():
@@ -107,7 +108,7 @@ class NetworkStage(Worker):
             try:
                 ns = self._need_ns(vni, f"create_network VNI {vni}")
                 ns.bridge = ns.vxlan = None
-                self._build_network(host, ns, vni, mtu, made)
+                self._build_network(host, ns, vni, mtu, made, port)
             except BaseException as error:
                 try:
                     if made_ns:
@@ -118,7 +119,7 @@ class NetworkStage(Worker):
                     error.add_note(f"cleaning up also failed: {cleanup}")
                 raise
 
-    def _build_network(self, host: Handle, ns: Handle, vni: int, mtu: int, made: list[str]) -> None:
+    def _build_network(self, host: Handle, ns: Handle, vni: int, mtu: int, made: list[str], port: int) -> None:
         what = f"create_network VNI {vni}"
         with step(f"{what}: creating {BRIDGE}"):
             # br0's MAC is pinned: a bridge left to itself takes its lowest port's
@@ -141,17 +142,17 @@ class NetworkStage(Worker):
             # namespace: the kernel binds the UDP socket in the namespace that
             # asked (the underlay's), and no temporary name is ever visible.
             with step(
-                f"{what}: creating {VXLAN} (VNI {vni}, port {self.vxlan_port}, local {self.vtep})",
-                f"is VNI {vni} already used by another VXLAN device on port {self.vxlan_port} "
+                f"{what}: creating {VXLAN} (VNI {vni}, port {port}, local {self.vtep})",
+                f"is VNI {vni} already used by another VXLAN device on port {port} "
                 "in the host namespace? Delete that device or use another VNI",
             ):
                 # Learning off and ARP proxy on: peers come from the store only.
                 host.ipr.link("add", ifname=VXLAN, kind="vxlan", mtu=mtu, net_ns_fd=ns.fd,
-                              vxlan_id=vni, vxlan_port=self.vxlan_port, vxlan_local=self.vtep,
+                              vxlan_id=vni, vxlan_port=port, vxlan_local=self.vtep,
                               vxlan_learning=0, vxlan_proxy=1)
             made.append(VXLAN)
         else:
-            self._check_vxlan(vxlan, vni)
+            self._check_vxlan(vxlan, vni, port)
         with step(f"{what}: enslaving {VXLAN} to {BRIDGE} and bringing both up"):
             ns.vxlan = ns.index(VXLAN)
             ns.ipr.link("set", index=ns.vxlan, master=ns.bridge, mtu=mtu, state="up")
@@ -159,7 +160,7 @@ class NetworkStage(Worker):
         with step(f"{what}: turning bridge netfilter off in {self._path(vni)}"):
             bridge_netfilter_off(ns)
 
-    def _check_vxlan(self, link, vni: int) -> None:
+    def _check_vxlan(self, link, vni: int, port: int) -> None:
         data = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
         have = {
             "VNI": data.get_attr("IFLA_VXLAN_ID") if data else None,
@@ -168,7 +169,7 @@ class NetworkStage(Worker):
             "learning": data.get_attr("IFLA_VXLAN_LEARNING") if data else None,
             "proxy": data.get_attr("IFLA_VXLAN_PROXY") if data else None,
         }
-        want = {"VNI": vni, "port": self.vxlan_port, "local": self.vtep, "learning": 0, "proxy": 1}
+        want = {"VNI": vni, "port": port, "local": self.vtep, "learning": 0, "proxy": 1}
         if have != want:
             raise DataplaneError(
                 f"create_network VNI {vni}: {self._path(vni)} already holds a {VXLAN} with "

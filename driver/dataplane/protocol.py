@@ -16,8 +16,9 @@ class KernelLayer(Protocol):
     def underlay_mtu(self) -> int:
         """MTU of the interface holding this host's vtep address."""
 
-    def create_network(self, vni: int, mtu: int) -> None:
-        """Namespace, br0 and vxlan0 for the overlay; idempotent, converges the MTU."""
+    def create_network(self, vni: int, mtu: int, encrypted: bool = False) -> None:
+        """Namespace, br0 and vxlan0 for the overlay; idempotent, converges the MTU.
+        encrypted: vxlan0 on the encrypted port, whose traffic goes through the tunnel."""
 
     def delete_network(self, vni: int) -> None:
         """The namespace and everything in it; idempotent."""

@@ -25,7 +25,7 @@ from typing import Callable, Hashable, Iterator, Optional, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from driver.defaults import VXLAN_PORT
+from driver.defaults import ENCRYPTED_VXLAN_PORT, VXLAN_PORT
 
 from .base import NS_PREFIX, DataplaneError, ipv4, missing, step
 
@@ -225,11 +225,17 @@ class Worker:
         vxlan_port: int = VXLAN_PORT,
         netns_dir: str = "/run/netns",
         host_netns: str | None = None,
+        encrypted_port: int | None = None,
     ):
         self.vtep = str(ipv4(vtep, "local (VTEP) address"))
         if not isinstance(vxlan_port, int) or not 1 <= vxlan_port <= 65535:
             raise DataplaneError(f"VXLAN port {vxlan_port!r} is out of range: use 1 to 65535 (IANA: 4789)")
         self.vxlan_port = vxlan_port
+        # The VXLAN port of -o encrypted=true networks: routed into the tunnel (crypto.py).
+        self.encrypted_port = encrypted_port or ENCRYPTED_VXLAN_PORT
+        if self.encrypted_port == vxlan_port or not 1 <= self.encrypted_port <= 65535:
+            raise DataplaneError(f"encrypted VXLAN port {self.encrypted_port!r} must be 1 to 65535 and differ "
+                                 f"from the VXLAN port {vxlan_port}")
         self.netns_dir = os.path.abspath(netns_dir)
         self.host_netns = ns_path(host_netns) if host_netns else None
         # Nothing is opened here: a gunicorn master may build this before forking.
