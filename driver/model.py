@@ -9,11 +9,22 @@ and its Addresses are the IPAM side, shared by every host using the subnet.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
 from dataclasses import asdict, dataclass, field
 
 from .defaults import OPT_MTU, OPT_MULTICAST, OPT_VNI
+
+
+def _without_empty(record, names: tuple[str, ...]) -> str:
+    """JSON with the fields names left out when unset: hosts still running a
+    version without them read the record as before, byte for byte."""
+    data = asdict(record)
+    for name in names:
+        if not data[name]:
+            del data[name]
+    return json.dumps(data, sort_keys=True)
 
 
 class Record:
@@ -34,9 +45,16 @@ class Record:
 class Peer(Record):
     """A remote endpoint as the VXLAN device needs it."""
 
-    ip: str
+    ip: str  # IPv4, or IPv6 for an endpoint with no IPv4 address
     mac: str
     vtep: str  # underlay address of the host that holds the endpoint
+    ip6: str = ""  # a dual-stack endpoint's IPv6 address (ip holds its IPv4 one)
+
+    def to_json(self) -> str:
+        return _without_empty(self, ("ip6",))
+
+    def ips(self) -> tuple[str, ...]:
+        return (self.ip, self.ip6) if self.ip6 else (self.ip,)
 
 
 @dataclass
@@ -47,14 +65,10 @@ class Overlay(Record):
     networks: dict[str, str] = field(default_factory=dict)  # host -> NetworkID
     block_size: int = 0  # prefix length of the IPAM blocks (-o block_size); 0: the default for the subnet
     multicast: bool = False  # -o multicast=true: broadcast and multicast flood to every host with a peer
+    subnet6: str = ""  # a dual-stack overlay's IPv6 subnet (subnet is its IPv4 one; an IPv6-only overlay's is there)
 
     def to_json(self) -> str:
-        # Left out when unset, so hosts still running the previous version read it.
-        data = asdict(self)
-        for name in ("block_size", "multicast"):
-            if not data[name]:
-                del data[name]
-        return json.dumps(data, sort_keys=True)
+        return _without_empty(self, ("block_size", "multicast", "subnet6"))
 
 
 @dataclass
@@ -63,8 +77,15 @@ class Network(Record):
     vni: int
     host: str
     mtu: int
-    subnet: str
+    subnet: str  # IPv4, or IPv6 for a network with no IPv4 (--ipv4=false)
     internal: bool = False
+    subnet6: str = ""  # a dual-stack network's IPv6 subnet
+
+    def to_json(self) -> str:
+        return _without_empty(self, ("subnet6",))
+
+    def subnets(self) -> tuple[str, ...]:
+        return (self.subnet, self.subnet6) if self.subnet6 else (self.subnet,)
 
 
 @dataclass
@@ -73,20 +94,32 @@ class Endpoint(Record):
     network_id: str
     vni: int
     host: str
-    address: str  # CIDR, as the engine gave it
+    address: str  # CIDR, as the engine gave it: IPv4, or IPv6 on a network with no IPv4
     mac: str
     vtep: str
     # The cluster resolver's /32 route (Join's StaticRoutes) goes to one
     # endpoint per sandbox: the engine fails a Join whose route already exists.
     sandbox: str = ""  # the SandboxKey it joined, while it carries that route
     dns_route: bool = False
+    address6: str = ""  # a dual-stack endpoint's IPv6 CIDR
+
+    def to_json(self) -> str:
+        return _without_empty(self, ("address6",))
 
     @property
     def ip(self) -> str:
         return self.address.split("/")[0]
 
+    @property
+    def ip6(self) -> str:
+        return self.address6.split("/")[0]
+
+    def addresses(self) -> list[tuple[str, str]]:
+        """(subnet, ip) of each address the endpoint holds (one per family)."""
+        return [(str(ipaddress.ip_interface(a).network), a.split("/")[0]) for a in (self.address, self.address6) if a]
+
     def peer(self) -> Peer:
-        return Peer(ip=self.ip, mac=self.mac, vtep=self.vtep)
+        return Peer(ip=self.ip, mac=self.mac, vtep=self.vtep, ip6=self.ip6)
 
 
 @dataclass
