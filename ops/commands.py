@@ -274,6 +274,7 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
             "name": name,
             "vni": vni,
             "subnet": subnet,
+            "subnet6": overlay.subnet6 if overlay else "",  # a dual-stack network's IPv6 subnet
             "mtu": overlay.mtu if overlay else (entry.mtu or None),
             "internal": entry.internal if entry else None,
             "multicast": multicast,
@@ -292,6 +293,7 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
         "vni": ep.vni,
         "container": container_of.get(ep.endpoint_id, ""),
         "ip": ep.ip,
+        "ip6": ep.ip6,  # a dual-stack endpoint's IPv6 address
         "mac": ep.mac,
         "endpoint_id": ep.endpoint_id,
     } for ep in sorted(endpoints, key=lambda e: (_host_order(e.host), e.vni, ipaddress.ip_address(e.ip)))]
@@ -337,11 +339,12 @@ def render_status(status: dict, now: Optional[float] = None) -> str:
          h["version"])
         for h in status["hosts"]])
     networks = table(["NAME", "VNI", "SUBNET", "MTU", "MULTICAST", "HOSTS", "ENDPOINTS"], [
-        (n["name"], n["vni"], n["subnet"], n["mtu"], _multicast(n), ",".join(n["hosts"]), n["endpoints"])
+        (n["name"], n["vni"], " ".join(filter(None, (n["subnet"], n.get("subnet6")))), n["mtu"], _multicast(n), ",".join(n["hosts"]), n["endpoints"])
         for n in status["networks"]])
     notes = [f"  {n['name'] or n['vni']}: {note}" for n in status["networks"] for note in n["notes"]]
     endpoints = table(["HOST", "NETWORK", "CONTAINER", "IP", "MAC", "ENDPOINT"], [
-        (e["host"], e["network"], e["container"], e["ip"], e["mac"], e["endpoint_id"][:12])
+        (e["host"], e["network"], e["container"], " ".join(filter(None, (e["ip"], e.get("ip6")))), e["mac"],
+         e["endpoint_id"][:12])
         for e in status["endpoints"]])
     parts = ["HOSTS", hosts, "", "NETWORKS", networks]
     if notes:
