@@ -40,8 +40,9 @@ class _Region:
     def __init__(self, subnet: ipaddress.IPv6Network, net: ipaddress.IPv6Network, used: set[int], read: float):
         self.net = net
         self.base = int(net.network_address)
-        # Never handed out (as usable_address): the pool's first and last addresses.
-        self.never = {int(subnet.network_address) - self.base, int(subnet.broadcast_address) - self.base}
+        # Never handed out: the pool's first and last addresses (as usable_address),
+        # nor a region's ::0 (legal, but read as a network's name).
+        self.never = {int(subnet.network_address) - self.base, int(subnet.broadcast_address) - self.base, 0}
         self.used = used  # offsets from base
         self.pending: set[int] = set()
         self.read = read

@@ -112,6 +112,11 @@ class NetworkDriver:
         if no_v4 and not v6:
             raise DriverError("a network without IPv4 (--ipv4=false) needs IPv6: add --ipv6 and an IPv6 --subnet "
                               "such as fd00:20::/64")
+        if no_v4 and ipv4_data:
+            # An engine before 28 passes the -o on but still gives the network IPv4.
+            raise DriverError("this engine gave the network an IPv4 subnet although "
+                              "com.docker.network.enable_ipv4 is false (an IPv6-only network needs Docker 28's "
+                              "--ipv4=false); leave the option out for a dual-stack network")
         generic = {k: v for k, v in generic.items() if k != OPT_IPV4}  # true: what pyoverlay does anyway
         unknown = sorted(set(generic) - set(ACCEPTED_OPTIONS))
         if unknown:
