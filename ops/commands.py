@@ -274,7 +274,6 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
             "name": name,
             "vni": vni,
             "subnet": subnet,
-            "subnet6": overlay.subnet6 if overlay else "",  # a dual-stack network's IPv6 subnet
             "mtu": overlay.mtu if overlay else (entry.mtu or None),
             "internal": entry.internal if entry else None,
             "multicast": multicast,
@@ -285,6 +284,8 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
             "hosts": sorted(overlay.networks if overlay else [], key=_host_order),
             "endpoints": count.get(vni, 0),
             "notes": notes,
+            # A dual-stack network's IPv6 subnet (left out for others: the rows read as before).
+            **({"subnet6": overlay.subnet6} if overlay and overlay.subnet6 else {}),
         })
 
     endpoint_rows = [{
@@ -293,9 +294,9 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
         "vni": ep.vni,
         "container": container_of.get(ep.endpoint_id, ""),
         "ip": ep.ip,
-        "ip6": ep.ip6,  # a dual-stack endpoint's IPv6 address
         "mac": ep.mac,
         "endpoint_id": ep.endpoint_id,
+        **({"ip6": ep.ip6} if ep.ip6 else {}),  # a dual-stack endpoint's IPv6 address
     } for ep in sorted(endpoints, key=lambda e: (_host_order(e.host), e.vni, ipaddress.ip_address(e.ip)))]
     _add_names(store, networks)
     return {"hosts": hosts, "networks": networks, "endpoints": endpoint_rows,
