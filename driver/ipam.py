@@ -214,7 +214,8 @@ class Ipam:
         sweep's, for an address the engine no longer knows of (driver/sweep.py)."""
         if not self.state.release_address_if_unchanged(subnet, ip, revision):
             return False
-        self.blocks.released(subnet, ipaddress.ip_address(ip))
+        address = ipaddress.ip_address(ip)
+        (self.v6 if address.version == 6 else self.blocks).released(subnet, address)
         return True
 
     def _in_subnet(self, subnet: ipaddress.IPv4Network, address: str) -> ipaddress.IPv4Address:

@@ -122,7 +122,7 @@ class EndpointSweep:
                 if address.kind == "container" and address.host == self.host]
 
     def _release_unused(self, claims: list[tuple[str, str, int]], records: list[Endpoint], now: float) -> None:
-        used = {(str(ipaddress.ip_interface(e.address).network), e.ip) for e in records}
+        used = {address for e in records for address in e.addresses()}  # both of a dual-stack endpoint's
         unused = {claim for claim in claims if claim[:2] not in used}
         self._unused_since = {claim: t for claim, t in self._unused_since.items() if claim in unused}
         for claim in sorted(unused):
