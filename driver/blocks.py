@@ -265,6 +265,8 @@ class BlockAllocator:
         if entry is None:
             return  # not a record (skipped, logged once, counted by state.py)
         subnet, item, record = entry
+        if ":" in subnet:
+            return  # IPv6 pools are blocks6.py's (no blocks, no cache here)
         try:
             pool = self._pool(subnet)
             if prefix == ADDRESSES:

@@ -13,7 +13,7 @@ What is compared is what the kernel view carries: a VNI missing from
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from driver.model import Peer
@@ -73,13 +73,13 @@ def flood_list(peers, vtep: str) -> set[str]:
     return {p.vtep for p in peers if p.vtep != vtep}
 
 
-def _peer_key(p: Peer) -> tuple[str, str, str]:
-    return (p.ip, p.mac, p.vtep)
+def _peer_key(p: Peer) -> tuple[str, str, str, str]:
+    return (p.ip, p.mac, p.vtep, p.ip6)
 
 
 def _lower(p: Peer) -> Peer:
     # The kernel reports MACs in lower case; the engine may hand them in upper.
-    return Peer(ip=p.ip, mac=p.mac.lower(), vtep=p.vtep)
+    return replace(p, mac=p.mac.lower())
 
 
 def drift(store: StoreView, kernel: KernelView) -> Drift:

@@ -52,6 +52,7 @@ class EngineNetworkInfo:
     options: Mapping[str, str] = field(default_factory=dict)
     containers: Mapping[str, str] = field(default_factory=dict)  # endpoint ID -> container name
     attached: Mapping[str, str] = field(default_factory=dict)  # container ID -> endpoint ID
+    ipv6: bool = False  # --ipv6 (dual stack, or IPv6 only): not shared through the catalog
 
     @classmethod
     def from_inspect(cls, data: dict) -> "EngineNetworkInfo":
@@ -69,6 +70,7 @@ class EngineNetworkInfo:
             options=dict(data.get("Options") or {}),
             containers={c["EndpointID"]: c.get("Name") or cid[:12] for cid, c in members.items()},
             attached={cid: c["EndpointID"] for cid, c in members.items()},
+            ipv6=bool(data.get("EnableIPv6")),
         )
 
 

@@ -3,7 +3,8 @@
 Every host's engine asks for the same pool when the same overlay is created
 on it, so a pool is shared and held per host. An address is a key created
 only if absent, so two hosts racing for one address never both get it.
-Which free address a host tries comes from its address blocks (blocks.py).
+Which free address a host tries comes from its address blocks (blocks.py;
+for IPv6, its region of the pool, blocks6.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable, Iterable, Optional
 
 from . import rules
 from .blocks import DEFAULT_GRACE, BlockAllocator, default_block_size
+from .blocks6 import V6Allocator
 from .defaults import ADDRESS_SPACE, DEFAULT_POOL
 from .errors import DriverError
 from .rules import parse_ip, parse_subnet  # noqa: F401 (importable from here as before)
@@ -45,6 +47,7 @@ class Ipam:
         self.host_routes = host_routes
         # Started on first use (or by start()): its watches feed the fast path.
         self.blocks = BlockAllocator(state.store, host, self.block_size, grace=block_grace, metrics=metrics)
+        self.v6 = V6Allocator(state, host)
         self._sizes: dict[str, tuple[int, float]] = {}  # subnet -> (block prefix length, valid until)
         self._held: set[str] = set()  # pools this host's engine holds (checked once)
 
@@ -83,16 +86,17 @@ class Ipam:
 
     def request_pool(self, address_space: str, pool: str, sub_pool: str, v6: bool) -> str:
         """Hold a pool for this host's engine; returns the subnet (also the PoolID)."""
-        if v6:
-            raise DriverError("pyoverlay does not support IPv6 yet; create the network without --ipv6")
         if address_space != ADDRESS_SPACE:
             raise DriverError(
                 f"unknown address space {address_space!r}; pyoverlay's is {ADDRESS_SPACE!r}"
             )
         if sub_pool:
             raise DriverError("--ip-range is not supported by pyoverlay; leave it out")
+        if v6 and not pool:
+            raise DriverError("pyoverlay needs the IPv6 subnet given: pass an IPv6 --subnet such as fd00:20::/64 "
+                              "with --ipv6 (docker network create --ipv6 --subnet <v4 cidr> --subnet <v6 cidr>)")
         if pool:
-            subnet = parse_subnet(pool)
+            subnet = parse_subnet(pool, v6=v6)
             self._check_overlap(subnet)
             self._hold(subnet)
             return str(subnet)
@@ -115,6 +119,7 @@ class Ipam:
             # Last holder gone: its addresses (the gateway, any leftovers) and blocks go too.
             self.state.forget_pool_items(subnet)
             self.blocks.forget(subnet)
+            self.v6.forget(subnet)
 
     def _hold(self, subnet: ipaddress.IPv4Network) -> None:
         def add_host(current: Optional[Pool]) -> Pool:
@@ -191,7 +196,7 @@ class Ipam:
         if subnet is None:
             return
         try:
-            ip = parse_ip(address)
+            ip = parse_ip(address, v6=True)
         except DriverError:
             return
         def release(current: Optional[Address]) -> Optional[Address]:
@@ -202,14 +207,15 @@ class Ipam:
             return None
 
         if self.state.update_address(subnet, str(ip), release) is None:
-            self.blocks.released(subnet, ip)
+            (self.v6 if ip.version == 6 else self.blocks).released(subnet, ip)
 
     def release_unused(self, subnet: str, ip: str, revision: int) -> bool:
         """Release a claim of this host if it is still at revision: the endpoint
         sweep's, for an address the engine no longer knows of (driver/sweep.py)."""
         if not self.state.release_address_if_unchanged(subnet, ip, revision):
             return False
-        self.blocks.released(subnet, ipaddress.ip_address(ip))
+        address = ipaddress.ip_address(ip)
+        (self.v6 if address.version == 6 else self.blocks).released(subnet, address)
         return True
 
     def _in_subnet(self, subnet: ipaddress.IPv4Network, address: str) -> ipaddress.IPv4Address:
@@ -249,5 +255,5 @@ class Ipam:
         where = f" (host {holder.host})" if holder and holder.kind != "gateway" else ""
         raise DriverError(f"address {ip} is {what}{where}; choose another --ip or leave it out")
 
-    def _claim_free(self, subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
-        return self.blocks.allocate(subnet)
+    def _claim_free(self, subnet):
+        return self.v6.allocate(subnet) if subnet.version == 6 else self.blocks.allocate(subnet)

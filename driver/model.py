@@ -9,11 +9,22 @@ and its Addresses are the IPAM side, shared by every host using the subnet.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
 from dataclasses import asdict, dataclass, field
 
 from .defaults import KEY_ROTATION, OPT_ENCRYPTED, OPT_MTU, OPT_MULTICAST, OPT_VNI
+
+
+def _without_empty(record, names: tuple[str, ...]) -> str:
+    """JSON with the fields names left out when unset: hosts still running a
+    version without them read the record as before, byte for byte."""
+    data = asdict(record)
+    for name in names:
+        if not data[name]:
+            del data[name]
+    return json.dumps(data, sort_keys=True)
 
 
 class Record:
@@ -34,9 +45,16 @@ class Record:
 class Peer(Record):
     """A remote endpoint as the VXLAN device needs it."""
 
-    ip: str
+    ip: str  # IPv4, or IPv6 for an endpoint with no IPv4 address
     mac: str
     vtep: str  # underlay address of the host that holds the endpoint
+    ip6: str = ""  # a dual-stack endpoint's IPv6 address (ip holds its IPv4 one)
+
+    def to_json(self) -> str:
+        return _without_empty(self, ("ip6",))
+
+    def ips(self) -> tuple[str, ...]:
+        return (self.ip, self.ip6) if self.ip6 else (self.ip,)
 
 
 @dataclass
@@ -48,14 +66,10 @@ class Overlay(Record):
     block_size: int = 0  # prefix length of the IPAM blocks (-o block_size); 0: the default for the subnet
     multicast: bool = False  # -o multicast=true: broadcast and multicast flood to every host with a peer
     encrypted: bool = False  # -o encrypted=true: its VXLAN between hosts goes through the tunnel
+    subnet6: str = ""  # a dual-stack overlay's IPv6 subnet (subnet is its IPv4 one; an IPv6-only overlay's is there)
 
     def to_json(self) -> str:
-        # Left out when unset, so hosts still running the previous version read it.
-        data = asdict(self)
-        for name in ("block_size", "multicast", "encrypted"):
-            if not data[name]:
-                del data[name]
-        return json.dumps(data, sort_keys=True)
+        return _without_empty(self, ("block_size", "multicast", "encrypted", "subnet6"))
 
 
 @dataclass
@@ -64,20 +78,19 @@ class Network(Record):
     vni: int
     host: str
     mtu: int
-    subnet: str
+    subnet: str  # IPv4, or IPv6 for a network with no IPv4 (--ipv4=false)
     internal: bool = False
     # -o gateway=pyoverlay: pyoverlay's own egress and published ports
     # (driver/gateway.py); "" is the engine's docker_gwbridge.
     gateway_mode: str = ""
     gateway: str = ""  # the network's gateway address (no prefix length), kept for gateway_mode
+    subnet6: str = ""  # a dual-stack network's IPv6 subnet
 
     def to_json(self) -> str:
-        # Left out when unset: records read as before, byte for byte.
-        data = asdict(self)
-        for name in ("gateway_mode", "gateway"):
-            if not data[name]:
-                del data[name]
-        return json.dumps(data, sort_keys=True)
+        return _without_empty(self, ("gateway_mode", "gateway", "subnet6"))
+
+    def subnets(self) -> tuple[str, ...]:
+        return (self.subnet, self.subnet6) if self.subnet6 else (self.subnet,)
 
 
 @dataclass
@@ -86,7 +99,7 @@ class Endpoint(Record):
     network_id: str
     vni: int
     host: str
-    address: str  # CIDR, as the engine gave it
+    address: str  # CIDR, as the engine gave it: IPv4, or IPv6 on a network with no IPv4
     mac: str
     vtep: str
     # The cluster resolver's /32 route (Join's StaticRoutes) goes to one
@@ -96,19 +109,25 @@ class Endpoint(Record):
     # Published ports in gateway mode (driver/gateway.py): bindings as the
     # engine's com.docker.network.portmap spells them, host ports resolved.
     ports: list = field(default_factory=list)
+    address6: str = ""  # a dual-stack endpoint's IPv6 CIDR
 
     def to_json(self) -> str:
-        data = asdict(self)
-        if not data["ports"]:
-            del data["ports"]  # as before for every endpoint without published ports
-        return json.dumps(data, sort_keys=True)
+        return _without_empty(self, ("ports", "address6"))
 
     @property
     def ip(self) -> str:
         return self.address.split("/")[0]
 
+    @property
+    def ip6(self) -> str:
+        return self.address6.split("/")[0]
+
+    def addresses(self) -> list[tuple[str, str]]:
+        """(subnet, ip) of each address the endpoint holds (one per family)."""
+        return [(str(ipaddress.ip_interface(a).network), a.split("/")[0]) for a in (self.address, self.address6) if a]
+
     def peer(self) -> Peer:
-        return Peer(ip=self.ip, mac=self.mac, vtep=self.vtep)
+        return Peer(ip=self.ip, mac=self.mac, vtep=self.vtep, ip6=self.ip6)
 
 
 @dataclass

@@ -75,9 +75,16 @@ class DnsListeners(Protocol):
     def network_removed(self, vni: int) -> None: ...
 
 
-def endpoint_mac(ip: ipaddress.IPv4Address) -> str:
+def endpoint_mac(ip) -> str:
     """Locally administered MAC derived from the IP: a reused address keeps its
-    MAC, so no host can hold a stale neighbour entry for it."""
+    MAC, so no host can hold a stale neighbour entry for it. A dual-stack
+    endpoint's comes from its IPv4 address; an IPv6-only one's from the last
+    40 bits of its IPv6 address (06: first, so it never equals an IPv4 one's):
+    in a pool up to a /88 that is the whole host part, and in a /64 the
+    allocator's per-host regions (blocks6.py) differ there unless two hosts'
+    names hash alike in 24 bits."""
+    if ip.version == 6:
+        return "06:" + ":".join(f"{b:02x}" for b in ip.packed[-5:])
     return "02:50:" + ":".join(f"{b:02x}" for b in ip.packed)
 
 
@@ -117,12 +124,17 @@ class NetworkDriver:
     # Networks
 
     def create_network(self, network_id: str, options: dict, ipv4_data: list, ipv6_data: list) -> None:
-        if options.get(OPT_IPV6) in (True, "true") or ipv6_data:
-            raise DriverError("pyoverlay does not support IPv6 yet; create the network without --ipv6")
         generic = options.get(OPT_GENERIC) or {}
-        if any(v in (False, "false") for v in (options.get(OPT_IPV4), generic.get(OPT_IPV4))):
-            raise DriverError("pyoverlay does not support IPv6-only networks yet: create the network with IPv4 "
-                              "(leave out --ipv4=false and -o com.docker.network.enable_ipv4=false) and a --subnet")
+        v6 = options.get(OPT_IPV6) in (True, "true") or bool(ipv6_data)
+        no_v4 = any(v in (False, "false") for v in (options.get(OPT_IPV4), generic.get(OPT_IPV4)))
+        if no_v4 and not v6:
+            raise DriverError("a network without IPv4 (--ipv4=false) needs IPv6: add --ipv6 and an IPv6 --subnet "
+                              "such as fd00:20::/64")
+        if no_v4 and ipv4_data:
+            # An engine before 28 passes the -o on but still gives the network IPv4.
+            raise DriverError("this engine gave the network an IPv4 subnet although "
+                              "com.docker.network.enable_ipv4 is false (an IPv6-only network needs Docker 28's "
+                              "--ipv4=false); leave the option out for a dual-stack network")
         generic = {k: v for k, v in generic.items() if k != OPT_IPV4}  # true: what pyoverlay does anyway
         unknown = sorted(set(generic) - set(ACCEPTED_OPTIONS))
         if unknown:
@@ -132,9 +144,16 @@ class NetworkDriver:
                 f"-o {OPT_BLOCK_SIZE}=<prefix length>, -o {OPT_MULTICAST}=true|false, "
                 f"-o {OPT_GATEWAY}=pyoverlay|docker_gwbridge and -o {OPT_ENCRYPTED}=true|false"
             )
-        subnet = self._subnet(ipv4_data)
+        subnet4 = None if no_v4 else self._subnet(ipv4_data)
+        subnet6 = self._subnet(ipv6_data, v6=True) if v6 else None
+        # The overlay is known by its IPv4 subnet; an IPv6-only one by its IPv6 subnet.
+        subnet = subnet4 or subnet6
+        dual6 = (subnet6 or "") if subnet4 else ""
         block_size = None
         if OPT_BLOCK_SIZE in generic:
+            if not subnet4:
+                raise DriverError(f"-o {OPT_BLOCK_SIZE} sizes the IPv4 address blocks, and this network has no "
+                                  "IPv4; leave the option out (IPv6 addresses come from a /112 per host)")
             block_size = check_block_size(ipaddress.ip_network(subnet), generic[OPT_BLOCK_SIZE])
         max_mtu = self.dataplane.underlay_mtu() - VXLAN_OVERHEAD
         vni = rules.vni_option(generic)
@@ -151,7 +170,7 @@ class NetworkDriver:
         if checked:
             max_mtu -= TUNNEL_OVERHEAD
         mtu = rules.mtu_option(generic, max_mtu)
-        vni = self._join_overlay(network_id, subnet, vni, mtu, max_mtu, block_size, multicast, encrypted)
+        vni = self._join_overlay(network_id, subnet, vni, mtu, max_mtu, block_size, multicast, encrypted, dual6)
         with self._locks[vni]:
             overlay = self.state.overlay(vni)
             if overlay.encrypted and not checked:  # made encrypted by another host meanwhile
@@ -163,7 +182,7 @@ class NetworkDriver:
             network = Network(
                 network_id=network_id, vni=vni, host=self.host, mtu=overlay.mtu,
                 subnet=subnet, internal=options.get(OPT_INTERNAL) in (True, "true"),
-                gateway_mode=gateway_mode, gateway=gateway,
+                gateway_mode=gateway_mode, gateway=gateway, subnet6=dual6,
             )
             try:
                 self.state.create_network(network)
@@ -172,7 +191,7 @@ class NetworkDriver:
                     self.dataplane.create_network(vni, network.mtu, encrypted=True)
                 else:
                     self.dataplane.create_network(vni, network.mtu)
-                if self.dns is not None:
+                if self.dns is not None and subnet4:  # the resolver answers on IPv4 only
                     try:
                         self.dns.network_added(vni, subnet)
                     except Exception:
@@ -196,7 +215,8 @@ class NetworkDriver:
                 self.state.delete_network(network_id)
                 raise
             self.peers.network_added(vni, overlay.multicast)
-        log.info("network %s: overlay vni %d subnet %s mtu %d", network_id[:12], vni, subnet, network.mtu)
+        log.info("network %s: overlay vni %d subnet %s mtu %d", network_id[:12], vni,
+                 " ".join(network.subnets()), network.mtu)
 
     def _overlay_encrypted(self, subnet: str, vni: Optional[int]) -> bool:
         """Is the overlay this network would join (by VNI, else by subnet) encrypted?"""
@@ -215,17 +235,20 @@ class NetworkDriver:
             self.encryption.check()
         return encrypted
 
-    def _subnet(self, ipv4_data: list) -> str:
-        if len(ipv4_data) != 1:
+    def _subnet(self, data: list, v6: bool = False) -> str:
+        if len(data) != 1:
+            if v6:
+                raise DriverError("a pyoverlay network with --ipv6 needs exactly one IPv6 subnet: pass one IPv6 "
+                                  "--subnet such as fd00:20::/64")
             raise DriverError("a pyoverlay network needs exactly one IPv4 subnet: pass one --subnet")
-        data = ipv4_data[0]
+        data = data[0]
         if data.get("AddressSpace") != ADDRESS_SPACE:
             raise DriverError(
                 "this network's addresses come from another IPAM driver, which hands out the "
                 "same addresses on every host; create it with: docker network create "
                 f"-d {self.name} --ipam-driver {self.name} --subnet <cidr> <name>"
             )
-        return str(parse_subnet(data.get("Pool", "")))
+        return str(parse_subnet(data.get("Pool", ""), v6=v6))
 
     def _gateway_address(self, ipv4_data: list, gateway_mode: str) -> str:
         """The gateway address Join returns in gateway mode ("" otherwise)."""
@@ -242,7 +265,7 @@ class NetworkDriver:
 
     def _join_overlay(self, network_id: str, subnet: str, vni: Optional[int], mtu: Optional[int], max_mtu: int,
                       block_size: Optional[int] = None, multicast: Optional[bool] = None,
-                      encrypted: Optional[bool] = None) -> int:
+                      encrypted: Optional[bool] = None, subnet6: str = "") -> int:
         """Find or make the overlay for this subnet/VNI and record this host on it."""
         for _ in range(20):
             claim = self.state.subnet_claim(subnet)
@@ -251,7 +274,8 @@ class NetworkDriver:
             overlay = self.state.overlay(target)
             if overlay is None:
                 overlay = Overlay(vni=target, subnet=subnet, mtu=mtu or max_mtu, networks={self.host: network_id},
-                                  block_size=block_size or 0, multicast=bool(multicast), encrypted=bool(encrypted))
+                                  block_size=block_size or 0, multicast=bool(multicast), encrypted=bool(encrypted),
+                                  subnet6=subnet6)
                 if self.state.create_overlay(overlay, claim_subnet=claim is None):
                     return target
                 continue  # another host made it first: join theirs
@@ -263,6 +287,7 @@ class NetworkDriver:
                 rules.check_overlay_mtu(target, mtu, current.mtu)
                 rules.check_overlay_multicast(target, multicast, current.multicast)
                 check_overlay_encrypted(target, encrypted, current.encrypted)
+                rules.check_overlay_subnet6(target, subnet6, current.subnet6)
                 used = current.block_size or default_block_size(ipaddress.ip_network(subnet))
                 if block_size is not None and block_size != used:
                     raise DriverError(
@@ -341,20 +366,30 @@ class NetworkDriver:
 
     def create_endpoint(self, network_id: str, endpoint_id: str, interface: dict) -> dict:
         network = self._network(network_id)
-        if interface.get("AddressIPv6"):
-            raise DriverError("pyoverlay does not support IPv6 yet; leave out --ip6")
-        if not interface.get("Address"):
-            raise DriverError(
-                f"the endpoint has no IPv4 address; create the network with --ipam-driver {self.name}"
-            )
-        ip = parse_ip(interface["Address"])
-        if ip not in ipaddress.ip_network(network.subnet):
-            raise DriverError(f"address {ip} is outside the network's subnet {network.subnet}")
-        self._hold_address(network.subnet, ip)
-        mac = interface.get("MacAddress") or endpoint_mac(ip)
+        nets = {n.version: n for n in map(ipaddress.ip_network, network.subnets())}
+        given = {4: interface.get("Address") or "", 6: interface.get("AddressIPv6") or ""}
+        if given[6] and 6 not in nets:
+            raise DriverError("this network has no IPv6; leave out --ip6, or create the network with --ipv6 and "
+                              "an IPv6 --subnet")
+        if given[4] and 4 not in nets:
+            raise DriverError("this network has no IPv4 (--ipv4=false); leave out --ip")
+        for version in nets:
+            if not given[version]:
+                raise DriverError(f"the endpoint has no IPv{version} address; create the network with "
+                                  f"--ipam-driver {self.name}")
+        ips = {}
+        for version, net in nets.items():
+            ip = parse_ip(given[version], v6=True)
+            if ip.version != version or ip not in net:
+                raise DriverError(f"address {ip} is outside the network's subnet {net}")
+            ips[version] = ip
+        for version, ip in ips.items():
+            self._hold_address(str(nets[version]), ip)
+        mac = interface.get("MacAddress") or endpoint_mac(ips.get(4) or ips[6])
+        cidr = {v: f"{ip}/{nets[v].prefixlen}" for v, ip in ips.items()}
         endpoint = Endpoint(
             endpoint_id=endpoint_id, network_id=network_id, vni=network.vni, host=self.host,
-            address=f"{ip}/{ipaddress.ip_network(network.subnet).prefixlen}", mac=mac, vtep=self.vtep,
+            address=cidr.get(4) or cidr[6], mac=mac, vtep=self.vtep, address6=cidr[6] if 4 in cidr and 6 in cidr else "",
         )
         # The peer record goes out now, before the container starts, so every
         # host can reach it the moment it runs.
@@ -364,7 +399,7 @@ class NetworkDriver:
                 raise DriverError(f"endpoint {endpoint_id[:12]} already exists with other settings")
         return {} if interface.get("MacAddress") else {"Interface": {"MacAddress": mac}}
 
-    def _hold_address(self, subnet: str, ip: ipaddress.IPv4Address) -> None:
+    def _hold_address(self, subnet: str, ip) -> None:
         """The endpoint's address must be claimed by this host. It normally is
         (RequestAddress came first); if a restart released it as an orphan
         (see restore), claim it again rather than share it with a later container."""
@@ -400,6 +435,7 @@ class NetworkDriver:
             "vni": endpoint.vni,
             "mtu": network.mtu,
             "address": endpoint.address,
+            **({"address6": endpoint.address6} if endpoint.address6 else {}),
             "mac": endpoint.mac,
             "interface": self.dataplane.endpoint_ifname(endpoint_id),
             "overlay_namespace": self.dataplane.netns_name(endpoint.vni),
@@ -418,7 +454,7 @@ class NetworkDriver:
         if gateway:
             # Gateway mode: no docker_gwbridge endpoint; the engine asks us to publish ports.
             response["Gateway"] = gateway
-        if self.dns is not None and self._carries_dns_route(endpoint, sandbox_key):
+        if self.dns is not None and ":" not in endpoint.ip and self._carries_dns_route(endpoint, sandbox_key):
             # The resolver's address, on this interface: its queries then come
             # from the container's overlay address, on internal networks too.
             response["StaticRoutes"] = [{"Destination": f"{self.dns.address}/32", "RouteType": 1}]
@@ -503,7 +539,7 @@ class NetworkDriver:
                         continue
                 else:
                     self.dataplane.create_network(vni, network.mtu)
-                if self.dns is not None:
+                if self.dns is not None and ":" not in network.subnet:
                     self.dns.network_added(vni, network.subnet)
                 for stale in found.stale_veths.get(vni, ()):
                     self.dataplane.delete_endpoint(vni, stale)
@@ -541,7 +577,7 @@ class NetworkDriver:
         # Claims this process made (requests answered while restore ran) are
         # newer than the IPAM's first read of the addresses: never orphans.
         before = self.claims_from() if self.claims_from is not None else None
-        used = {(str(ipaddress.ip_interface(e.address).network), e.ip) for e in self.state.endpoints()}
+        used = {address for e in self.state.endpoints() for address in e.addresses()}
         released = 0
         for pool in self.state.pools():
             if self.host not in pool.hosts:

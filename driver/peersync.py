@@ -199,6 +199,6 @@ class PeerSync:
                         # A twin with its IP or MAC (the address was handed out again while a
                         # stale endpoint still held it) lost its entries with it: put them back.
                         for twin in peers.values():
-                            if twin.vtep != self.vtep and (twin.ip == peer.ip or twin.mac == peer.mac):
+                            if twin.vtep != self.vtep and (set(twin.ips()) & set(peer.ips()) or twin.mac == peer.mac):
                                 self.dataplane.add_peer(vni, twin)
             self._vteps_changed()

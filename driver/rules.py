@@ -70,7 +70,10 @@ def multicast_option(options: dict) -> Optional[bool]:
                       f"and multicast to every host of the network, or -o {OPT_MULTICAST}=false (the default)")
 
 
-def parse_subnet(text: str, what: str = "subnet") -> ipaddress.IPv4Network:
+def parse_subnet(text: str, what: str = "subnet", v6: bool = False):
+    """An IPv4 network (v6: an IPv6 one, parse_subnet6)."""
+    if v6:
+        return parse_subnet6(text, what)
     try:
         net = ipaddress.ip_network(text, strict=True)
     except ValueError:
@@ -78,26 +81,50 @@ def parse_subnet(text: str, what: str = "subnet") -> ipaddress.IPv4Network:
             f"{what} {text!r} is not a valid IPv4 network in CIDR form such as 10.20.0.0/24"
         ) from None
     if net.version != 4:
-        raise DriverError("pyoverlay does not support IPv6 yet; create the network without --ipv6")
+        raise DriverError(f"{what} {text} is an IPv6 network where the engine asked for IPv4; give IPv6 subnets "
+                          "with --ipv6 (docker network create --ipv6 --subnet <v4 cidr> --subnet <v6 cidr>)")
     if net.prefixlen > 30:
         raise DriverError(f"{what} {text} is too small: use a /30 or larger")
     return net
 
 
-def parse_ip(text: str) -> ipaddress.IPv4Address:
+#: The smallest IPv6 subnet: a /124 holds 14 usable addresses.
+V6_MAX_PREFIX = 124
+
+
+def parse_subnet6(text: str, what: str = "IPv6 subnet") -> ipaddress.IPv6Network:
+    """A unicast IPv6 network a pyoverlay network may use (a ULA such as fd00:20::/64, or global)."""
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        raise DriverError(f"{what} {text!r} is not a valid IPv6 network in CIDR form such as fd00:20::/64") from None
+    if net.version != 6:
+        raise DriverError(f"{what} {text} is an IPv4 network where the engine asked for IPv6; pass an IPv6 "
+                          "--subnet such as fd00:20::/64 with --ipv6")
+    if net.is_link_local or net.is_multicast or net.is_loopback or net.is_unspecified or \
+            net.overlaps(ipaddress.ip_network("::ffff:0:0/96")):
+        raise DriverError(f"{what} {text} is not a unicast range a network can use (link-local, multicast, "
+                          "loopback and IPv4-mapped are not); use a ULA such as fd00:20::/64")
+    if net.prefixlen > V6_MAX_PREFIX:
+        raise DriverError(f"{what} {text} is too small: use a /{V6_MAX_PREFIX} or larger (a /64 is usual)")
+    return net
+
+
+def parse_ip(text: str, v6: bool = False):
+    """An IPv4 address (v6: IPv4 or IPv6)."""
     try:
         ip = ipaddress.ip_interface(text).ip  # the engine sends both "a.b.c.d" and "a.b.c.d/n"
     except ValueError:
-        raise DriverError(f"{text!r} is not a valid IPv4 address") from None
-    if ip.version != 4:
-        raise DriverError("pyoverlay does not support IPv6 yet; leave out --ip6 and --ipv6")
+        raise DriverError(f"{text!r} is not a valid {'IP' if v6 else 'IPv4'} address") from None
+    if ip.version != 4 and not v6:
+        raise DriverError(f"{ip} is an IPv6 address where an IPv4 one is needed")
     return ip
 
 
-def usable_address(subnet: ipaddress.IPv4Network, text: str) -> ipaddress.IPv4Address:
+def usable_address(subnet, text: str):
     """An address a container or gateway may have: in the subnet, neither its
-    network nor its broadcast address."""
-    ip = parse_ip(text)
+    network nor its broadcast (IPv6: last) address."""
+    ip = parse_ip(text, v6=subnet.version == 6)
     if ip not in subnet or ip in (subnet.network_address, subnet.broadcast_address):
         raise DriverError(f"address {ip} is not a usable address of {subnet}")
     return ip
@@ -153,6 +180,15 @@ def check_overlay_multicast(vni: int, multicast: Optional[bool], overlay_multica
             f"{str(overlay_multicast).lower()} or leave the option out. It is fixed when the network is made: "
             "to change it, remove the network on every host and create it again"
         )
+
+
+def check_overlay_subnet6(vni: int, subnet6: str, overlay_subnet6: str) -> None:
+    """Every host of a dual-stack overlay gives it the same IPv6 subnet (and an IPv4-only one none)."""
+    if subnet6 != overlay_subnet6:
+        have = f"IPv6 subnet {overlay_subnet6}" if overlay_subnet6 else "no IPv6"
+        use = f"--ipv6 --subnet {overlay_subnet6}" if overlay_subnet6 else "no --ipv6"
+        raise DriverError(f"the pyoverlay network with VNI {vni} has {have} on other hosts; create it here with "
+                          f"the same subnets ({use}) or use another VNI and IPv4 --subnet")
 
 
 def check_underlay_carries(vni: int, overlay_mtu: int, max_mtu: int) -> None:

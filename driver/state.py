@@ -16,7 +16,11 @@
     crypto/<host>                    HostKey (public keys of a host with encrypted overlays)
 
 Subnets appear in keys with "/" replaced by "_" so that a prefix never
-matches a longer one by accident.
+matches a longer one by accident. An IPv6 address's key is its exploded form
+(fd00:0020:0000:...:0001, ip_key): every address of a /112 (or any block on a
+nibble boundary) then shares one key prefix, as a v4 block's share a few.
+Readers hand IPv6 addresses back compressed (fd00:20::1), as everything
+else spells them.
 
 Callers use State's typed readers and writers (and, for the watches, the
 prefixes and decode_* functions below); every record is decoded under one
@@ -78,8 +82,18 @@ def address_prefix(subnet: str) -> str:
     return f"addresses/{subnet_key(subnet)}/"
 
 
+def ip_key(ip: str) -> str:
+    """An address as its key spells it: IPv4 as is, IPv6 exploded (one spelling per address)."""
+    return ipaddress.ip_address(ip).exploded if ":" in ip else ip
+
+
+def ip_of_key(text: str) -> str:
+    """The address an address key's last part names, spelt as everywhere else (compressed)."""
+    return str(ipaddress.ip_address(text)) if ":" in text else text
+
+
 def address_key(subnet: str, ip: str) -> str:
-    return address_prefix(subnet) + ip
+    return address_prefix(subnet) + ip_key(ip)
 
 
 ADDRESSES = "addresses/"
@@ -94,11 +108,15 @@ def block_key(subnet: str, block: str) -> str:
     return block_prefix(subnet) + subnet_key(block)
 
 
-def ip_key_prefixes(block: ipaddress.IPv4Network, most: int = 16) -> Optional[list[str]]:
+def ip_key_prefixes(block, most: int = 16) -> Optional[list[str]]:
     """Prefixes of the address keys' IP part that together hold every address
     of block, and a few others (the caller filters): keys are dotted decimal,
     so a block is not one key range; .64/26 is '6' '7' '8' '9' '10' '11' '12'.
-    None when it would take more than `most` (a block spanning many /24s)."""
+    None when it would take more than `most` (a block spanning many /24s).
+    IPv6 keys are exploded: one prefix, the block's whole nibbles."""
+    if block.version == 6:
+        nibbles = block.prefixlen // 4
+        return [block.network_address.exploded[:nibbles + nibbles // 4]]
     first, last = int(block.network_address), int(block.broadcast_address)
     found = set()
     for net24 in range(first >> 8, (last >> 8) + 1):
@@ -207,6 +225,8 @@ def _decode_pool_item(key: str, value: Optional[str], prefix: str, cls: type[R])
     try:
         _network(subnet)
         (ipaddress.ip_address if prefix == ADDRESSES else ipaddress.ip_network)(item)
+        if prefix == ADDRESSES:
+            item = ip_of_key(item)
     except ValueError as e:
         _skipped(key, f"malformed key: {e}")
         return None
@@ -388,7 +408,13 @@ class State:
 
     def addresses(self, subnet: str) -> list[tuple[str, Address, int]]:
         """(ip, address, mod_revision) for every claimed address of subnet."""
-        return self._entries(address_prefix(subnet), Address)
+        found = []
+        for ip, record, revision in self._entries(address_prefix(subnet), Address):
+            try:
+                found.append((ip_of_key(ip), record, revision))
+            except ValueError:
+                _skipped(address_prefix(subnet) + ip, "malformed key")
+        return found
 
     def addresses_in(self, subnet: str, block: str) -> list[tuple[str, Address, int]]:
         """(ip, address, mod_revision) for every claimed address inside block:
@@ -400,6 +426,7 @@ class State:
                 ip = prefix + ip
                 try:
                     if ipaddress.ip_address(ip) in inside:
+                        ip = ip_of_key(ip)
                         found[ip] = (ip, record, revision)
                 except ValueError:
                     _skipped(address_key(subnet, ip), "malformed key")

@@ -34,7 +34,6 @@ listings meet container bursts: docs/engine-miscount.md).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 import time
@@ -123,7 +122,7 @@ class EndpointSweep:
                 if address.kind == "container" and address.host == self.host]
 
     def _release_unused(self, claims: list[tuple[str, str, int]], records: list[Endpoint], now: float) -> None:
-        used = {(str(ipaddress.ip_interface(e.address).network), e.ip) for e in records}
+        used = {address for e in records for address in e.addresses()}  # both of a dual-stack endpoint's
         unused = {claim for claim in claims if claim[:2] not in used}
         self._unused_since = {claim: t for claim, t in self._unused_since.items() if claim in unused}
         for claim in sorted(unused):
@@ -137,14 +136,15 @@ class EndpointSweep:
                 del self._unused_since[claim]
 
     def _remove(self, endpoint: Endpoint, unknown_for: float) -> None:
-        subnet = str(ipaddress.ip_interface(endpoint.address).network)
         record = self.state.store.get(endpoint_key(endpoint.endpoint_id))
-        claim = self.state.store.get(address_key(subnet, endpoint.ip))
+        # Each family's address (a dual-stack endpoint holds two).
+        claims = [(subnet, ip, self.state.store.get(address_key(subnet, ip))) for subnet, ip in endpoint.addresses()]
         if record is None:
             return  # the engine's own DeleteEndpoint came meanwhile
         log.warning("endpoint %s (%s on network %s) is unknown to the engine for %.0f s: no container has it "
                     "(the plugin was down when it went); removing it", endpoint.endpoint_id[:12], endpoint.address,
                     endpoint.network_id[:12], unknown_for)
         self.delete_endpoint(endpoint.network_id, endpoint.endpoint_id)
-        if claim is not None and claim.mod_revision < record.mod_revision:
-            self.release_address(subnet, endpoint.ip)
+        for subnet, ip, claim in claims:
+            if claim is not None and claim.mod_revision < record.mod_revision:
+                self.release_address(subnet, ip)

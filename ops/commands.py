@@ -298,6 +298,8 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
             "hosts": sorted(overlay.networks if overlay else [], key=_host_order),
             "endpoints": count.get(vni, 0),
             "notes": notes,
+            # A dual-stack network's IPv6 subnet (left out for others: the rows read as before).
+            **({"subnet6": overlay.subnet6} if overlay and overlay.subnet6 else {}),
         })
 
     endpoint_rows = [{
@@ -308,6 +310,7 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
         "ip": ep.ip,
         "mac": ep.mac,
         "endpoint_id": ep.endpoint_id,
+        **({"ip6": ep.ip6} if ep.ip6 else {}),  # a dual-stack endpoint's IPv6 address
     } for ep in sorted(endpoints, key=lambda e: (_host_order(e.host), e.vni, ipaddress.ip_address(e.ip)))]
     _add_names(store, networks)
     return {"hosts": hosts, "networks": networks, "endpoints": endpoint_rows,
@@ -366,12 +369,13 @@ def render_status(status: dict, now: Optional[float] = None) -> str:
          h["version"])
         for h in status["hosts"]])
     networks = table(["NAME", "VNI", "SUBNET", "MTU", "MULTICAST", "ENCRYPTED", "HOSTS", "ENDPOINTS"], [
-        (n["name"], n["vni"], n["subnet"], n["mtu"], _multicast(n), _encrypted(n), ",".join(n["hosts"]),
-         n["endpoints"])
+        (n["name"], n["vni"], " ".join(filter(None, (n["subnet"], n.get("subnet6")))), n["mtu"], _multicast(n),
+         _encrypted(n), ",".join(n["hosts"]), n["endpoints"])
         for n in status["networks"]])
     notes = [f"  {n['name'] or n['vni']}: {note}" for n in status["networks"] for note in n["notes"]]
     endpoints = table(["HOST", "NETWORK", "CONTAINER", "IP", "MAC", "ENDPOINT"], [
-        (e["host"], e["network"], e["container"], e["ip"], e["mac"], e["endpoint_id"][:12])
+        (e["host"], e["network"], e["container"], " ".join(filter(None, (e["ip"], e.get("ip6")))), e["mac"],
+         e["endpoint_id"][:12])
         for e in status["endpoints"]])
     parts = ["HOSTS", hosts, "", "NETWORKS", networks]
     if notes:

@@ -45,7 +45,7 @@ SOCKET_TIMEOUT = 5.0
 
 
 def _fmt(p: Peer) -> str:
-    return f"{p.ip} {p.mac} via {p.vtep}"
+    return f"{p.ip}{' ' + p.ip6 if p.ip6 else ''} {p.mac} via {p.vtep}"
 
 
 class Doctor:

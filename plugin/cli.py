@@ -159,11 +159,29 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def _vtep_problem(vtep: str) -> str:
+    """Why the underlay address cannot carry VXLAN here ("" if it can)."""
+    try:
+        address = ipaddress.ip_address(vtep)
+    except ValueError:
+        return f"--advertise-addr {vtep!r} is not an IP address; give this host's IPv4 underlay address"
+    if address.version == 6:
+        # VXLAN's overhead (hence the MTU), the FDB entries and the flood
+        # lists are all IPv4 here: an IPv6 underlay is refused, not half-made.
+        return (f"--advertise-addr {vtep} is IPv6: pyoverlay runs VXLAN over an IPv4 underlay only; give this "
+                "host's IPv4 underlay address (containers can still have IPv6: docker network create --ipv6)")
+    return ""
+
+
 def _serve(args) -> int:
     # Not a circle: the operator commands need not load Flask and gunicorn.
     from .server import Config, serve
 
     vtep = args.advertise_addr or default_route_address()
+    problem = _vtep_problem(vtep)
+    if problem:
+        print(f"pyoverlay: {problem}", file=sys.stderr)
+        return 2
     if args.dns:
         problem = _dns_flags_problem(args)
         if problem:

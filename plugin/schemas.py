@@ -2,8 +2,10 @@
 
 Every field pyoverlay reads is held to what the engine sends: NetworkID and
 EndpointID are 64 lowercase hex digits (libnetwork's stringid), a PoolID is
-pyoverlay's own (the IPv4 subnet it handed out, see driver/ipam.py),
-addresses and CIDRs are dotted IPv4, MACs six colon-separated octets, options
+pyoverlay's own (the subnet it handed out, see driver/ipam.py), addresses
+and CIDRs are dotted IPv4 or (where the engine sends IPv6) of IPv6's
+characters and length (the driver parses them and says what is wrong with
+one that has the shape but is no address), MACs six colon-separated octets, options
 maps of the types the engine marshals. A request that fails is refused before
 the driver sees it, so it can change nothing.
 
@@ -21,6 +23,11 @@ does not match before a trailing newline.
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
 _PREFIX = r"/(?:3[0-2]|[12]?[0-9])"
+# IPv6's shape: hex digits and colons (at least one), a dotted tail allowed; ipaddress decides the rest.
+_IPV6 = r"[0-9a-fA-F]{0,4}:[0-9a-fA-F:.]{1,44}"
+_PREFIX6 = r"/(?:12[0-8]|1[01][0-9]|[1-9]?[0-9])"
+_ANY_CIDR = f"{_IPV4}{_PREFIX}|{_IPV6}{_PREFIX6}"
+_ANY_ADDRESS = f"{_IPV4}(?:{_PREFIX})?|{_IPV6}(?:{_PREFIX6})?"
 
 
 def _pattern(regex: str, meaning: str, allow_empty: bool = False, null: bool = False) -> dict:
@@ -33,24 +40,24 @@ def _pattern(regex: str, meaning: str, allow_empty: bool = False, null: bool = F
 
 _HEX64 = "[0-9a-f]{64}"
 _ID_MEANING = "an ID of 64 lowercase hexadecimal digits, as Docker sends"
-_POOL_MEANING = "a pool ID that pyoverlay handed out (an IPv4 subnet such as 10.20.0.0/24)"
+_POOL_MEANING = "a pool ID that pyoverlay handed out (a subnet such as 10.20.0.0/24 or fd00:20::/64)"
 _CIDR_MEANING = "an IPv4 address or network in CIDR form such as 10.20.0.0/24"
-_ADDRESS_MEANING = "an IPv4 address such as 10.20.0.5"
+_ADDRESS_MEANING = "an IP address such as 10.20.0.5 or fd00:20::5"
+_CIDR6_MEANING = "an IPv6 address or network in CIDR form such as fd00:20::/64"
 _ID = _pattern(_HEX64, _ID_MEANING)
 _ID_OR_EMPTY = _pattern(_HEX64, _ID_MEANING, allow_empty=True)  # clean-up calls: unknown or empty is "nothing to do"
-_POOL_ID = _pattern(_IPV4 + _PREFIX, _POOL_MEANING)
-_POOL_ID_OR_EMPTY = _pattern(_IPV4 + _PREFIX, _POOL_MEANING, allow_empty=True)
+_POOL_ID = _pattern(_ANY_CIDR, _POOL_MEANING)
+_POOL_ID_OR_EMPTY = _pattern(_ANY_CIDR, _POOL_MEANING, allow_empty=True)
 _CIDR = _pattern(_IPV4 + _PREFIX, _CIDR_MEANING)  # a network or an address with its prefix length
 _CIDR_OR_EMPTY = _pattern(_IPV4 + _PREFIX, _CIDR_MEANING, allow_empty=True, null=True)
-_ADDRESS_OR_EMPTY = _pattern(f"{_IPV4}(?:{_PREFIX})?", _ADDRESS_MEANING, allow_empty=True, null=True)  # "a.b.c.d" or "a.b.c.d/n"
-_ADDRESS = _pattern(f"{_IPV4}(?:{_PREFIX})?", _ADDRESS_MEANING)
+_ADDRESS_OR_EMPTY = _pattern(_ANY_ADDRESS, _ADDRESS_MEANING, allow_empty=True, null=True)  # "a.b.c.d" or "a.b.c.d/n"
+_ADDRESS = _pattern(_ANY_ADDRESS, _ADDRESS_MEANING)
 _MAC_OR_EMPTY = _pattern("[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}", "a MAC address such as 02:42:ac:11:00:02",
                          allow_empty=True, null=True)
-# IPv6 is refused by the driver with a message of its own; only the shape is checked here.
-_V6_CIDR = "[0-9a-fA-F:.]{2,45}/[0-9]{1,3}"
-_V6_OR_EMPTY = _pattern(_V6_CIDR, "an IPv6 address with its prefix length", allow_empty=True, null=True)
-# What `--subnet`/`--ip-range` may hold: the driver refuses IPv6 saying so.
-_POOL_REQUEST = _pattern(f"{_IPV4}{_PREFIX}|{_V6_CIDR}", _CIDR_MEANING, allow_empty=True, null=True)
+_CIDR6 = _pattern(_IPV6 + _PREFIX6, _CIDR6_MEANING)
+_V6_OR_EMPTY = _pattern(_IPV6 + _PREFIX6, _CIDR6_MEANING, allow_empty=True, null=True)
+# What `--subnet`/`--ip-range` may hold: either family (the driver checks it against V6).
+_POOL_REQUEST = _pattern(_ANY_CIDR, _CIDR_MEANING + " or fd00:20::/64", allow_empty=True, null=True)
 _SANDBOX_KEY = _pattern(r"/[^\x00]{0,4095}", "an absolute path", allow_empty=True)
 _STR = {"type": "string", "maxLength": 256}
 _BOOL = {"type": ["boolean", "null"]}
@@ -60,20 +67,25 @@ _OPTIONS = {"type": ["object", "null"]}
 # map[string]string on the engine's side (driver -o options, IPAM options).
 _STRING_MAP = {"type": ["object", "null"], "additionalProperties": {"type": "string", "maxLength": 4096}}
 
-_IPAM_DATA = {
-    "type": ["array", "null"],
-    "maxItems": 16,
-    "items": {
-        "type": "object",
-        "properties": {
-            "AddressSpace": _STR,
-            "Pool": _CIDR,
-            "Gateway": _CIDR_OR_EMPTY,
-            "AuxAddresses": {"type": ["object", "null"], "additionalProperties": _CIDR},
+def _ipam_data(cidr: dict, cidr_or_empty: dict) -> dict:
+    return {
+        "type": ["array", "null"],
+        "maxItems": 16,
+        "items": {
+            "type": "object",
+            "properties": {
+                "AddressSpace": _STR,
+                "Pool": cidr,
+                "Gateway": cidr_or_empty,
+                "AuxAddresses": {"type": ["object", "null"], "additionalProperties": cidr},
+            },
+            "required": ["Pool"],
         },
-        "required": ["Pool"],
-    },
-}
+    }
+
+
+_IPAM_DATA = _ipam_data(_CIDR, _CIDR_OR_EMPTY)
+_IPAM_DATA6 = _ipam_data(_CIDR6, _V6_OR_EMPTY)
 
 
 def _call(required: dict, optional: dict | None = None) -> dict:
@@ -124,7 +136,7 @@ _ENDPOINT_OPTIONS = {
 SCHEMAS = {
     "NetworkDriver.CreateNetwork": _call(
         _NET,
-        {"Options": _NETWORK_OPTIONS, "IPv4Data": _IPAM_DATA, "IPv6Data": {"type": ["array", "null"]}},
+        {"Options": _NETWORK_OPTIONS, "IPv4Data": _IPAM_DATA, "IPv6Data": _IPAM_DATA6},
     ),
     "NetworkDriver.DeleteNetwork": _call(_NET_CLEANUP),
     "NetworkDriver.CreateEndpoint": _call(

@@ -698,6 +698,50 @@ def test_cross_host_traffic_and_ip_reuse(a, b, c, network, container):
     assert unreachable(ctr_a2, pc.ip)
 
 
+def add_v6(ns: str, address: str) -> None:
+    """address/64 on the container's eth0, usable at once (no duplicate address detection)."""
+    run(ns, "ip", "-6", "addr", "add", f"{address}/64", "dev", "eth0", "nodad", check=True)
+
+
+def test_dual_stack_peers_answer_neighbour_discovery_and_reuse(a, b, network, container):
+    vni = 4310
+    for host in (a, b):
+        network(host, vni)
+    ctr_a, _ = container(a, vni, OVERLAY.format(40), mac(40))
+    ctr_b, _ = container(b, vni, OVERLAY.format(41), mac(41))
+    add_v6(ctr_a, "fd98::40")
+    add_v6(ctr_b, "fd98::41")
+    pa = Peer(OVERLAY.format(40), mac(40), a.addr, ip6="fd98::40")
+    pb = Peer(OVERLAY.format(41), mac(41), b.addr, ip6="fd98::41")
+    assert unreachable(ctr_a, "fd98::41")  # neighbour discovery is not flooded either
+
+    assert a.dp.set_peers(vni, [pb]) == (1, 0)
+    b.dp.add_peer(vni, pa)
+    # The kernel answers neighbour solicitations from vxlan0's entries, as it does ARP.
+    assert ping(ctr_a, "fd98::41") and ping(ctr_b, "fd98::40") and ping(ctr_a, pb.ip)
+    assert vxlan_entries(a.overlay(vni)) == ({pb.ip: pb.mac, pb.ip6: pb.mac}, {pb.mac: {b.addr}})
+    assert a.dp.peers(vni) == {pb}
+
+    # pb's IPv4 address goes to an IPv4-only endpoint with another MAC: pb's
+    # IPv6 entry goes with its MAC, and a late delete of pb changes nothing.
+    pc = Peer(pb.ip, mac(42), b.addr)
+    a.dp.add_peer(vni, pc)
+    assert vxlan_entries(a.overlay(vni)) == ({pc.ip: pc.mac}, {pc.mac: {b.addr}})
+    a.dp.remove_peer(vni, pb)
+    assert a.dp.peers(vni) == {pc}
+
+    # An IPv6-only peer beside it; set_peers and peers() see both kinds.
+    p6 = Peer("fd98::43", mac(43), b.addr)
+    a.dp.add_peer(vni, p6)
+    assert a.dp.peers(vni) == {pc, p6}
+    assert a.dp.set_peers(vni, [pc, p6]) == (0, 0)
+    with pytest.raises(DataplaneError, match="same IP"):
+        a.dp.set_peers(vni, [pc, p6, Peer(OVERLAY.format(44), mac(44), b.addr, ip6=p6.ip)])
+    a.dp.remove_peer(vni, p6)
+    a.dp.remove_peer(vni, pc)
+    assert vxlan_entries(a.overlay(vni)) == ({}, {})
+
+
 def test_peer_replace_semantics(a, network):
     vni = 4302
     ov = network(a, vni)

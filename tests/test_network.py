@@ -243,3 +243,52 @@ def test_multicast_is_the_overlay_s_on_every_host_and_fixed_once_made(world):
     restarted = RecordingPeers()
     NetworkDriver(State(store), RecordingKernel(), restarted, host=HOST, vtep=HOST).restore()
     assert restarted.calls == [("added", VNI, True), ("restored",)]
+
+
+POOL6 = [{"AddressSpace": "pyoverlay", "Pool": "fd00:40::/64"}]
+V6 = {"com.docker.network.enable_ipv6": True}
+
+
+def test_every_host_gives_a_dual_stack_overlay_the_same_ipv6_subnet(world):
+    """Hosts join an overlay by its IPv4 subnet; one giving it another IPv6
+    subnet, or none, is refused with what to do, and nothing of it is kept."""
+    store, kernel, peers, driver = world
+    driver.create_network(NET, V6, POOL, POOL6)
+    assert driver.state.overlay(VNI).subnet6 == "fd00:40::/64"
+    assert driver.state.network(NET).subnets() == ("10.40.0.0/24", "fd00:40::/64")
+
+    other = "10.9.0.2"
+    theirs = RecordingPeers()
+    there = NetworkDriver(State(store), RecordingKernel(), theirs, host=other, vtep=other)
+    before = _keys(store)
+    with pytest.raises(DriverError, match=f"VNI {VNI} has IPv6 subnet fd00:40::/64 on other hosts; create it "
+                                          r"here with the same subnets \(--ipv6 --subnet fd00:40::/64\)"):
+        there.create_network("m" * 64, {}, POOL, [])
+    with pytest.raises(DriverError, match="has IPv6 subnet fd00:40::/64 on other hosts"):
+        there.create_network("m" * 64, V6, POOL, [{"AddressSpace": "pyoverlay", "Pool": "fd00:41::/64"}])
+    assert _keys(store) == before and theirs.calls == []
+    there.create_network("m" * 64, V6, POOL, POOL6)
+    assert theirs.calls == [("added", VNI, False)]
+
+
+def test_an_ipv6_only_network_and_what_it_refuses(world):
+    store, kernel, peers, driver = world
+    no_v4 = {**V6, "com.docker.network.enable_ipv4": False}
+    for options, v4, v6, says in [
+        ({"com.docker.network.enable_ipv4": False}, [], [], "needs IPv6: add --ipv6"),
+        (V6, POOL, [], "exactly one IPv6 subnet"),
+        ({**no_v4, "com.docker.network.generic": {"block_size": "120"}}, [], POOL6, "this network has no IPv4"),
+        ({**V6, "com.docker.network.generic": {"com.docker.network.enable_ipv4": "false"}}, POOL, POOL6,
+         "Docker 28's --ipv4=false"),
+        (no_v4, [], [{"AddressSpace": "pyoverlay", "Pool": "fe80::/64"}], "not a unicast range"),
+    ]:
+        with pytest.raises(DriverError, match=says):
+            driver.create_network(NET, options, v4, v6)
+    assert [c for c in kernel.calls if c[0] != "underlay_mtu"] == [] and _keys(store) == []
+
+    driver.create_network(NET, no_v4, [], POOL6)
+    network = driver.state.network(NET)
+    assert (network.subnet, network.subnet6) == ("fd00:40::/64", "")  # known by its IPv6 subnet
+    assert driver.state.subnet_claim("fd00:40::/64").vni == VNI
+    driver.delete_network(NET)
+    assert _keys(store) == []

@@ -4,6 +4,7 @@ refused request changes neither the store nor the kernel."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 
 import pytest
@@ -214,9 +215,25 @@ BAD_DRIVER_CALLS = [
 BAD_DRIVER_CALLS += [
     ("IPv4 off", "NetworkDriver.CreateNetwork",
      _create_network_body(Options={"com.docker.network.enable_ipv4": False, "com.docker.network.generic": {}},
-                          IPv4Data=[]), "IPv6-only"),
+                          IPv4Data=[]), "needs IPv6: add --ipv6"),
     ("IPv4 off as -o", "NetworkDriver.CreateNetwork",
-     _create_network_body(Options=_generic(**{"com.docker.network.enable_ipv4": "false"})), "IPv6-only"),
+     _create_network_body(Options=_generic(**{"com.docker.network.enable_ipv4": "false"})), "needs IPv6: add --ipv6"),
+    ("IPv4 off as -o with IPv4 given", "NetworkDriver.CreateNetwork",
+     _create_network_body(Options={"com.docker.network.enable_ipv6": True,
+                                   "com.docker.network.generic": {"com.docker.network.enable_ipv4": "false"}},
+                          IPv6Data=[{"AddressSpace": "pyoverlay", "Pool": "fd00:20::/64"}]),
+     "Docker 28's --ipv4=false"),
+    ("IPv6 without its subnet", "NetworkDriver.CreateNetwork",
+     _create_network_body(Options={"com.docker.network.enable_ipv6": True}), "exactly one IPv6 subnet"),
+    ("IPv6 pool not held", "NetworkDriver.CreateNetwork",
+     _create_network_body(Options={"com.docker.network.enable_ipv6": True},
+                          IPv6Data=[{"AddressSpace": "LocalDefault", "Pool": "fd00:20::/64"}]), "--ipam-driver pyoverlay"),
+    ("IPv6 data not IPv6", "NetworkDriver.CreateNetwork",
+     _create_network_body(Options={"com.docker.network.enable_ipv6": True},
+                          IPv6Data=[{"AddressSpace": "pyoverlay", "Pool": SUBNET}]), "IPv6 address or network"),
+    ("IPv6 address malformed", "NetworkDriver.CreateEndpoint",
+     {"NetworkID": new_id(), "EndpointID": new_id(), "Interface": {"Address": "10.30.0.9/24", "AddressIPv6": "fd00::g/64"}},
+     "IPv6 address or network"),
 ]
 
 BAD_IPAM_CALLS = [
@@ -224,16 +241,28 @@ BAD_IPAM_CALLS = [
     ("missing AddressSpace", "IpamDriver.RequestPool", {"Pool": SUBNET}, "AddressSpace"),
     ("bad CIDR", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "10.20.0.1/24"}, "CIDR"),
     ("not a CIDR", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "banana"}, "CIDR"),
-    ("IPv6", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "", "V6": True}, "IPv6"),
-    ("IPv6 subnet", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "fd00:20::/64", "V6": True}, "IPv6"),
+    ("IPv6 without a subnet", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "", "V6": True},
+     "pass an IPv6 --subnet"),
+    ("IPv6 link-local", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "fe80::/64", "V6": True},
+     "not a unicast range"),
+    ("IPv6 too small", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "fd00:20::/126", "V6": True},
+     "too small: use a /124"),
+    ("IPv6 pool not canonical", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "fd00:20::1/64", "V6": True},
+     "not a valid IPv6 network"),
+    ("IPv6 pool asked as IPv4", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": "fd00:20::/64", "V6": False},
+     "engine asked for IPv4"),
+    ("IPv4 pool asked as IPv6", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": SUBNET, "V6": True},
+     "engine asked for IPv6"),
+    ("IPv6 address of an IPv4 pool", "IpamDriver.RequestAddress", {"PoolID": "10.30.0.0/24", "Address": "fd00:20::5"},
+     "IPv6 address where an IPv4 one is needed"),
     ("ip-range", "IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": SUBNET, "SubPool": "10.20.0.0/25"}, "--ip-range"),
     ("foreign space", "IpamDriver.RequestPool", {"AddressSpace": "LocalDefault", "Pool": SUBNET}, "address space"),
     ("wrong type", "IpamDriver.RequestAddress", {"PoolID": 5}, "PoolID"),
     ("unknown pool", "IpamDriver.RequestAddress", {"PoolID": "10.55.0.0/24", "Address": ""}, "not held"),
     ("PoolID not ours", "IpamDriver.RequestAddress", {"PoolID": "LocalDefault/10.30.0.0/24", "Address": ""}, "pool ID that pyoverlay"),
     ("PoolID newline", "IpamDriver.ReleasePool", {"PoolID": "10.30.0.0/24\n"}, "pool ID that pyoverlay"),
-    ("address not IPv4", "IpamDriver.RequestAddress", {"PoolID": "10.30.0.0/24", "Address": "10.30.0.300"}, "IPv4 address"),
-    ("release address", "IpamDriver.ReleaseAddress", {"PoolID": "10.30.0.0/24", "Address": ""}, "IPv4 address"),
+    ("address not IPv4", "IpamDriver.RequestAddress", {"PoolID": "10.30.0.0/24", "Address": "10.30.0.300"}, "IP address such as"),
+    ("release address", "IpamDriver.ReleaseAddress", {"PoolID": "10.30.0.0/24", "Address": ""}, "IP address such as"),
     ("IPAM option not a string", "IpamDriver.RequestAddress",
      {"PoolID": "10.30.0.0/24", "Options": {"RequestAddressType": 1}}, "RequestAddressType"),
 ]
@@ -372,3 +401,90 @@ def test_what_newer_engines_send_is_accepted(plugin, host_ns):
     status, answer = plugin.call("NetworkDriver.Join", {"NetworkID": network["NetworkID"], "EndpointID": endpoint_id,
                                                         "SandboxKey": "/var/run/docker/netns/abc", "Options": options})
     assert status == 200, answer
+
+
+# -- IPv6 ---------------------------------------------------------------------
+
+SUBNET6 = "fd00:20::/64"
+
+
+def _pool(plugin, subnet, v6):
+    status, pool = plugin.call("IpamDriver.RequestPool", {"AddressSpace": "pyoverlay", "Pool": subnet, "V6": v6})
+    assert status == 200 and "Error" not in pool, pool
+    status, gw = plugin.call("IpamDriver.RequestAddress", {
+        "PoolID": pool["PoolID"], "Address": "", "Options": {"RequestAddressType": "com.docker.network.gateway"}})
+    assert status == 200 and "Error" not in gw, gw
+    return {"AddressSpace": "pyoverlay", "Pool": pool["Pool"], "Gateway": gw["Address"]}
+
+
+def _address(plugin, pool_id, address=""):
+    status, answer = plugin.call("IpamDriver.RequestAddress", {"PoolID": pool_id, "Address": address, "Options": None})
+    assert status == 200 and "Error" not in answer, answer
+    return answer["Address"]
+
+
+def test_a_dual_stack_endpoint_through_the_real_app(plugin, host_ns):
+    v4, v6 = _pool(plugin, SUBNET, False), _pool(plugin, SUBNET6, True)
+    assert v6["Gateway"] == "fd00:20::1/64"
+    network_id = new_id()
+    assert plugin.call("NetworkDriver.CreateNetwork", {
+        "NetworkID": network_id, "Options": {"com.docker.network.enable_ipv6": True},
+        "IPv4Data": [v4], "IPv6Data": [v6]}) == (200, {})
+    address, address6 = _address(plugin, SUBNET), _address(plugin, SUBNET6)
+    assert address6.startswith("fd00:20::") and address6.endswith("/64")
+    endpoint_id = new_id()
+    status, answer = plugin.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": network_id, "EndpointID": endpoint_id,
+        "Interface": {"Address": address, "AddressIPv6": address6, "MacAddress": ""}})
+    assert status == 200, answer
+    # The MAC still comes from the IPv4 address when there is one.
+    octets = [int(o) for o in address.split("/")[0].split(".")]
+    assert answer["Interface"]["MacAddress"] == "02:50:" + ":".join(f"{o:02x}" for o in octets)
+    status, info = plugin.call("NetworkDriver.EndpointOperInfo", {"NetworkID": network_id, "EndpointID": endpoint_id})
+    assert status == 200 and (info["Value"]["address"], info["Value"]["address6"]) == (address, address6), info
+    peers = [json.loads(v) for k, v in plugin.store_snapshot().items() if k.startswith("peers/")]
+    assert peers == [{"ip": address.split("/")[0], "ip6": address6.split("/")[0],
+                      "mac": answer["Interface"]["MacAddress"], "vtep": peers[0]["vtep"]}]
+    status, joined = plugin.call("NetworkDriver.Join", {"NetworkID": network_id, "EndpointID": endpoint_id,
+                                                        "SandboxKey": "/var/run/docker/netns/x"})
+    assert status == 200 and "GatewayIPv6" not in joined, joined  # no IPv6 way out: docker_gwbridge stays
+
+    # --ip6 on this network: taken refused, outside refused, nothing changed.
+    before = plugin.store_snapshot()
+    status, answer = plugin.call("IpamDriver.RequestAddress", {"PoolID": SUBNET6, "Address": address6.split("/")[0]})
+    assert "already in use" in answer["Error"]
+    status, answer = plugin.call("IpamDriver.RequestAddress", {"PoolID": SUBNET6, "Address": "fd00:21::5"})
+    assert "not a usable address of fd00:20::/64" in answer["Error"]
+    assert plugin.store_snapshot() == before
+
+    for call in ("Leave", "DeleteEndpoint"):
+        assert plugin.call(f"NetworkDriver.{call}", {"NetworkID": network_id, "EndpointID": endpoint_id})[0] == 200
+    for pool, cidr in ((SUBNET, address), (SUBNET6, address6)):
+        plugin.call("IpamDriver.ReleaseAddress", {"PoolID": pool, "Address": cidr.split("/")[0]})
+    assert plugin.call("NetworkDriver.DeleteNetwork", {"NetworkID": network_id}) == (200, {})
+    for pool in (SUBNET, SUBNET6):
+        plugin.call("IpamDriver.ReleasePool", {"PoolID": pool})
+    assert [k for k in plugin.store_snapshot() if not k.startswith(("hosts/", "seen/"))] == []
+
+
+def test_an_ipv6_only_endpoint_and_what_it_refuses(plugin, host_ns):
+    v6 = _pool(plugin, SUBNET6, True)
+    network_id = new_id()
+    assert plugin.call("NetworkDriver.CreateNetwork", {
+        "NetworkID": network_id, "Options": {"com.docker.network.enable_ipv6": True,
+                                             "com.docker.network.enable_ipv4": False},
+        "IPv4Data": [], "IPv6Data": [v6]}) == (200, {})
+    address6 = _address(plugin, SUBNET6)
+    before, kernel = plugin.store_snapshot(), host_ns.kernel_snapshot()
+    for interface, says in [({"Address": "10.20.0.5/24", "AddressIPv6": address6}, "has no IPv4"),
+                            ({"AddressIPv6": ""}, "has no IPv6 address"),
+                            ({"AddressIPv6": "fd00:99::5/64"}, "outside the network's subnet")]:
+        status, answer = plugin.call("NetworkDriver.CreateEndpoint", {
+            "NetworkID": network_id, "EndpointID": new_id(), "Interface": interface})
+        assert status >= 400 and says in answer["Err"], answer
+    assert plugin.store_snapshot() == before and host_ns.kernel_snapshot() == kernel
+    status, answer = plugin.call("NetworkDriver.CreateEndpoint", {
+        "NetworkID": network_id, "EndpointID": new_id(), "Interface": {"Address": "", "AddressIPv6": address6}})
+    assert status == 200, answer
+    tail = ipaddress.ip_address(address6.split("/")[0]).packed[-5:]
+    assert answer["Interface"]["MacAddress"] == "06:" + ":".join(f"{b:02x}" for b in tail)

@@ -183,3 +183,34 @@ def test_an_address_whose_endpoint_comes_is_never_released():
         clock.t = t
         sweep.sweep()
     assert calls == [] and state.get(address_key(SUBNET, "10.5.0.3"), Address) is not None
+
+
+SUBNET6 = "fd00:5::/64"
+
+
+def add_dual(state, eid, ip, ip6):
+    """A dual-stack endpoint and its two claims."""
+    assert state.create({pool_key(SUBNET6): Pool(subnet=SUBNET6, hosts=["h1"])}) or state.pool(SUBNET6)
+    for subnet, address in ((SUBNET, ip), (SUBNET6, ip6)):
+        assert state.create({address_key(subnet, address): Address.container("h1")})
+    assert state.create({endpoint_key(eid): Endpoint(endpoint_id=eid, network_id=NET, vni=7, host="h1",
+                                                     address=f"{ip}/24", address6=f"{ip6}/64",
+                                                     mac="02:00:00:00:00:01", vtep="10.99.0.2")})
+
+
+def test_a_dual_stack_endpoint_keeps_both_addresses_and_gives_both_back():
+    """Its IPv6 claim is in use as much as its IPv4 one; when the engine has
+    forgotten the endpoint, both are released."""
+    state, engine, clock, calls, sweep = setup()
+    add_dual(state, "1" * 64, "10.5.0.2", "fd00:5::2")
+    engine.endpoints.add("1" * 64)
+    for t in (0, 60, 200):
+        clock.t = t
+        sweep.sweep()
+    assert calls == [] and state.get(address_key(SUBNET6, "fd00:5::2"), Address) is not None
+    engine.endpoints.clear()
+    for t in (300, 360):
+        clock.t = t
+        sweep.sweep()
+    assert calls == [("DeleteEndpoint", "1" * 64), ("ReleaseAddress", "10.5.0.2"), ("ReleaseAddress", "fd00:5::2")]
+    assert state.addresses(SUBNET6) == []

@@ -77,6 +77,10 @@ def plan_network(host: str, driver: str, info: EngineNetworkInfo, entry: Optiona
             return remove(host, info)
         if info.ipam_driver != driver:
             return []  # the driver refuses such networks; nothing to share
+        if info.ipv6:
+            # Not in the catalog yet (an entry holds one IPv4 subnet): such a
+            # network is made on each host by hand, with the same subnets.
+            return []
         if not vni:
             return [Later(info.name, "the driver's record is not in the store (yet)")]
         return [Publish(info, vni)]

@@ -84,6 +84,7 @@ def norm_peer(peer: Peer) -> Peer:
         ip=norm_ip(peer.ip, "peer IP"),
         mac=norm_mac(peer.mac, "peer MAC"),
         vtep=str(ipv4(peer.vtep, "peer VTEP")),
+        ip6=norm_ip(peer.ip6, "peer IPv6") if peer.ip6 else "",
     )
 
 

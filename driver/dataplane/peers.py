@@ -91,9 +91,11 @@ class PeerStage(Worker):
         want = {p for p in map(norm_peer, peers) if p.vtep != self.vtep}
         for key in ("ip", "mac"):
             seen: dict[str, Peer] = {}
-            for p in sorted(want, key=lambda p: (p.ip, p.mac, p.vtep)):
-                other = seen.setdefault(getattr(p, key), p)
-                if other is not p:
+            for p in sorted(want, key=lambda p: (p.ip, p.mac, p.vtep, p.ip6)):
+                for value in p.ips() if key == "ip" else (p.mac,):
+                    other = seen.setdefault(value, p)
+                    if other is p:
+                        continue
                     raise DataplaneError(
                         f"set_peers VNI {vni}: {other} and {p} have the same {key.upper()}; the kernel "
                         "holds one entry per IP and per MAC: fix the peer records in the store"
@@ -102,7 +104,7 @@ class PeerStage(Worker):
         neigh, fdb = self._call(self._dump, vni, what)
         have_flood = fdb.pop(FLOOD, set())
         have = _join(neigh, fdb)
-        want_neigh = {p.ip: p.mac for p in want}
+        want_neigh = {ip: p.mac for p in want for ip in p.ips()}
         want_fdb = {p.mac: p.vtep for p in want}
         ops = [
             *(("neigh_del", ip) for ip in neigh.keys() - want_neigh.keys()),
@@ -143,23 +145,28 @@ class PeerStage(Worker):
 
     def _add_peer(self, vni: int, peer: Peer) -> None:
         table = self._vxlan(vni, f"add_peer {peer.ip} on VNI {vni}")
+        ips = peer.ips()
         with step(table.what):
-            old_mac = table.neigh_get(peer.ip)
+            old_macs = {ip: table.neigh_get(ip) for ip in ips}
             old_vtep = table.fdb_get(peer.mac)
-            if old_mac is not None and old_mac != peer.mac:
-                # IP reuse: the old MAC belonged to this IP alone.
+            for old_mac in set(old_macs.values()) - {None, peer.mac}:
+                # IP reuse: the old MAC belonged to this IP (and its other family's) alone.
                 table.fdb_del(old_mac)
-            if old_vtep is not None and old_mac != peer.mac:
+                for ip, mac in table.neigh_dump().items():
+                    if mac == old_mac and ip not in ips:
+                        table.neigh_del(ip)
+            if old_vtep is not None and any(m != peer.mac for m in old_macs.values()):
                 # MAC reuse under a new IP (rare): find who else points at it.
                 for ip, mac in table.neigh_dump().items():
-                    if mac == peer.mac and ip != peer.ip:
+                    if mac == peer.mac and ip not in ips:
                         table.neigh_del(ip)
-            # FDB before neighbour, so ARP is never answered with a MAC
-            # that cannot be delivered yet.
+            # FDB before neighbour, so ARP (or neighbour discovery) is never
+            # answered with a MAC that cannot be delivered yet.
             if old_vtep != peer.vtep:
                 table.fdb_set(peer.mac, peer.vtep)
-            if old_mac != peer.mac:
-                table.neigh_set(peer.ip, peer.mac)
+            for ip in ips:
+                if old_macs[ip] != peer.mac:
+                    table.neigh_set(ip, peer.mac)
 
     def _remove_peer(self, vni: int, peer: Peer) -> None:
         ns = self._ns_handle(vni)
@@ -173,7 +180,9 @@ class PeerStage(Worker):
                 return  # IP gone or reused: the entry is someone else's now
             if vtep not in (None, peer.vtep):
                 return  # the MAC moved to another host: a newer record
-            table.neigh_del(peer.ip)
+            for ip in peer.ips():
+                if ip == peer.ip or table.neigh_get(ip) == peer.mac:
+                    table.neigh_del(ip)
             if vtep is not None:
                 table.fdb_del(peer.mac)
 
@@ -211,7 +220,18 @@ class PeerStage(Worker):
 
 
 def _join(neigh: dict[str, str], fdb: dict[str, set[str]]) -> set[Peer]:
-    return {Peer(ip=ip, mac=mac, vtep=vtep) for ip, mac in neigh.items() for vtep in fdb.get(mac, ())}
+    """Peers from the tables: a MAC's IPv4 entry, with its IPv6 entry (dual
+    stack) as ip6; a MAC with only IPv6 entries is an IPv6-only peer. A MAC
+    with more entries than a peer has (debris) yields a peer per combination,
+    so the ones no record has show as stale."""
+    ips: dict[str, tuple[list[str], list[str]]] = {}
+    for ip, mac in sorted(neigh.items()):
+        ips.setdefault(mac, ([], []))[":" in ip].append(ip)
+    found = set()
+    for mac, (v4, v6) in ips.items():
+        pairs = [(ip, ip6) for ip in v4 for ip6 in v6 or [""]] if v4 else [(ip, "") for ip in v6]
+        found.update(Peer(ip=ip, mac=mac, vtep=vtep, ip6=ip6) for ip, ip6 in pairs for vtep in fdb.get(mac, ()))
+    return found
 
 
 class _Table:
