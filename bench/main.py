@@ -25,7 +25,7 @@ from tests.hosts import NamespaceHost, SessionLock, build_image_tar, sweep_lefto
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
-BENCHES = ["latency", "dockerrun", "convergence", "throughput", "swarm", "scale", "dns", "etcdclient"]
+BENCHES = ["latency", "dockerrun", "convergence", "throughput", "swarm", "encrypted", "scale", "dns", "etcdclient"]
 
 
 class Context:

@@ -60,6 +60,8 @@ SECTIONS = [
     _bench("convergence", "Convergence", _PEERS + ["plugin/app.py", "plugin/schemas.py"]),
     _bench("throughput", "Throughput", ["driver/dataplane/"]),
     _bench("swarm", "Side by side with Docker's swarm overlay", _REQUEST + ["bench/throughput.py"]),
+    _bench("encrypted", "Encrypted overlay", ["driver/dataplane/", "driver/encryption.py", "driver/keys.py",
+                                              "bench/throughput.py"]),
     _bench("scale", "Scale without Docker", _PEERS + ["driver/ipam.py", "driver/blocks.py", "plugin/server.py"]),
     _bench("dns", "Names across hosts", _DNS),
     _bench("ipamscale", "Cluster IPAM at scale", ["driver/ipam.py", "driver/blocks.py", "driver/state.py"] + _ETCD,
