@@ -22,86 +22,52 @@ makes new session keys every two minutes. So:
   each for up to three minutes, starting a new handshake after two), so a
   rotation drops nothing while both hosts learn the new key within a minute.
 
-X25519 is RFC 7748's function, written out here because the project's Python
-has no binding for it (the cryptography package is not a dependency); it
-runs a few times per host pair per rotation, never per packet.
+X25519 and HKDF come from the cryptography package (OpenSSL's constant-time
+implementations), never from code of our own.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
-import secrets
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Optional
 
-_P = 2**255 - 19
-_A24 = 121665
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-
-def _decode_scalar(k: bytes) -> int:
-    b = bytearray(k)
-    b[0] &= 248
-    b[31] &= 127
-    b[31] |= 64
-    return int.from_bytes(b, "little")
-
-
-def x25519(scalar: bytes, u: bytes) -> bytes:
-    """RFC 7748, section 5: the Montgomery ladder on Curve25519."""
-    if len(scalar) != 32 or len(u) != 32:
-        raise ValueError("X25519 takes 32-byte keys")
-    k = _decode_scalar(scalar)
-    x1 = int.from_bytes(u, "little") & ((1 << 255) - 1)
-    x2, z2, x3, z3, swap = 1, 0, x1, 1, 0
-    for t in reversed(range(255)):
-        bit = (k >> t) & 1
-        swap ^= bit
-        if swap:
-            x2, x3, z2, z3 = x3, x2, z3, z2
-        swap = bit
-        a, b = (x2 + z2) % _P, (x2 - z2) % _P
-        aa, bb = a * a % _P, b * b % _P
-        e = (aa - bb) % _P
-        c, d = (x3 + z3) % _P, (x3 - z3) % _P
-        da, cb = d * a % _P, c * b % _P
-        x3 = (da + cb) ** 2 % _P
-        z3 = x1 * (da - cb) ** 2 % _P
-        x2 = aa * bb % _P
-        z2 = e * (aa + _A24 * e) % _P
-    if swap:
-        x2, z2 = x3, z3
-    return (x2 * pow(z2, _P - 2, _P) % _P).to_bytes(32, "little")
-
-
-_BASE = (9).to_bytes(32, "little")
+_RAW = {"encoding": serialization.Encoding.Raw, "format": serialization.PublicFormat.Raw}
 
 
 def new_private() -> bytes:
-    b = bytearray(secrets.token_bytes(32))
+    """A new X25519 private key, raw and clamped, as WireGuard stores them."""
+    raw = X25519PrivateKey.generate().private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                                    serialization.NoEncryption())
+    b = bytearray(raw)
     b[0] &= 248
-    b[31] = (b[31] & 127) | 64  # clamped, as WireGuard stores private keys
+    b[31] = (b[31] & 127) | 64  # X25519 clamps anyway; stored clamped so `wg` shows the same key
     return bytes(b)
 
 
 def public_of(private: bytes) -> bytes:
-    return x25519(private, _BASE)
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(**_RAW)
 
 
 def pair_psk(own_exchange: bytes, other_exchange_public: bytes, own_static_public: bytes,
              other_static_public: bytes, own_epoch: int, other_epoch: int) -> bytes:
     """The preshared key of one host pair for their current exchange keys: the
     same on both sides (the inputs are put in one order), 32 bytes."""
-    shared = x25519(own_exchange, other_exchange_public)
-    if shared == bytes(32):
-        raise ValueError("the other host's exchange key is a low-order point")
+    try:
+        shared = X25519PrivateKey.from_private_bytes(own_exchange).exchange(
+            X25519PublicKey.from_public_bytes(other_exchange_public))
+    except ValueError as e:  # a low-order point gives the all-zero secret, which cryptography refuses
+        raise ValueError("the other host's exchange key is a low-order point") from e
     ends = sorted([(own_static_public, own_epoch), (other_static_public, other_epoch)])
-    info = b"pyoverlay psk v1" + b"".join(key + epoch.to_bytes(8, "big") for key, epoch in ends)
-    return hmac.new(shared, info, hashlib.sha256).digest()
+    info = b"pyoverlay psk v2" + b"".join(key + epoch.to_bytes(8, "big") for key, epoch in ends)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
 
 
 @dataclass
