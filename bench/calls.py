@@ -65,6 +65,8 @@ def delete_network(client: PluginClient, net: Net) -> None:
 
 def request_address(client: PluginClient, net: Net) -> tuple[str, float]:
     answer, took = client.call("IpamDriver.RequestAddress", {"PoolID": net.pool_id, "Address": "", "Options": None})
+    if "Address" not in answer:
+        raise RuntimeError(f"RequestAddress on {net.pool_id}: {answer}")
     return answer["Address"], took
 
 
