@@ -280,16 +280,30 @@ def _tunnels(planes, psk_b=None):
     return keys, psk
 
 
+def _tcpdump(netns: str, *args: str) -> subprocess.Popen:
+    """tcpdump of UDP on host B's underlay end, printing packets as they come;
+    returned once it says it is listening (its stderr), so nothing sent after
+    this can be missed."""
+    err = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(["nsenter", f"--net={netns}", "tcpdump", "-i", "pyoencB", "-n", "-l", *args, "udp"],
+                            stdout=subprocess.PIPE, stderr=err, text=True)
+
+    def listening() -> bool:
+        err.seek(0)
+        return "listening on" in err.read()
+
+    wait_for(listening, 10, "tcpdump to listen")
+    return proc
+
+
 @needs_wg
 def test_tunnel_carries_only_the_encrypted_overlay(two_hosts):
     planes, hosts = two_hosts
     keys, psk = _tunnels(planes)
     plain_ns = _peer_up(planes, 4097, encrypted=False)
     secret_ns = _peer_up(planes, 4098, encrypted=True)
-    capture = subprocess.Popen(["nsenter", f"--net={hosts[1]}", "tcpdump", "-i", "pyoencB", "-n", "-l", "-c", "400",
-                                "udp"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    capture = _tcpdump(hosts[1], "-c", "400")
     try:
-        time.sleep(0.5)  # tcpdump has no readiness signal to wait on; it needs a moment to attach
         assert _in(secret_ns, "ping", "-c3", "-i0.2", "-W2", "10.97.2.2").returncode == 0
         assert _in(plain_ns, "ping", "-c3", "-i0.2", "-W2", "10.97.1.2").returncode == 0
     finally:
@@ -332,10 +346,8 @@ def test_no_clear_text_without_a_tunnel_route(two_hosts):
     for n, plane in enumerate(planes):
         plane.tunnel_up(new_private(), 51820, 1440)  # no peers: nothing routed into the tunnel
     secret_ns = _peer_up(planes, 4100, encrypted=True)
-    capture = subprocess.Popen(["nsenter", f"--net={hosts[1]}", "tcpdump", "-i", "pyoencB", "-n", "-l", "udp"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    capture = _tcpdump(hosts[1])
     try:
-        time.sleep(0.5)  # tcpdump has no readiness signal
         assert _in(secret_ns, "ping", "-c2", "-i0.2", "-W1", "10.97.4.2").returncode != 0
     finally:
         capture.terminate()
