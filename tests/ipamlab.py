@@ -184,6 +184,10 @@ class Lab:
             _ip("-n", self.ul, "link", "del", f"h{h.index}", check=False)  # at once: netns teardown is lazy
             _ip("netns", "del", h.netns, check=False)
             shutil.rmtree(h.dir, ignore_errors=True)
+        # The next test's hosts reuse these addresses with new MACs: etcd's side
+        # would keep answering the old MACs until its neighbour entries went
+        # stale and were probed again (5 s: the plugin's store timeout).
+        _ip("-n", self.ul, "neigh", "flush", "dev", "br0", check=False)
         self.hosts = []
 
     def close(self) -> None:
