@@ -175,7 +175,10 @@ class Underlay:
         self.dir.mkdir(parents=True, exist_ok=True)
         _run(["ip", "netns", "add", self.netns])
         self.ip("link", "set", "lo", "up")
-        self.ip("link", "add", "br0", "mtu", str(self.mtu), "type", "bridge")
+        # The MAC pinned: a bridge takes its lowest port's MAC, so a host
+        # plugged in later could change the MAC etcd answers from under the
+        # earlier hosts' neighbour entries (see tests/ipamlab.py).
+        self.ip("link", "add", "br0", "mtu", str(self.mtu), "address", "02:00:0a:63:00:fe", "type", "bridge")
         self.ip("addr", "add", f"{self.addr}/24", "dev", "br0")
         self.ip("link", "set", "br0", "up")
         return self
@@ -285,7 +288,9 @@ class NamespaceHost(Host):
         _run(ip + ["addr", "add", f"{self.addr}/24", "dev", "eth0"])
         _run(ip + ["link", "set", "eth0", "up"])
         # dockerd's default bridge, so it never creates or touches a docker0.
-        _run(ip + ["link", "add", "hostbr0", "type", "bridge"])
+        # Pinned MAC, as the underlay's br0: the containers' gateway must not
+        # change its MAC when the next container's veth joins.
+        _run(ip + ["link", "add", "hostbr0", "address", f"02:00:ac:1e:{self.index:02x}:01", "type", "bridge"])
         _run(ip + ["addr", "add", f"172.30.{self.index}.1/24", "dev", "hostbr0"])
         _run(ip + ["link", "set", "hostbr0", "up"])
         self._start_holder()

@@ -150,7 +150,11 @@ class Lab:
         self.prefix = "/pyoverlay/"
         self.hosts: list[LabHost] = []
         _ip("netns", "add", self.ul)
-        _ip("-n", self.ul, "link", "add", "br0", "type", "bridge")
+        # br0's MAC pinned: a bridge left to itself takes its lowest port's MAC,
+        # so a host plugged in later could change the MAC etcd answers from
+        # while the earlier hosts' neighbour entries still name the old one
+        # (their requests then go unanswered until the entry is probed again).
+        _ip("-n", self.ul, "link", "add", "br0", "address", "02:00:0a:01:00:fe", "type", "bridge")
         _ip("-n", self.ul, "addr", "add", "10.1.0.254/24", "dev", "br0")
         for dev in ("lo", "br0"):
             _ip("-n", self.ul, "link", "set", dev, "up")
