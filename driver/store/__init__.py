@@ -22,7 +22,9 @@ ACCEPTED = (
 )
 
 
-def _zk_hosts(hosts: str) -> list[str]:
+def _host_ports(hosts: str, what: str, default_port: int) -> list[str]:
+    """"a:1,[v6]:2,b" -> ["a:1", "[v6]:2", "b:<default_port>"]; what names the
+    address in messages ("etcd endpoint", "ZooKeeper address")."""
     found = []
     for host in hosts.split(","):
         host = host.strip()
@@ -34,39 +36,23 @@ def _zk_hosts(hosts: str) -> list[str]:
         elif host.count(":") == 1:
             host, port = host.split(":")
         elif ":" in host:
-            raise ValueError(f"write an IPv6 ZooKeeper address in brackets: [{host}]:2181")
+            raise ValueError(f"write an IPv6 {what} in brackets: [{host}]:{default_port}")
         else:
             port = ""
         if port and not port.isdigit():
-            raise ValueError(f"bad port in ZooKeeper address {host}:{port}; accepted forms: {ACCEPTED}")
-        found.append(f"{host}:{port or 2181}")
+            raise ValueError(f"bad port in {what} {host}:{port}; accepted forms: {ACCEPTED}")
+        found.append(f"{host}:{port or default_port}")
     if not found:
-        raise ValueError(f"ZooKeeper store URL names no host; accepted forms: {ACCEPTED}")
+        raise ValueError(f"{what.split()[0]} store URL names no host; accepted forms: {ACCEPTED}")
     return found
 
 
+def _zk_hosts(hosts: str) -> list[str]:
+    return _host_ports(hosts, "ZooKeeper address", 2181)
+
+
 def _etcd_endpoints(hosts: str, scheme: str) -> list[str]:
-    endpoints = []
-    for host in hosts.split(","):
-        host = host.strip()
-        if not host:
-            continue
-        if host.startswith("["):  # [v6]:port
-            addr, _, port = host[1:].partition("]")
-            port = port.lstrip(":")
-            host = f"[{addr}]"
-        elif host.count(":") == 1:
-            host, port = host.split(":")
-        elif ":" in host:
-            raise ValueError(f"write an IPv6 etcd endpoint in brackets: [{host}]:2379")
-        else:
-            port = ""
-        if port and not port.isdigit():
-            raise ValueError(f"bad port in etcd endpoint {host}:{port}")
-        endpoints.append(f"{scheme}://{host}:{port or 2379}")
-    if not endpoints:
-        raise ValueError(f"etcd store URL names no host; accepted forms: {ACCEPTED}")
-    return endpoints
+    return [f"{scheme}://{hp}" for hp in _host_ports(hosts, "etcd endpoint", 2379)]
 
 
 def open_store(
