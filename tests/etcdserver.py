@@ -27,6 +27,10 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Optional
 
+from tests.serverproc import ServerProcess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
 
@@ -66,7 +70,7 @@ def _free_ports(host: str, n: int) -> list[int]:
     return ports
 
 
-class EtcdServer:
+class EtcdServer(ServerProcess):
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -172,35 +176,6 @@ class EtcdServer:
             time.sleep(0.05)  # poll interval of a wait with a deadline
         return False
 
-    def _terminate(self, sig: int, timeout: float = 10.0) -> None:
-        if not self.proc:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGCONT)  # a paused etcd cannot act on SIGTERM
-                os.kill(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self.proc = None
-
-    def stop(self) -> None:
-        """Graceful stop (SIGTERM); data and ports are kept for start()/restart()."""
-        self._terminate(signal.SIGTERM)
-
-    def kill(self) -> None:
-        """SIGKILL: a crash."""
-        self._terminate(signal.SIGKILL)
-
-    def restart(self, *, kill: bool = False) -> None:
-        """Stop (or kill) and start again on the same ports with the same data."""
-        self.kill() if kill else self.stop()
-        self.start()
-
     def pause(self, timeout: float = 5.0) -> None:
         """SIGSTOP: connections stay open, nothing answers. Returns once every
         thread has stopped (the signal is asynchronous: a request sent right
@@ -227,25 +202,6 @@ class EtcdServer:
     def resume(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)
 
-    def close(self) -> None:
-        """Stop and remove the data dir (if this object made it)."""
-        self.kill()
-        if self._own_dir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> "EtcdServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                return b"".join(f.readlines()[-n:]).decode(errors="replace")
-        except OSError:
-            return ""
-
     # Talking to it directly (not through the code under test).
 
     def request(self, method: str, path: str, body: Optional[dict] = None, timeout: float = 5.0) -> dict:
@@ -257,8 +213,8 @@ class EtcdServer:
         if not self.netns:
             return json.loads(_request(*args) or "{}")
         cmd = ["ip", "netns", "exec", self.netns, sys.executable, "-c",
-               f"import sys, json; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-               "import etcdserver; sys.stdout.write(etcdserver._request(*json.loads(sys.argv[1])))",
+               f"import sys, json; sys.path.insert(0, {ROOT!r}); "
+               "from tests import etcdserver; sys.stdout.write(etcdserver._request(*json.loads(sys.argv[1])))",
                json.dumps(args)]
         out = subprocess.run(cmd, capture_output=True, timeout=timeout + 5)
         if out.returncode != 0:

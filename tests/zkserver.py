@@ -26,6 +26,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from tests.serverproc import ServerProcess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 JAVA = shutil.which("java") or "/usr/bin/java"
 # zookeeper.jar's manifest names its other jars but netty-codec (which the
 # TLS port's Netty factory needs); slf4j-simple gives it a log.
@@ -57,7 +61,9 @@ class ZkTLS:
     client_auth: bool = False  # clients must present a certificate ca signed
 
 
-class ZkServer:
+class ZkServer(ServerProcess):
+    stop_timeout = 15.0
+
     def __init__(self, host: str = "127.0.0.1", *, netns: Optional[str] = None, workdir: Optional[str] = None,
                  start_timeout: float = 30.0, extra_config: dict[str, str] | None = None,
                  tls: Optional[ZkTLS] = None):
@@ -173,7 +179,7 @@ class ZkServer:
             if self.netns:  # asked from inside the namespace
                 out = subprocess.run(
                     ["ip", "netns", "exec", self.netns, sys.executable, "-c",
-                     f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import zkserver; "
+                     f"import sys; sys.path.insert(0, {ROOT!r}); from tests import zkserver; "
                      f"print(zkserver.four_letter({self.host!r}, {self.client_port}, 'srvr'))"],
                     capture_output=True, text=True, timeout=10)
                 answer = out.stdout
@@ -195,53 +201,6 @@ class ZkServer:
                 return True
             time.sleep(0.05)  # poll interval of a wait with a deadline
         return False
-
-    def _terminate(self, sig: int, timeout: float = 15.0) -> None:
-        if not self.proc:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGCONT)
-                os.kill(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self.proc = None
-
-    def stop(self) -> None:
-        """SIGTERM; data and port are kept for start()."""
-        self._terminate(signal.SIGTERM)
-
-    def kill(self) -> None:
-        """SIGKILL: a crash."""
-        self._terminate(signal.SIGKILL)
-
-    def restart(self, *, kill: bool = False) -> None:
-        self.kill() if kill else self.stop()
-        self.start()
-
-    def close(self) -> None:
-        self.kill()
-        if self._own_dir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> "ZkServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                return b"".join(f.readlines()[-n:]).decode(errors="replace")
-        except OSError:
-            return ""
-
 
 class ZkEnsemble:
     """n members on loopback, each with its own client, quorum and election port."""
