@@ -35,6 +35,7 @@ from tests.hosts import (
     _run,
     _stop_group,
     _sweep_netns,
+    start_holder,
     tail,
     wait_for,
 )
@@ -220,23 +221,10 @@ class PlainHost:
         _run(ip + ["link", "set", "eth0", "up"])
         _run(ip + ["route", "add", "default", "via", UNDERLAY_ADDR])
         script = 'mount --bind "$1/netns" /run/netns; exec sleep infinity'
-        log = open(self.dir / "holder.log", "ab")
-        self._holder = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{self.name}", "unshare", "--mount", "--propagation", "private",
-             "sh", "-euc", script, "sh", str(self.dir)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        holder = self._holder
-
-        def mounted() -> bool:
-            if holder.poll() is not None:
-                raise BenchError(f"{self.name}: mount namespace set-up failed: {tail(self.dir / 'holder.log')}")
-            try:
-                return Path(f"/proc/{holder.pid}/comm").read_text().strip() == "sleep"
-            except OSError:
-                return False
-
-        wait_for(mounted, 10, f"{self.name}: mount namespace holder")
+        try:
+            self._holder = start_holder(self.name, self.dir, script)
+        except RuntimeError as e:
+            raise BenchError(str(e)) from None
         return self
 
     @property

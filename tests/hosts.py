@@ -326,20 +326,7 @@ class NamespaceHost(Host):
             mount --bind "$1/etc-docker" /etc/docker
             exec sleep infinity
         """
-        log = open(self.dir / "holder.log", "ab")
-        self._holder = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{self.name}", "unshare", "--mount", "--propagation", "private",
-             "sh", "-euc", script, "sh", str(self.dir)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        holder = self._holder
-
-        def mounted() -> bool:
-            if holder.poll() is not None:
-                raise RuntimeError(f"{self.name}: mount namespace setup failed: {tail(self.dir / 'holder.log')}")
-            return _comm(holder.pid) == "sleep"
-
-        wait_for(mounted, 10, f"{self.name}: mount namespace holder")
+        self._holder = start_holder(self.name, self.dir, script)
 
     def _dockerd_cmd(self) -> list[str]:
         d = self.dir
@@ -518,6 +505,25 @@ class NamespaceHost(Host):
 
 
 # -- processes ----------------------------------------------------------------
+
+def start_holder(netns: str, workdir: Path, script: str) -> subprocess.Popen:
+    """A `sleep` that holds a private mount namespace inside netns, set up by
+    script (run by sh with workdir as $1): the processes of one host enter it
+    with nsenter -t PID -m -n. Returns once the script has run."""
+    with open(workdir / "holder.log", "ab") as log:
+        holder = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{netns}", "unshare", "--mount", "--propagation", "private",
+             "sh", "-euc", script, "sh", str(workdir)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def mounted() -> bool:
+        if holder.poll() is not None:
+            raise RuntimeError(f"{netns}: mount namespace setup failed: {tail(workdir / 'holder.log')}")
+        return _comm(holder.pid) == "sleep"
+
+    wait_for(mounted, 10, f"{netns}: mount namespace holder")
+    return holder
+
 def _comm(pid: int) -> Optional[str]:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
