@@ -29,13 +29,11 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
-import threading
 
-from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import dnsplane
-from .base import BRIDGE, DataplaneError, check_vni, step
+from .base import BRIDGE, DataplaneError, check_vni, in_namespace, step
 from .worker import Handle, Worker
 
 UPLINK_PREFIX = "pyg"  # host end: pyg<vni> (at most 11 characters)
@@ -51,25 +49,13 @@ def uplink_name(vni: int) -> str:
 
 
 def _sysctl_in(fd: int | None, settings: dict[str, str]) -> None:
-    """Write /proc/sys/<key> in the namespace of fd (None: ours), from a short
-    thread that entered it (/proc/sys/net is the opening thread's namespace)."""
-    failed: list[BaseException] = []
+    """Write /proc/sys/<key> in the namespace of fd (None: ours)."""
+    def write() -> None:
+        for key, value in settings.items():
+            with open(f"/proc/sys/{key}", "w") as f:
+                f.write(value)
 
-    def inside() -> None:
-        try:
-            if fd is not None:
-                pr_netns.setns(fd, flags=0)
-            for key, value in settings.items():
-                with open(f"/proc/sys/{key}", "w") as f:
-                    f.write(value)
-        except BaseException as e:
-            failed.append(e)
-
-    thread = threading.Thread(target=inside, name="pyoverlay-sysctl")
-    thread.start()
-    thread.join()
-    if failed:
-        raise failed[0]
+    in_namespace(fd, write)
 
 
 class EgressStage(Worker):
