@@ -85,9 +85,10 @@ class Network(Record):
     gateway_mode: str = ""
     gateway: str = ""  # the network's gateway address (no prefix length), kept for gateway_mode
     subnet6: str = ""  # a dual-stack network's IPv6 subnet
+    gateway6: str = ""  # a dual-stack network's IPv6 gateway, kept for gateway_mode
 
     def to_json(self) -> str:
-        return _without_empty(self, ("gateway_mode", "gateway", "subnet6"))
+        return _without_empty(self, ("gateway_mode", "gateway", "subnet6", "gateway6"))
 
     def subnets(self) -> tuple[str, ...]:
         return (self.subnet, self.subnet6) if self.subnet6 else (self.subnet,)
