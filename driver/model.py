@@ -224,10 +224,13 @@ class NamedNetwork(Record):
     multicast: bool = False  # -o multicast=true, so every host's engine shows (and asks for) it
     gateway_mode: str = ""  # -o gateway=pyoverlay (driver/gateway.py), so every host carries its own egress
     encrypted: bool = False  # -o encrypted=true, likewise
+    # A dual-stack network's IPv6 subnet and gateway (an IPv6-only network's are subnet and gateway).
+    subnet6: str = ""
+    gateway6: str = ""
 
     def to_json(self) -> str:
         data = asdict(self)
-        for name in ("multicast", "gateway_mode", "encrypted"):
+        for name in ("multicast", "gateway_mode", "encrypted", "subnet6", "gateway6"):
             if not data[name]:
                 del data[name]  # entries without them read as before, byte for byte
         return json.dumps(data, sort_keys=True)
@@ -244,10 +247,15 @@ class NamedNetwork(Record):
             options[OPT_ENCRYPTED] = "true"
         return options
 
+    def subnets(self) -> str:
+        """For messages: "10.20.0.0/24 fd00:20::/64"."""
+        return " ".join(filter(None, (self.subnet, self.subnet6)))
+
     def matches(self, info, vni: int = 0) -> bool:
         """Is the engine's network (an EngineNetworkInfo) this one? vni: the overlay it is on (0: unknown)."""
         return (
             info.subnet == self.subnet
+            and (getattr(info, "subnet6", "") or "") == self.subnet6
             and info.internal == self.internal
             and not (self.vni and vni and vni != self.vni)
         )
