@@ -197,12 +197,16 @@ class NameRecord(Record):
     address: str  # IPv4 on the overlay, no prefix length
     network: str = ""  # the network's name in that host's engine
     aliases: tuple[str, ...] = ()  # --network-alias (and the engine's own DNS names)
+    address6: str = ""  # a dual-stack endpoint's IPv6 address (AAAA)
+
+    def to_json(self) -> str:
+        return _without_empty(self, ("address6",))  # IPv4-only records stay as before, byte for byte
 
     @classmethod
     def from_json(cls, text: str) -> "NameRecord":
         data = json.loads(text)
         data["aliases"] = tuple(data.get("aliases") or ())
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 # -- the catalog's records (driver/catalog/) -----------------------------------
