@@ -52,12 +52,18 @@ class EngineNetworkInfo:
     options: Mapping[str, str] = field(default_factory=dict)
     containers: Mapping[str, str] = field(default_factory=dict)  # endpoint ID -> container name
     attached: Mapping[str, str] = field(default_factory=dict)  # container ID -> endpoint ID
-    ipv6: bool = False  # --ipv6 (dual stack, or IPv6 only): not shared through the catalog
+    ipv6: bool = False  # --ipv6 (dual stack, or IPv6 only)
+    subnet6: str = ""  # a dual-stack network's IPv6 subnet (an IPv6-only one's is in subnet)
+    gateway6: str = ""
 
     @classmethod
     def from_inspect(cls, data: dict) -> "EngineNetworkInfo":
         ipam = data.get("IPAM") or {}
-        config = (ipam.get("Config") or [{}])[0] or {}
+        configs = [c for c in (ipam.get("Config") or []) if c] or [{}]
+        # The IPv4 pool first, as the driver keeps them: subnet is IPv4 unless there is none.
+        configs.sort(key=lambda c: ":" in (c.get("Subnet") or ""))
+        config = configs[0]
+        six = configs[1] if len(configs) > 1 and ":" in (configs[1].get("Subnet") or "") else {}
         members = {cid: c for cid, c in (data.get("Containers") or {}).items() if c.get("EndpointID")}
         return cls(
             id=data["Id"],
@@ -71,6 +77,8 @@ class EngineNetworkInfo:
             containers={c["EndpointID"]: c.get("Name") or cid[:12] for cid, c in members.items()},
             attached={cid: c["EndpointID"] for cid, c in members.items()},
             ipv6=bool(data.get("EnableIPv6")),
+            subnet6=six.get("Subnet") or "",
+            gateway6=(six.get("Gateway") or "").split("/")[0],
         )
 
 
@@ -157,11 +165,32 @@ class Engine:
         return endpoint_in(data, network_id) if data is not None else None
 
     def create_network(self, name: str, driver: str, subnet: str, gateway: str,
-                       options: Mapping[str, str], internal: bool) -> str:
-        ipam = IPAMConfig(driver=driver, pool_configs=[IPAMPool(subnet=subnet, gateway=gateway or None)])
-        result = self._call(lambda api: api.create_network(
-            name, driver=driver, options=dict(options), ipam=ipam, internal=internal, check_duplicate=True))
-        return result["Id"]
+                       options: Mapping[str, str], internal: bool, subnet6: str = "", gateway6: str = "") -> str:
+        """subnet is IPv4, or IPv6 for an IPv6-only network (then --ipv4=false,
+        which needs Docker 28: an older engine is refused here, saying so)."""
+        pools = [IPAMPool(subnet=subnet, gateway=gateway or None)]
+        if subnet6:
+            pools.append(IPAMPool(subnet=subnet6, gateway=gateway6 or None))
+        ipam = IPAMConfig(driver=driver, pool_configs=pools)
+        if ":" not in subnet:
+            result = self._call(lambda api: api.create_network(
+                name, driver=driver, options=dict(options), ipam=ipam, internal=internal, check_duplicate=True,
+                enable_ipv6=bool(subnet6)))
+            return result["Id"]
+
+        def only6(api) -> dict:
+            version = api.api_version
+            if tuple(int(p) for p in version.split(".")) < (1, 48):
+                raise EngineRefused(f"this engine (API {version}) cannot make an IPv6-only network: "
+                                    "--ipv4=false came with Docker 28.0 (API 1.48); upgrade the engine on "
+                                    "this host, or make the network dual-stack (an IPv4 and an IPv6 --subnet)")
+            # docker-py has no enable_ipv4: the request as the API takes it.
+            body = {"Name": name, "Driver": driver, "Options": dict(options), "IPAM": ipam,
+                    "Internal": internal, "EnableIPv6": True, "EnableIPv4": False, "CheckDuplicate": True}
+            response = api._post_json(api._url("/networks/create"), data=body)
+            return api._result(response, json=True)
+
+        return self._call(only6)["Id"]
 
     def remove_network(self, network_id: str) -> None:
         self._call(lambda api: api.remove_network(network_id))

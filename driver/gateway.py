@@ -52,11 +52,14 @@ def gateway_option(generic: dict) -> str:
                       "engine's docker_gwbridge does)")
 
 
-def _bindings(options: dict) -> list[dict]:
-    """The engine's port bindings, checked; IPv6 host addresses are left out
-    (pyoverlay networks are IPv4; engine 28 may send a :: binding beside 0.0.0.0)."""
+def _bindings(options: dict, families: frozenset = frozenset({4})) -> list[dict]:
+    """The engine's port bindings, checked, one per family. families: the
+    endpoint's; a binding of a family it lacks is left out (engine 28 sends a
+    :: binding beside 0.0.0.0 for each -p). A binding with no address (engine
+    20.10) stands for every family the endpoint has. Stored HostIP: "" (every
+    IPv4 address, as before IPv6), "::" (every IPv6 address) or the address given."""
     raw = options.get(PORTMAP) or []
-    out = []
+    out: list[dict] = []
     for b in raw:
         if not isinstance(b, dict):
             raise DriverError(f"{PORTMAP}: each binding must be an object, got {b!r}")
@@ -74,27 +77,43 @@ def _bindings(options: dict) -> list[dict]:
             ip = ipaddress.ip_address(host_ip) if host_ip else None
         except ValueError:
             raise DriverError(f"{PORTMAP}: host address {host_ip!r} is not an IP address") from None
-        if ip is not None and ip.version == 6:
-            continue
         if host_end and host_port and host_end < host_port:
             raise DriverError(f"-p {host_port}-{host_end}: the host port range is empty")
-        host_ip = "" if ip is None or ip.is_unspecified else str(ip)
-        out.append({"Proto": proto, "Port": port, "HostIP": host_ip, "HostPort": host_port,
-                    "HostPortEnd": host_end or host_port})
+        if ip is None:
+            addresses = [a for f, a in ((4, ""), (6, "::")) if f in families]
+        elif ip.version not in families:
+            continue
+        else:
+            addresses = ["" if ip.version == 4 and ip.is_unspecified else str(ip)]
+        for address in addresses:
+            binding = {"Proto": proto, "Port": port, "HostIP": address, "HostPort": host_port,
+                       "HostPortEnd": host_end or host_port}
+            if binding not in out:  # an engine may send both "" and 0.0.0.0/::
+                out.append(binding)
     return out
 
 
+def _family(host_ip: str) -> int:
+    return 4 if not host_ip else ipaddress.ip_address(host_ip).version
+
+
 def _overlaps(a: dict, b: dict) -> bool:
-    return a["Proto"] == b["Proto"] and a["HostPort"] == b["HostPort"] and (
-        not a["HostIP"] or not b["HostIP"] or a["HostIP"] == b["HostIP"])
+    if a["Proto"] != b["Proto"] or a["HostPort"] != b["HostPort"] or _family(a["HostIP"]) != _family(b["HostIP"]):
+        return False
+    return (ipaddress.ip_address(a["HostIP"] or "0.0.0.0").is_unspecified
+            or ipaddress.ip_address(b["HostIP"] or "0.0.0.0").is_unspecified or a["HostIP"] == b["HostIP"])
 
 
 def _bindable(proto: int, host_ip: str, port: int) -> Optional[int]:
-    """None if port is free on host_ip (""=every address) for proto, else the errno.
-    Port 0: the kernel picks a free one; returned negated (-port) so it is told apart."""
-    with socket.socket(socket.AF_INET, SOCKET_TYPES[proto]) as s:
+    """None if port is free on host_ip (""=every IPv4 address, "::" every IPv6
+    one) for proto, else the errno. Port 0: the kernel picks a free one;
+    returned negated (-port) so it is told apart."""
+    v6 = _family(host_ip) == 6
+    with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, SOCKET_TYPES[proto]) as s:
         if proto == 6:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+        if v6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # IPv4's side is checked on its own
         try:
             s.bind((host_ip or "0.0.0.0", port))
         except OSError as e:
@@ -120,20 +139,30 @@ class GatewayMode:
     def wants_egress(network: Network) -> bool:
         return network.gateway_mode == MODE_PYOVERLAY and not network.internal
 
+    def _add_egress(self, network: Network) -> None:
+        v6 = (network.subnet6, network.gateway6) if network.subnet6 and network.gateway6 else ()
+        self.dataplane.add_egress(network.vni, network.subnet, network.gateway, *v6)
+
     def network_created(self, network: Network) -> None:
         if not self.wants_egress(network):
             return
-        self.dataplane.add_egress(network.vni, network.subnet, network.gateway)
+        self._add_egress(network)
         self.sync()
 
-    def join_gateway(self, network: Network) -> Optional[str]:
-        """The Gateway Join returns (None: the engine's docker_gwbridge, or --internal)."""
-        return network.gateway if self.wants_egress(network) else None
+    def join_gateways(self, network: Network) -> dict:
+        """What Join adds: Gateway and GatewayIPv6 ({}: the engine's docker_gwbridge, or --internal)."""
+        if not self.wants_egress(network):
+            return {}
+        out = {}
+        for gateway in (network.gateway, network.gateway6):
+            if gateway:
+                out["GatewayIPv6" if ":" in gateway else "Gateway"] = gateway
+        return out
 
     def restore(self, networks: Iterable[Network]) -> None:
         wanted = [n for n in networks if self.wants_egress(n)]
         for network in wanted:
-            self.dataplane.add_egress(network.vni, network.subnet, network.gateway)
+            self._add_egress(network)
         try:
             self.sync()
         except DriverError as exc:
@@ -150,12 +179,16 @@ class GatewayMode:
         if not self.wants_egress(network):
             return  # docker_gwbridge mode: the engine publishes through its bridge
         with self._lock:
-            wanted = _bindings(options)
+            wanted = _bindings(options, frozenset(ipaddress.ip_address(ip).version for _, ip in endpoint.addresses()))
             taken = [(b, e) for e in self.state.endpoints(host=self.host) if e.endpoint_id != endpoint.endpoint_id
                      for b in e.ports]
             resolved: list[dict] = []
             for binding in wanted:
-                resolved.append(self._choose(binding, taken + [(b, endpoint) for b in resolved]))
+                # Both families of one -p get one host port where they can (as the engine's bridge).
+                twin = next((r for w, r in zip(wanted, resolved) if _family(w["HostIP"]) != _family(binding["HostIP"])
+                             and dict(w, HostIP="") == dict(binding, HostIP="")), None)
+                resolved.append(self._choose(binding, taken + [(b, endpoint) for b in resolved],
+                                             twin["HostPort"] if twin else 0))
             previous = list(endpoint.ports)
             if resolved == previous:
                 return  # most containers publish nothing: no store write, no nft run
@@ -169,10 +202,16 @@ class GatewayMode:
             log.info("endpoint %s: published %s", endpoint.endpoint_id[:12], ", ".join(
                 f"{b['HostIP'] or '*'}:{b['HostPort']}->{b['Port']}/{PROTOS[b['Proto']]}" for b in resolved))
 
-    def _choose(self, binding: dict, taken: list[tuple[dict, Endpoint]]) -> dict:
+    def _choose(self, binding: dict, taken: list[tuple[dict, Endpoint]], prefer: int = 0) -> dict:
         proto = PROTOS[binding["Proto"]]
         first, last = binding["HostPort"], binding["HostPortEnd"]
-        where = binding["HostIP"] or "every address of this host"
+        where = {"": "every IPv4 address of this host", "::": "every IPv6 address of this host"}.get(
+            binding["HostIP"], binding["HostIP"])
+        if prefer and (first == 0 or first <= prefer <= last):
+            candidate = dict(binding, HostPort=prefer, HostPortEnd=prefer)
+            if not any(_overlaps(candidate, b) for b, _ in taken) and \
+                    _bindable(binding["Proto"], binding["HostIP"], prefer) is None:
+                return candidate
         if first == 0:
             for _ in range(20):  # the kernel's pick, unless one of ours holds it
                 got = _bindable(binding["Proto"], binding["HostIP"], 0)
@@ -225,7 +264,8 @@ class GatewayMode:
         """What EndpointOperInfo adds: the bindings, in the engine's own keys."""
         if not endpoint.ports:
             return {}
-        return {PORTMAP: [dict(b, IP=endpoint.ip) for b in endpoint.ports],
+        return {PORTMAP: [dict(b, IP=endpoint.ip6 if _family(b["HostIP"]) == 6 and endpoint.ip6 else endpoint.ip)
+                          for b in endpoint.ports],
                 EXPOSED: [{"Proto": b["Proto"], "Port": b["Port"]} for b in endpoint.ports]}
 
     # -- the kernel ---------------------------------------------------------------
@@ -241,9 +281,20 @@ class GatewayMode:
 
         networks = {n.network_id: n for n in self.state.networks(host=self.host) if self.wants_egress(n)}
         uplinks = [Uplink(n.vni, n.subnet) for n in networks.values()]
-        mappings = [PortMapping(PROTOS[b["Proto"]], b["HostIP"], b["HostPort"], e.ip, b["Port"])
-                    for e in self.state.endpoints(host=self.host) if e.network_id in networks
-                    for b in e.ports]
+        for n in networks.values():
+            if n.subnet6 and n.gateway6:
+                uplinks.append(Uplink(n.vni, n.subnet6))
+        mappings = []
+        for e in self.state.endpoints(host=self.host):
+            if e.network_id not in networks:
+                continue
+            by_family = {ipaddress.ip_address(ip).version: ip for _, ip in e.addresses()}
+            for b in e.ports:
+                ip = by_family.get(_family(b["HostIP"]))
+                if ip is None:
+                    continue  # stored before the endpoint's family changed: nothing to map to
+                host_ip = "" if ipaddress.ip_address(b["HostIP"] or "0.0.0.0").is_unspecified else b["HostIP"]
+                mappings.append(PortMapping(PROTOS[b["Proto"]], host_ip, b["HostPort"], ip, b["Port"]))
         try:
             self.nat.apply(uplinks, mappings)
         except FirewallError as exc:

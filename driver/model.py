@@ -85,9 +85,10 @@ class Network(Record):
     gateway_mode: str = ""
     gateway: str = ""  # the network's gateway address (no prefix length), kept for gateway_mode
     subnet6: str = ""  # a dual-stack network's IPv6 subnet
+    gateway6: str = ""  # a dual-stack network's IPv6 gateway, kept for gateway_mode
 
     def to_json(self) -> str:
-        return _without_empty(self, ("gateway_mode", "gateway", "subnet6"))
+        return _without_empty(self, ("gateway_mode", "gateway", "subnet6", "gateway6"))
 
     def subnets(self) -> tuple[str, ...]:
         return (self.subnet, self.subnet6) if self.subnet6 else (self.subnet,)
@@ -196,12 +197,16 @@ class NameRecord(Record):
     address: str  # IPv4 on the overlay, no prefix length
     network: str = ""  # the network's name in that host's engine
     aliases: tuple[str, ...] = ()  # --network-alias (and the engine's own DNS names)
+    address6: str = ""  # a dual-stack endpoint's IPv6 address (AAAA)
+
+    def to_json(self) -> str:
+        return _without_empty(self, ("address6",))  # IPv4-only records stay as before, byte for byte
 
     @classmethod
     def from_json(cls, text: str) -> "NameRecord":
         data = json.loads(text)
         data["aliases"] = tuple(data.get("aliases") or ())
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 # -- the catalog's records (driver/catalog/) -----------------------------------
@@ -223,10 +228,13 @@ class NamedNetwork(Record):
     multicast: bool = False  # -o multicast=true, so every host's engine shows (and asks for) it
     gateway_mode: str = ""  # -o gateway=pyoverlay (driver/gateway.py), so every host carries its own egress
     encrypted: bool = False  # -o encrypted=true, likewise
+    # A dual-stack network's IPv6 subnet and gateway (an IPv6-only network's are subnet and gateway).
+    subnet6: str = ""
+    gateway6: str = ""
 
     def to_json(self) -> str:
         data = asdict(self)
-        for name in ("multicast", "gateway_mode", "encrypted"):
+        for name in ("multicast", "gateway_mode", "encrypted", "subnet6", "gateway6"):
             if not data[name]:
                 del data[name]  # entries without them read as before, byte for byte
         return json.dumps(data, sort_keys=True)
@@ -243,10 +251,15 @@ class NamedNetwork(Record):
             options[OPT_ENCRYPTED] = "true"
         return options
 
+    def subnets(self) -> str:
+        """For messages: "10.20.0.0/24 fd00:20::/64"."""
+        return " ".join(filter(None, (self.subnet, self.subnet6)))
+
     def matches(self, info, vni: int = 0) -> bool:
         """Is the engine's network (an EngineNetworkInfo) this one? vni: the overlay it is on (0: unknown)."""
         return (
             info.subnet == self.subnet
+            and (getattr(info, "subnet6", "") or "") == self.subnet6
             and info.internal == self.internal
             and not (self.vni and vni and vni != self.vni)
         )

@@ -63,7 +63,8 @@ def records_of(inspect: dict, host: str, vni_of) -> dict[NameId, NameRecord]:
         # Aliases (and 25.0+'s DNSNames): --network-alias, the short ID; not the name again.
         aliases = {a for a in (settings.get("Aliases") or []) + (settings.get("DNSNames") or []) if a and a != name}
         found[(vni, endpoint)] = NameRecord(host=host, container=container, name=name, address=address,
-                                            network=network, aliases=tuple(sorted(aliases)))
+                                            network=network, aliases=tuple(sorted(aliases)),
+                                            address6=settings.get("GlobalIPv6Address") or "")
     return found
 
 

@@ -50,6 +50,7 @@ class _Index:
     querier: dict[tuple[int, str], tuple[str, str]] = field(default_factory=dict)  # (vni, ip) -> (host, container)
     overlays: dict[tuple[str, str], frozenset[int]] = field(default_factory=dict)  # (host, container) -> VNIs
     names: dict[int, dict[str, tuple[str, ...]]] = field(default_factory=dict)  # vni -> name -> addresses
+    names6: dict[int, dict[str, tuple[str, ...]]] = field(default_factory=dict)  # vni -> name -> IPv6 addresses
     reverse: dict[int, dict[str, str]] = field(default_factory=dict)  # vni -> address -> name.network
     everywhere: frozenset[str] = frozenset()  # every cluster name on any overlay
     addresses: frozenset[str] = frozenset()  # every cluster address on any overlay
@@ -58,6 +59,7 @@ class _Index:
 def build_index(records: dict[str, NameRecord]) -> _Index:
     querier, overlays = {}, defaultdict(set)
     names: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    names6: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     reverse: dict[int, dict[str, str]] = defaultdict(dict)
     for key, rec in records.items():
         vni, _ = parse_name_key(key)
@@ -67,6 +69,8 @@ def build_index(records: dict[str, NameRecord]) -> _Index:
         for label in record_names(rec):
             if rec.address not in names[vni][label]:
                 names[vni][label].append(rec.address)
+            if rec.address6 and rec.address6 not in names6[vni][label]:
+                names6[vni][label].append(rec.address6)
         if rec.name:
             reverse[vni][rec.address] = f"{rec.name}.{rec.network}".lower() if rec.network else rec.name.lower()
     return _Index(
@@ -74,6 +78,8 @@ def build_index(records: dict[str, NameRecord]) -> _Index:
         overlays={who: frozenset(v) for who, v in overlays.items()},
         names={vni: {n: tuple(sorted(a, key=ipaddress.IPv4Address)) for n, a in table.items()}
                for vni, table in names.items()},
+        names6={vni: {n: tuple(sorted(a, key=ipaddress.IPv6Address)) for n, a in table.items()}
+                for vni, table in names6.items()},
         reverse=dict(reverse),
         everywhere=frozenset(n for table in names.values() for n in table),
         addresses=frozenset(a for table in reverse.values() for a in table),
@@ -174,13 +180,17 @@ class NameTable:
         if qname not in index.everywhere:
             return None
         found: list[str] = []
+        found6: list[str] = []
         for vni in sorted(overlays):
             for ip in index.names.get(vni, {}).get(qname, ()):
                 if ip not in found:
                     found.append(ip)
+            for ip in index.names6.get(vni, {}).get(qname, ()):
+                if ip not in found6:
+                    found6.append(ip)
         if not found:
             return _answer(NXDOMAIN)  # a name of networks the querier is not on
-        return _answer(NOERROR, tuple(found) if qtype == A else ())
+        return _answer(NOERROR, tuple(found) if qtype == A else tuple(found6) if qtype == AAAA else ())
 
     # -- for operators and tests --------------------------------------------
 

@@ -159,7 +159,9 @@ class NetworkDriver:
         vni = rules.vni_option(generic)
         multicast = rules.multicast_option(generic)
         gateway_mode = gateway_option(generic)
-        gateway = self._gateway_address(ipv4_data, gateway_mode)
+        # The gateway of `subnet` (IPv6 on an IPv6-only network), and a dual-stack network's IPv6 one.
+        gateway = self._gateway_address(ipv6_data if no_v4 else ipv4_data, gateway_mode)
+        gateway6 = self._gateway_address(ipv6_data, gateway_mode) if dual6 else ""
         encrypted = encrypted_option(generic)
 
         if self.state.network(network_id):
@@ -182,7 +184,7 @@ class NetworkDriver:
             network = Network(
                 network_id=network_id, vni=vni, host=self.host, mtu=overlay.mtu,
                 subnet=subnet, internal=options.get(OPT_INTERNAL) in (True, "true"),
-                gateway_mode=gateway_mode, gateway=gateway, subnet6=dual6,
+                gateway_mode=gateway_mode, gateway=gateway, subnet6=dual6, gateway6=gateway6,
             )
             try:
                 self.state.create_network(network)
@@ -250,18 +252,18 @@ class NetworkDriver:
             )
         return str(parse_subnet(data.get("Pool", ""), v6=v6))
 
-    def _gateway_address(self, ipv4_data: list, gateway_mode: str) -> str:
+    def _gateway_address(self, ip_data: list, gateway_mode: str) -> str:
         """The gateway address Join returns in gateway mode ("" otherwise)."""
         if not gateway_mode:
             return ""
         if self.gateway is None:
             raise DriverError(f"-o {OPT_GATEWAY}={gateway_mode} is not available in this pyoverlay process; "
                               f"leave the option out (the engine's docker_gwbridge then carries egress and -p)")
-        gateway = (ipv4_data[0].get("Gateway") or "") if ipv4_data else ""
+        gateway = (ip_data[0].get("Gateway") or "") if ip_data else ""
         if not gateway:
             raise DriverError(f"-o {OPT_GATEWAY}={gateway_mode} needs a gateway address: leave --gateway out "
                               "(pyoverlay's IPAM picks one) or give one inside the subnet")
-        return str(parse_ip(gateway))
+        return str(parse_ip(gateway, v6=True))  # the family is the caller's: it passes one family's data
 
     def _join_overlay(self, network_id: str, subnet: str, vni: Optional[int], mtu: Optional[int], max_mtu: int,
                       block_size: Optional[int] = None, multicast: Optional[bool] = None,
@@ -450,10 +452,9 @@ class NetworkDriver:
         # No Gateway: the engine then gives the container docker_gwbridge for
         # traffic leaving the overlay and for published ports (as Docker's overlay).
         response = {"InterfaceName": {"SrcName": ifname, "DstPrefix": "eth"}}
-        gateway = self.gateway.join_gateway(network) if self.gateway is not None else None
-        if gateway:
+        if self.gateway is not None:
             # Gateway mode: no docker_gwbridge endpoint; the engine asks us to publish ports.
-            response["Gateway"] = gateway
+            response.update(self.gateway.join_gateways(network))
         if self.dns is not None and ":" not in endpoint.ip and self._carries_dns_route(endpoint, sandbox_key):
             # The resolver's address, on this interface: its queries then come
             # from the container's overlay address, on internal networks too.

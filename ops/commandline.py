@@ -29,8 +29,12 @@ def add_operator_commands(commands, add_store_flags: Callable[[argparse.Argument
     sub = network.add_subparsers(dest="network_command", required=True)
     create = with_store(sub.add_parser("create", help="create a network on every host"))
     create.add_argument("name")
-    create.add_argument("--subnet", required=True, help="IPv4 CIDR, for example 10.20.0.0/24")
-    create.add_argument("--gateway", default="", help="default: the subnet's first address")
+    create.add_argument("--subnet", required=True, action="append",
+                        help="IPv4 CIDR, for example 10.20.0.0/24; again with an IPv6 one (fd00:20::/64) for "
+                             "dual stack, or an IPv6 one alone for IPv6 only (hosts need Docker 28)")
+    create.add_argument("--gateway", default=[], action="append",
+                        help="default: the subnet's first address (one per family)")
+    create.add_argument("--ipv6", action="store_true", help="as docker's: IPv6 (needs an IPv6 --subnet)")
     create.add_argument("--vni", type=int, help="VXLAN network identifier, the same as -o vni=N "
                                                 "(default: a free one from %d)" % rules.VNI_AUTO_START)
     create.add_argument("--mtu", type=int, help=f"overlay MTU, the same as -o {rules.OPT_MTU}=N "
@@ -82,17 +86,40 @@ def _print_results(title: str, results: list[HostResult], as_json: bool, extra: 
         print(table(["HOST", "RESULT", "DETAIL"], [(r.host, r.result, r.detail) for r in results]))
 
 
+def _by_family(subnets: list[str], gateways: list[str], ipv6: bool) -> tuple[str, str, str, str]:
+    """--subnet/--gateway given once per family -> (subnet, subnet6, gateway, gateway6) as
+    network_create takes them: subnet is the IPv4 one, or the IPv6 one of an IPv6-only network."""
+    six = [s for s in subnets if ":" in s]
+    four = [s for s in subnets if ":" not in s]
+    if len(four) > 1 or len(six) > 1:
+        raise CommandError("give at most one IPv4 and one IPv6 --subnet")
+    if ipv6 and not six:
+        raise CommandError("pyoverlay needs the IPv6 subnet given: pass an IPv6 --subnet such as fd00:20::/64 "
+                           "with --ipv6")
+    gw6 = [g for g in gateways if ":" in g]
+    gw4 = [g for g in gateways if ":" not in g]
+    if len(gw4) > 1 or len(gw6) > 1:
+        raise CommandError("give at most one --gateway per family")
+    if not four:
+        if gw4:
+            raise CommandError(f"--gateway {gw4[0]} is IPv4 and the network has no IPv4 --subnet")
+        return six[0], "", (gw6 or [""])[0], ""
+    return four[0], (six or [""])[0], (gw4 or [""])[0], (gw6 or [""])[0]
+
+
 @_guarded
 def _run_create(args) -> int:
     store = open_store_from(args)
     try:
-        entry = network_create(store, args.name, args.subnet, args.gateway, args.vni, args.mtu, args.internal,
-                               options=dict(args.opt))
+        subnet, subnet6, gateway, gateway6 = _by_family(args.subnet, args.gateway, args.ipv6)
+        entry = network_create(store, args.name, subnet, gateway, args.vni, args.mtu, args.internal,
+                               options=dict(args.opt), subnet6=subnet6, gateway6=gateway6)
         results = wait_created(store, args.name, args.wait) if args.wait > 0 else []
     finally:
         store.close()
     mtu = f", MTU {entry.mtu}" if entry.mtu else ""
-    title = (f"network {entry.name}: {entry.subnet}, gateway {entry.gateway}, VNI {entry.vni}{mtu}"
+    gateways = " ".join(filter(None, (entry.gateway, entry.gateway6)))
+    title = (f"network {entry.name}: {entry.subnets()}, gateway {gateways}, VNI {entry.vni}{mtu}"
              f"{', internal' if entry.internal else ''}; every host running pyoverlay creates it")
     _print_results(title, results, args.json, {"network": asdict(entry)})
     return 0 if all(r.result == "created" for r in results) else 1

@@ -49,19 +49,26 @@ def alive_hosts(store: Store) -> dict[str, Host]:
 
 def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni: Optional[int] = None,
                    mtu: Optional[int] = None, internal: bool = False,
-                   options: Optional[dict[str, str]] = None) -> NamedNetwork:
+                   options: Optional[dict[str, str]] = None, subnet6: str = "", gateway6: str = "") -> NamedNetwork:
     """Check and write catalog/<name>; every host's catalog creates the network.
 
     options: `-o KEY=VALUE` as `docker network create` takes them (vni, the
     MTU, multicast); vni and mtu are the same given as --vni/--mtu. The checks are the
-    driver's own (driver/rules.py), so a refusal reads as docker's would."""
+    driver's own (driver/rules.py), so a refusal reads as docker's would.
+    subnet6/gateway6: a dual-stack network's IPv6 side; subnet may itself be
+    IPv6 (an IPv6-only network, which hosts with an engine before 28 refuse)."""
     if not _NAME.match(name):
         raise CommandError(f"network name {name!r} is not valid: use letters, digits, '_', '.', '-', "
                            "starting with a letter or digit")
     try:
         options = _options(options, vni, mtu)
-        net = rules.parse_subnet(subnet)
+        net = rules.parse_subnet(subnet, v6=":" in subnet)
         subnet = str(net)
+        net6 = rules.parse_subnet6(subnet6) if subnet6 else None
+        if net6 is not None and net.version == 6:
+            raise CommandError("give one IPv4 and one IPv6 --subnet for a dual-stack network, or one IPv6 "
+                               "--subnet for an IPv6-only one")
+        subnet6 = str(net6) if net6 is not None else ""
         state = State(store)
         if state.catalog_entry(name)[0] is not None:
             raise CommandError(f"a network named {name} already exists in the catalog; "
@@ -73,10 +80,15 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
         encrypted = encrypted_option(options)
         catalog = state.catalog_entries()
         for other in catalog.values():
-            if ipaddress.ip_network(other.subnet).overlaps(net):
-                raise CommandError(f"subnet {subnet} overlaps {other.subnet} of network {other.name}; "
-                                   "choose another --subnet")
-        rules.check_overlap(net, (pool.subnet for pool in state.pools()))
+            for mine in filter(None, (net, net6)):
+                for theirs in filter(None, (other.subnet, other.subnet6)):
+                    theirs = ipaddress.ip_network(theirs)
+                    if theirs.version == mine.version and theirs.overlaps(mine):
+                        raise CommandError(f"subnet {mine} overlaps {theirs} of network {other.name}; "
+                                           "choose another --subnet")
+        for mine in filter(None, (net, net6)):
+            rules.check_overlap(mine, (p.subnet for p in state.pools()
+                                       if ipaddress.ip_network(p.subnet).version == mine.version))
 
         found = state.subnet_claim(subnet)
         claim = found.vni if found else None
@@ -95,6 +107,7 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
             multicast = overlay.multicast
             check_overlay_encrypted(overlay.vni, encrypted, overlay.encrypted)
             encrypted = overlay.encrypted
+            rules.check_overlay_subnet6(overlay.vni, subnet6, overlay.subnet6)
 
         wanted = rules.usable_address(net, gateway) if gateway else None
         pool = state.pool(subnet)
@@ -102,11 +115,18 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
         rules.check_gateway(net, wanted, shared)
         # The same default the IPAM picks, so every host's inspect shows the same.
         gateway = str(wanted or shared or rules.default_gateway(net))
+        if net6 is not None:
+            wanted6 = rules.usable_address(net6, gateway6) if gateway6 else None
+            pool6 = state.pool(subnet6)
+            rules.check_gateway(net6, wanted6, pool6.gateway if pool6 else "")
+            gateway6 = str(wanted6 or (pool6.gateway if pool6 else "") or rules.default_gateway(net6))
+        elif gateway6:
+            raise CommandError("--gateway for IPv6 needs an IPv6 --subnet")
     except DriverError as e:
         raise CommandError(str(e)) from None
 
     entry = NamedNetwork(name, subnet, gateway, vni, mtu or 0, internal, origin="cli", multicast=bool(multicast),
-                         gateway_mode=gateway_mode, encrypted=bool(encrypted))
+                         gateway_mode=gateway_mode, encrypted=bool(encrypted), subnet6=subnet6, gateway6=gateway6)
     if not State(store).add_catalog_entry(entry):
         raise CommandError(f"a network named {name} was added to the catalog meanwhile; "
                            "look at it with pyoverlay status")

@@ -19,8 +19,29 @@ from driver.peersync import PeerSync
 from driver.state import State
 from driver.store import open_store
 from plugin.app import create_app
+from tests.etcdserver import EtcdServer
+from tests.zkserver import ZkServer
 
 _counter = itertools.count(1)
+
+
+# One real etcd and one ZooKeeper server per session, for every test that
+# needs a store server it does not stop: each test keeps to a key prefix
+# (a root znode) of its own, so tests never see each other's keys.
+@pytest.fixture(scope="session")
+def etcd_server():
+    server = EtcdServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def zk_server():
+    server = ZkServer()
+    server.start()
+    yield server
+    server.close()
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -41,6 +41,7 @@ class StandinEngine:
         self.streams: list[Stream] = []
         self.down = False  # events() fails as with no engine listening
         self.refuse_remove = ""
+        self.no_ipv4_false = ""  # set: an engine before 28, refusing an IPv6-only network with this
         self._events: queue.Queue = queue.Queue()
 
     # -- what a test does to the engine ----------------------------------------
@@ -101,7 +102,8 @@ class StandinEngine:
         return EngineNetworkInfo(info.id, info.name, info.driver, info.ipam_driver, info.subnet, info.gateway,
                                  info.internal, info.options,
                                  containers={e: n for e, n in members.values()},
-                                 attached={c: e for c, (e, _) in members.items()})
+                                 attached={c: e for c, (e, _) in members.items()},
+                                 ipv6=info.ipv6, subnet6=info.subnet6, gateway6=info.gateway6)
 
     def networks(self, driver=None):
         return [self.network(n) for n, i in list(self.nets.items()) if driver is None or i.driver == driver]
@@ -109,11 +111,14 @@ class StandinEngine:
     def network_summaries(self):
         return [(i.id, i.name, i.driver, (i.subnet,)) for i in self.nets.values()]
 
-    def create_network(self, name, driver, subnet, gateway, options, internal):
+    def create_network(self, name, driver, subnet, gateway, options, internal, subnet6="", gateway6=""):
         self.asked.append(("create_network", name))
+        if ":" in subnet and self.no_ipv4_false:
+            raise EngineRefused(self.no_ipv4_false, None)
         network_id = f"{name}-id".ljust(64, "0")
         self.nets[network_id] = EngineNetworkInfo(network_id, name, driver, driver, subnet, gateway, internal,
-                                                  dict(options))
+                                                  dict(options), ipv6=bool(subnet6) or ":" in subnet,
+                                                  subnet6=subnet6, gateway6=gateway6)
         return network_id
 
     def remove_network(self, network_id: str) -> None:

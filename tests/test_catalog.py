@@ -261,3 +261,60 @@ def test_an_entry_without_multicast_reads_as_before():
     entry = NamedNetwork("web", "10.40.0.0/24", vni=4096, origin=H1)
     assert "multicast" not in entry.to_json() and "multicast" not in entry.options()
     assert "multicast" not in Overlay(4096, "10.40.0.0/24", 1450).to_json()
+
+
+def test_a_dual_stack_network_travels_with_both_subnets(state, engine):
+    """--ipv6 with an IPv4 and an IPv6 subnet on one host: the entry carries
+    both, another host's engine is asked for both, and the network there matches."""
+    engine.nets[NET] = on(WEB, ipv6=True, subnet6="fd00:40::/64", gateway6="fd00:40::1")
+    assert Applier(state, engine, H1, "pyoverlay", DesiredTable(state, on_change=lambda: None)).run_pass()
+    entry, _ = state.catalog_entry("web")
+    assert (entry.subnet, entry.subnet6, entry.gateway6) == ("10.40.0.0/24", "fd00:40::/64", "fd00:40::1")
+    assert NamedNetwork.from_json(entry.to_json()) == entry
+    assert "subnet6" not in WEB_ENTRY.to_json()  # an IPv4 entry reads as before
+    other = StandinEngine()
+    there = Applier(state, other, "10.99.0.2", "pyoverlay", DesiredTable(state, on_change=lambda: None))
+    there.table.load({"web": state.catalog_entry("web")})
+    assert there.run_pass()
+    (made,) = other.nets.values()
+    assert (made.subnet, made.subnet6, made.gateway6, made.ipv6) == ("10.40.0.0/24", "fd00:40::/64",
+                                                                     "fd00:40::1", True)
+    assert state.engine_networks("10.99.0.2")["web"].catalogued
+    # The same name with other IPv6 subnets (or none) differs from the catalog's, saying both.
+    [action] = one(on(WEB, subnet6="fd00:41::/64"), entry)
+    assert "fd00:41::/64" in action.record.error and "fd00:40::/64" in action.record.error
+    [action] = one(WEB, entry)
+    assert action.record.error and "10.40.0.0/24 fd00:40::/64" in action.record.error
+
+
+def test_an_ipv6_only_network_an_older_engine_cannot_make_is_a_recorded_refusal(state):
+    entry = NamedNetwork("six", "fd00:42::/64", "fd00:42::1", 4100, origin="cli")
+    state.add_catalog_entry(entry)
+    old = StandinEngine()
+    old.no_ipv4_false = ("this engine (API 1.41) cannot make an IPv6-only network: --ipv4=false came with "
+                         "Docker 28.0 (API 1.48); upgrade the engine on this host, or make the network dual-stack")
+    there = Applier(state, old, "10.99.0.3", "pyoverlay", DesiredTable(state, on_change=lambda: None))
+    there.table.load({"six": state.catalog_entry("six")})
+    assert not there.run_pass()
+    assert old.nets == {}
+    why = state.engine_networks("10.99.0.3")["six"].error
+    assert "IPv6-only" in why and "Docker 28.0" in why, why
+    # An engine that can (28): made, IPv6 only.
+    new = StandinEngine()
+    here = Applier(state, new, "10.99.0.4", "pyoverlay", DesiredTable(state, on_change=lambda: None))
+    here.table.load({"six": state.catalog_entry("six")})
+    assert here.run_pass()
+    (made,) = new.nets.values()
+    assert (made.subnet, made.subnet6, made.ipv6) == ("fd00:42::/64", "", True)
+
+
+def test_engine_inspect_reads_both_subnets_whatever_their_order():
+    data = {"Id": NET, "Name": "web", "Driver": "pyoverlay", "EnableIPv6": True,
+            "IPAM": {"Driver": "pyoverlay", "Config": [{"Subnet": "fd00:40::/64", "Gateway": "fd00:40::1"},
+                                                       {"Subnet": "10.40.0.0/24", "Gateway": "10.40.0.1"}]}}
+    info = EngineNetworkInfo.from_inspect(data)
+    assert (info.subnet, info.gateway, info.subnet6, info.gateway6) == ("10.40.0.0/24", "10.40.0.1",
+                                                                        "fd00:40::/64", "fd00:40::1")
+    only6 = EngineNetworkInfo.from_inspect({**data, "IPAM": {"Driver": "pyoverlay",
+                                                             "Config": [{"Subnet": "fd00:40::/64"}]}})
+    assert (only6.subnet, only6.subnet6) == ("fd00:40::/64", "")

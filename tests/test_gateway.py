@@ -29,8 +29,8 @@ GW = {"com.docker.network.generic": {"gateway": "pyoverlay"}}
 
 
 class Kernel(RecordingKernel):
-    def add_egress(self, vni, subnet, gateway):
-        self._record("add_egress", vni, subnet, gateway)
+    def add_egress(self, vni, subnet, gateway, *v6):
+        self._record("add_egress", vni, subnet, gateway, *v6)
 
 
 class Nat:
@@ -211,3 +211,43 @@ def test_a_host_without_gateway_mode_restores_without_nft(world):
     nat.refuse = True
     with pytest.raises(DriverError, match="nft refused"):
         driver.restore()  # this one does: restore is retried until it succeeds
+
+
+POOL6 = [{"AddressSpace": "pyoverlay", "Pool": "fd00:41::/64", "Gateway": "fd00:41::1/64"}]
+GW6 = {**GW, "com.docker.network.enable_ipv6": True}
+
+
+def test_dual_stack_gateway_mode(world):
+    """Join gives both gateways, the uplink carries both subnets, and each -p
+    is published on both families, with one host port, to the matching address."""
+    driver, kernel, nat = world
+    driver.create_network(NET, GW6, POOL, POOL6)
+    assert ("add_egress", 4096, "10.41.0.0/24", "10.41.0.1", "fd00:41::/64", "fd00:41::1") in kernel.calls
+    assert sorted((u.vni, u.subnet) for u in nat.uplinks) == [(4096, "10.41.0.0/24"), (4096, "fd00:41::/64")]
+    driver.state.claim_address("10.41.0.0/24", "10.41.0.2", Address.container(HOST))
+    driver.create_endpoint(NET, EP, {"Address": "10.41.0.2/24", "AddressIPv6": "fd00:41::2/64"})
+    answer = driver.join(NET, EP, "/var/run/docker/netns/x")
+    assert (answer["Gateway"], answer["GatewayIPv6"]) == ("10.41.0.1", "fd00:41::1")
+    # Engine 28: 0.0.0.0 and :: for each -p; engine 20.10: one binding without an address.
+    driver.program_external_connectivity(NET, EP, portmap(binding(80, 8080, "0.0.0.0"), binding(80, 8080, "::"),
+                                                          binding(53, 0, proto=17)))
+    ports = nat.ports()
+    assert ("tcp", "", 8080, "10.41.0.2", 80) in ports and ("tcp", "", 8080, "fd00:41::2", 80) in ports
+    udp = [p for p in ports if p[0] == "udp"]
+    assert [p[3] for p in udp] == ["10.41.0.2", "fd00:41::2"] and udp[0][2] == udp[1][2] > 0, udp
+    # A host address of one family maps to the container's address of that family only.
+    driver.program_external_connectivity(NET, EP, portmap(binding(80, 8081, "::1")))
+    assert nat.ports() == [("tcp", "::1", 8081, "fd00:41::2", 80)]
+    driver.revoke_external_connectivity(NET, EP)
+    assert nat.ports() == []
+
+
+def test_ipv6_only_gateway_mode(world):
+    driver, kernel, nat = world
+    driver.create_network(NET, {**GW6, "com.docker.network.enable_ipv4": False}, [], POOL6)
+    assert ("add_egress", 4096, "fd00:41::/64", "fd00:41::1") in kernel.calls
+    driver.create_endpoint(NET, EP, {"AddressIPv6": "fd00:41::2/64"})
+    answer = driver.join(NET, EP, "/var/run/docker/netns/x")
+    assert answer["GatewayIPv6"] == "fd00:41::1" and "Gateway" not in answer
+    driver.program_external_connectivity(NET, EP, portmap(binding(80, 8080, "0.0.0.0"), binding(80, 8080, "::")))
+    assert nat.ports() == [("tcp", "", 8080, "fd00:41::2", 80)]

@@ -32,7 +32,10 @@ HOST_ADDR, OUTSIDE = "10.97.0.1", "10.97.0.2"
 # Answers each connection with the peer's address, then closes it.
 ECHO_PEER = """
 import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+v6 = ":" in sys.argv[1]
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if v6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
 s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(16)
 while True:
     c, peer = s.accept(); c.sendall(peer[0].encode() + b"\\n"); c.close()
@@ -224,3 +227,96 @@ def test_deleting_the_network_takes_the_uplink_and_its_route(lab):
     assert uplink_name(VNI) not in sh(lab.h, "ip", "-o", "link", "show")
     assert SUBNET not in sh(lab.h, "ip", "route", "show")
     assert lab.dp.uplinks() == set()
+
+
+# -- IPv6 (dual stack) ---------------------------------------------------------
+
+VNI6 = 4178
+SUBNET4B, GATEWAY4B, CONTAINER4B = "10.97.102.0/24", "10.97.102.1", "10.97.102.2"
+SUBNET6, GATEWAY6, CONTAINER6 = "fd97:100::/64", "fd97:100::1", "fd97:100::2"
+HOST6, OUTSIDE6 = "fd97::1", "fd97::2"
+
+
+@pytest.fixture(scope="module")
+def lab6():
+    lab = Lab()
+    try:
+        lab.h, lab.o, lab.c = lab.ns("h6"), lab.ns("o6"), lab.ns("c6")
+        sh(lab.h, "ip", "link", "add", "out0", "type", "veth", "peer", "name", "in0", "netns", lab.o)
+        sh(lab.h, "ip", "addr", "add", f"{HOST_ADDR}/24", "dev", "out0")
+        sh(lab.h, "ip", "addr", "add", f"{HOST6}/64", "dev", "out0", "nodad")
+        sh(lab.h, "ip", "link", "set", "out0", "up")
+        sh(lab.h, "ip", "route", "add", "default", "via", OUTSIDE)
+        sh(lab.h, "ip", "-6", "route", "add", "default", "via", OUTSIDE6)
+        sh(lab.o, "ip", "addr", "add", f"{OUTSIDE}/24", "dev", "in0")
+        sh(lab.o, "ip", "addr", "add", f"{OUTSIDE6}/64", "dev", "in0", "nodad")
+        sh(lab.o, "ip", "link", "set", "in0", "up")
+        lab.dp = Dataplane(HOST_ADDR, host_netns=lab.h, netns_dir=lab.netns_dir)
+        lab.dp.create_network(VNI6, 1450)
+        lab.dp.add_egress(VNI6, SUBNET4B, GATEWAY4B, SUBNET6, GATEWAY6)
+        lab.dp.add_egress(VNI6, SUBNET4B, GATEWAY4B, SUBNET6, GATEWAY6)  # idempotent
+        ifname = lab.dp.create_endpoint(VNI6, "d" * 64, "02:97:00:00:01:02", 1450)
+        sh(lab.h, "ip", "link", "set", ifname, "netns", lab.c)
+        sh(lab.c, "ip", "addr", "add", f"{CONTAINER4B}/24", "dev", ifname)
+        sh(lab.c, "ip", "addr", "add", f"{CONTAINER6}/64", "dev", ifname, "nodad")
+        sh(lab.c, "ip", "link", "set", ifname, "up")
+        sh(lab.c, "ip", "route", "add", "default", "via", GATEWAY4B)
+        sh(lab.c, "ip", "-6", "route", "add", "default", "via", GATEWAY6)
+        lab.nat = NatTable(netns=lab.h)
+        lab.serve(lab.c, "0.0.0.0", 80)
+        lab.serve(lab.c, "::", 80)
+        lab.serve(lab.o, OUTSIDE6, 7000)
+        lab.serve(lab.o, OUTSIDE, 7000)
+        yield lab
+    finally:
+        if hasattr(lab, "dp"):
+            lab.dp.close()
+        lab.close()
+
+
+UPLINKS6 = [Uplink(VNI6, SUBNET4B), Uplink(VNI6, SUBNET6)]
+
+
+def test_ipv6_egress_is_masqueraded_beside_ipv4(lab6):
+    lab6.nat.apply(UPLINKS6, [])
+    assert peer_seen(lab6.c, OUTSIDE6, 7000) == HOST6
+    assert peer_seen(lab6.c, OUTSIDE, 7000) == HOST_ADDR
+
+
+def test_ipv6_published_port(lab6):
+    lab6.nat.apply(UPLINKS6, [PortMapping("tcp", "", 8080, CONTAINER4B, 80),
+                              PortMapping("tcp", "", 8080, CONTAINER6, 80)])
+    # From another host over IPv6: the client's own address (no masquerade).
+    assert peer_seen(lab6.o, HOST6, 8080) == OUTSIDE6
+    assert peer_seen(lab6.o, HOST_ADDR, 8080) == OUTSIDE
+    # From the host on its own IPv6 address, and a container through the host
+    # (hairpin): masqueraded, to the host's global address (preferred over the link-local one).
+    assert peer_seen(lab6.h, HOST6, 8080) == HOST6
+    assert peer_seen(lab6.c, HOST6, 8080) == HOST6
+    # ::1 is not published (IPv6 has no route_localnet): refused at once, not lost.
+    assert peer_seen(lab6.h, "::1", 8080).startswith("failed: [Errno 111]")
+    # The IPv6 table holds the IPv6 mapping only, the IPv4 table the IPv4 one.
+    six = sh(lab6.h, "nft", "list", "table", "ip6", "pyoverlay-gw")
+    four = sh(lab6.h, "nft", "list", "table", "ip", "pyoverlay-gw")
+    assert f"dnat to [{CONTAINER6}]:80" in six and CONTAINER4B not in six
+    assert f"dnat to {CONTAINER4B}:80" in four and CONTAINER6 not in four
+
+
+def test_without_ipv6_uplinks_there_is_no_ipv6_table(lab6):
+    lab6.nat.apply([Uplink(VNI6, SUBNET4B)], [])
+    assert sh(lab6.h, "nft", "list", "tables") .count("ip6 pyoverlay-gw") == 0
+    assert peer_seen(lab6.c, OUTSIDE, 7000) == HOST_ADDR
+
+
+def test_ipv6_script_rendering():
+    text = script([Uplink(7, "10.0.0.0/24"), Uplink(7, "fd00:7::/64")],
+                  [PortMapping("tcp", "", 80, "10.0.0.2", 8080), PortMapping("udp", "fd00::9", 53, "fd00:7::2", 53)])
+    four, six = text.split("table ip6 pyoverlay-gw {")
+    assert "ip6 daddr fd00::9 udp dport 53 dnat to [fd00:7::2]:53" in six
+    assert 'oifname != "pyg7" ip6 saddr fd00:7::/64 masquerade' in six
+    assert "ip6 daddr != ::1 fib daddr type local jump ports" in six
+    assert "127.0.0.0/8" not in six and "fd00" not in four
+    assert "tcp dport 80 dnat to 10.0.0.2:8080" in four
+    # A host address of one family and a container address of the other never reach nft.
+    with pytest.raises(ValueError):
+        script([], [PortMapping("tcp", "10.0.0.1", 80, "fd00:7::2", 80)])

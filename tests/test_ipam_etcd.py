@@ -31,14 +31,6 @@ HOSTS = ("10.99.0.1", "10.99.0.2", "10.99.0.3")
 SPACE = "pyoverlay"
 
 
-@pytest.fixture(scope="module")
-def etcd():
-    server = EtcdServer()
-    server.start()
-    yield server
-    server.close()
-
-
 @pytest.fixture
 def prefix():
     """A key prefix of the test's own in the shared etcd."""
@@ -46,9 +38,9 @@ def prefix():
 
 
 @pytest.fixture
-def cluster(etcd, prefix):
+def cluster(etcd_server, prefix):
     """Three Ipam instances, one store connection each, as three plugins have."""
-    stores = [open_store(etcd.url, prefix=prefix) for _ in HOSTS]
+    stores = [open_store(etcd_server.url, prefix=prefix) for _ in HOSTS]
     ipams = [Ipam(State(s), host) for s, host in zip(stores, HOSTS)]
     yield ipams
     for ipam in ipams:
@@ -78,7 +70,7 @@ def bare(cidr: str) -> str:
     return cidr.split("/")[0]
 
 
-def test_hundreds_of_racing_requests_from_three_hosts_never_duplicate(etcd, prefix, cluster):
+def test_hundreds_of_racing_requests_from_three_hosts_never_duplicate(etcd_server, prefix, cluster):
     """3 hosts x 4 threads x 50 requests, each thread also releasing every
     fourth address it got (so freed addresses are fought over again): no
     address is ever held twice, and etcd ends with exactly the held ones."""
@@ -124,7 +116,7 @@ def test_hundreds_of_racing_requests_from_three_hosts_never_duplicate(etcd, pref
     remaining = [ip for r in results for ip in r]
     assert len(remaining) == len(set(remaining)) == len(held)
 
-    in_store = addresses_in_store(etcd, prefix, subnet)
+    in_store = addresses_in_store(etcd_server, prefix, subnet)
     expected = {ip: {"kind": "container", "host": host} for ip, host in held.items()}
     expected[gateway] = {"kind": "gateway", "host": HOSTS[0]}
     assert in_store == expected, (
@@ -140,7 +132,7 @@ def test_hundreds_of_racing_requests_from_three_hosts_never_duplicate(etcd, pref
           f"in {elapsed:.2f}s ({total / elapsed:.0f} claims/s)")
 
 
-def test_same_explicit_address_raced_by_three_hosts_goes_to_one(etcd, prefix, cluster):
+def test_same_explicit_address_raced_by_three_hosts_goes_to_one(etcd_server, prefix, cluster):
     """`docker run --ip X` on three hosts at once, for 60 addresses: each has
     exactly one winner; the losers are told who holds it."""
     subnet = "10.31.0.0/24"
@@ -166,7 +158,7 @@ def test_same_explicit_address_raced_by_three_hosts_goes_to_one(etcd, prefix, cl
         for f in [pool.submit(worker, ipam) for ipam in cluster]:
             f.result(timeout=120)
 
-    in_store = addresses_in_store(etcd, prefix, subnet)
+    in_store = addresses_in_store(etcd_server, prefix, subnet)
     for ip in wanted:
         winners = [r for r in outcome[ip] if r[0] == "won"]
         losers = [r for r in outcome[ip] if r[0] == "lost"]
@@ -178,7 +170,7 @@ def test_same_explicit_address_raced_by_three_hosts_goes_to_one(etcd, prefix, cl
     assert set(in_store) == set(wanted)
 
 
-def test_dynamic_and_explicit_requests_racing_for_a_nearly_full_pool(etcd, prefix, cluster):
+def test_dynamic_and_explicit_requests_racing_for_a_nearly_full_pool(etcd_server, prefix, cluster):
     """A /27 (29 usable once the gateway is out) asked for 40 times at once,
     dynamic and explicit mixed: 29 distinct addresses handed out, the rest
     refused with "no free address" or "already in use"."""
@@ -206,12 +198,12 @@ def test_dynamic_and_explicit_requests_racing_for_a_nearly_full_pool(etcd, prefi
     assert gateway not in ips
     for message in refused:
         assert "no free address left" in message or "already in use" in message or "gateway" in message, message
-    in_store = addresses_in_store(etcd, prefix, subnet)
+    in_store = addresses_in_store(etcd_server, prefix, subnet)
     assert {ip: r["host"] for ip, r in in_store.items() if r["kind"] == "container"} == dict(
         (ip, host) for host, ip in got)
 
 
-def test_pool_and_gateway_are_shared_through_etcd(etcd, prefix, cluster):
+def test_pool_and_gateway_are_shared_through_etcd(etcd_server, prefix, cluster):
     a, b, c = cluster
     subnet = "10.33.0.0/24"
     barrier = threading.Barrier(3)
@@ -226,10 +218,10 @@ def test_pool_and_gateway_are_shared_through_etcd(etcd, prefix, cluster):
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(join, cluster, timeout=60))
     assert results == [(subnet, "10.33.0.1/24")] * 3
-    keys = raw_keys(etcd, prefix)
+    keys = raw_keys(etcd_server, prefix)
     pool_record = keys["pools/10.33.0.0_24"]
     assert sorted(pool_record["hosts"]) == sorted(HOSTS) and pool_record["gateway"] == "10.33.0.1"
-    assert addresses_in_store(etcd, prefix, subnet) == {
+    assert addresses_in_store(etcd_server, prefix, subnet) == {
         "10.33.0.1": {"kind": "gateway", "host": keys["addresses/10.33.0.0_24/10.33.0.1"]["host"]}}
 
     # The same pool twice on one host, or an overlapping one anywhere, is refused.
@@ -247,16 +239,16 @@ def test_pool_and_gateway_are_shared_through_etcd(etcd, prefix, cluster):
     assert len(ips) == 3 and "10.33.0.1" not in ips
 
     # A host frees only its own addresses, never the gateway or another host's.
-    b_ip = next(ip for ip, r in addresses_in_store(etcd, prefix, subnet).items() if r["host"] == b.host
+    b_ip = next(ip for ip, r in addresses_in_store(etcd_server, prefix, subnet).items() if r["host"] == b.host
                 and r["kind"] == "container")
     a.release_address(subnet, b_ip)
     a.release_address(subnet, "10.33.0.1")
-    assert b_ip in addresses_in_store(etcd, prefix, subnet)
-    assert "10.33.0.1" in addresses_in_store(etcd, prefix, subnet)
+    assert b_ip in addresses_in_store(etcd_server, prefix, subnet)
+    assert "10.33.0.1" in addresses_in_store(etcd_server, prefix, subnet)
 
     # One host removes the network: the others keep pool, gateway and addresses.
     a.release_pool(subnet)
-    keys = raw_keys(etcd, prefix)
+    keys = raw_keys(etcd_server, prefix)
     assert sorted(keys["pools/10.33.0.0_24"]["hosts"]) == sorted([b.host, c.host])
     assert keys["pools/10.33.0.0_24"]["gateway"] == "10.33.0.1"
     with pytest.raises(DriverError, match="not held by pyoverlay on this host"):
@@ -271,14 +263,14 @@ def test_pool_and_gateway_are_shared_through_etcd(etcd, prefix, cluster):
     # The last holder gone, the pool and every address of it go.
     for ipam in cluster:
         ipam.release_pool(subnet)
-    left = [k for k in raw_keys(etcd, prefix) if k.startswith(("pools/", "addresses/"))]
+    left = [k for k in raw_keys(etcd_server, prefix) if k.startswith(("pools/", "addresses/"))]
     assert left == [], f"keys left after every host released the pool: {left}"
     # And the subnet is free for a new overlay with another gateway.
     c.request_pool(SPACE, subnet, "", False)
     assert c.request_address(subnet, "10.33.0.254", GW) == "10.33.0.254/24"
 
 
-def test_automatic_pools_requested_at_once_never_collide(etcd, prefix, cluster):
+def test_automatic_pools_requested_at_once_never_collide(etcd_server, prefix, cluster):
     """Networks created without --subnet on three hosts at once: each gets a
     /24 of the default range that no other host got."""
     barrier = threading.Barrier(12)
@@ -292,5 +284,5 @@ def test_automatic_pools_requested_at_once_never_collide(etcd, prefix, cluster):
         got = list(pool.map(ask, range(12), timeout=60))
     subnets = [s for _, s in got]
     assert len(set(subnets)) == 12, f"a subnet was handed out twice: {sorted(subnets)}"
-    pools = {k: v for k, v in raw_keys(etcd, prefix).items() if k.startswith("pools/")}
+    pools = {k: v for k, v in raw_keys(etcd_server, prefix).items() if k.startswith("pools/")}
     assert {v["subnet"]: v["hosts"] for v in pools.values()} == {s: [h] for h, s in got}

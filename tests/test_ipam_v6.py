@@ -18,30 +18,12 @@ from driver.errors import DriverError
 from driver.ipam import GATEWAY_REQUEST, Ipam
 from driver.state import State, address_key, ip_key_prefixes
 from driver.store import open_store
-from tests.etcdserver import EtcdServer
 from tests.seed import rng
-from tests.zkserver import ZkServer
 
 GW = {"RequestAddressType": GATEWAY_REQUEST}
 HOSTS = ("10.99.0.1", "10.99.0.2", "10.99.0.3")
 SPACE = "pyoverlay"
 POOL6 = "fd00:20::/64"
-
-
-@pytest.fixture(scope="module")
-def etcd():
-    server = EtcdServer()
-    server.start()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def zk():
-    server = ZkServer()
-    server.start()
-    yield server
-    server.close()
 
 
 @pytest.fixture(params=["sqlite", "etcd", "zk"])
@@ -51,8 +33,8 @@ def url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite://{tmp_path}/state.db"
     if request.param == "etcd":
-        return request.getfixturevalue("etcd").url, f"/v6-{tag}/"
-    return f"{request.getfixturevalue('zk').url}/v6-{tag}"
+        return request.getfixturevalue("etcd_server").url, f"/v6-{tag}/"
+    return f"{request.getfixturevalue('zk_server').url}/v6-{tag}"
 
 
 @pytest.fixture

@@ -111,3 +111,30 @@ def test_records_of_an_inspected_container():
     found = records_of(inspect, "h1", {"n-web": WEB}.get)
     assert found == {(WEB, "e1"): rec("h1", "c1" * 32, "front", "10.1.0.2", "web", ["c1c1c1c1c1c1", "www"])}
     assert records_of({**inspect, "State": {"Running": False}}, "h1", {"n-web": WEB}.get) == {}
+
+
+def test_aaaa_for_dual_stack_containers():
+    """A dual-stack container's IPv6 address answers AAAA (A as before); an
+    IPv4-only one's AAAA stays empty NOERROR, a name elsewhere NXDOMAIN."""
+    t = NameTable(MemoryStore())
+    six = NameRecord(host="h1", container="c1", name="front", address="10.1.0.2", network="web",
+                     address6="fd00:1::2")
+    t.load({name_key(WEB, "e1"): six,
+            name_key(WEB, "e2"): rec("h2", "c2", "api", "10.1.0.3", "web"),
+            name_key(DB, "e3"): NameRecord(host="h3", container="c3", name="pg", address="10.2.0.5", network="db",
+                                           address6="fd00:2::5")})
+    assert t.lookup(WEB, "10.1.0.3", "front", AAAA).records == ("fd00:1::2",)
+    assert t.lookup(WEB, "10.1.0.3", "front.web", AAAA).records == ("fd00:1::2",)
+    assert t.lookup(WEB, "10.1.0.3", "front", A).records == ("10.1.0.2",)
+    assert t.lookup(WEB, "10.1.0.2", "api", AAAA) == Answer(NOERROR, (), 0)
+    assert t.lookup(WEB, "10.1.0.2", "pg", AAAA).rcode == NXDOMAIN
+    # The record carries the address only when there is one: IPv4 records read as before.
+    assert "address6" not in rec("h2", "c2", "api", "10.1.0.3", "web").to_json()
+    assert NameRecord.from_json(six.to_json()) == six
+
+
+def test_records_of_takes_the_ipv6_address():
+    inspect = {"Name": "/front", "Id": "c1", "State": {"Running": True}, "NetworkSettings": {"Networks": {
+        "web": {"EndpointID": "e1", "NetworkID": "n1", "IPAddress": "10.1.0.2", "GlobalIPv6Address": "fd00:1::2"}}}}
+    (record,) = records_of(inspect, "h1", lambda network_id: WEB).values()
+    assert (record.address, record.address6) == ("10.1.0.2", "fd00:1::2")

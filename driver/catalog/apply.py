@@ -109,9 +109,10 @@ class Applier:
         gateway_mode = "pyoverlay" if info.options.get("gateway") == "pyoverlay" else ""
         encrypted = overlay.encrypted if overlay else info.options.get(OPT_ENCRYPTED) == "true"
         entry = NamedNetwork(info.name, info.subnet, info.gateway, vni, mtu, info.internal, origin=self.host,
-                             multicast=multicast, gateway_mode=gateway_mode, encrypted=encrypted)
+                             multicast=multicast, gateway_mode=gateway_mode, encrypted=encrypted,
+                             subnet6=info.subnet6, gateway6=info.gateway6 if info.subnet6 else "")
         if self.state.add_catalog_entry(entry):
-            log.info("catalog: published network %s (%s, VNI %d) for every host", info.name, info.subnet, vni)
+            log.info("catalog: published network %s (%s, VNI %d) for every host", info.name, entry.subnets(), vni)
             self._count("published")
         else:
             existing, _ = self.state.catalog_entry(info.name)
@@ -131,12 +132,12 @@ class Applier:
     def _create(self, entry: NamedNetwork) -> bool:
         try:
             network_id = self.engine.create_network(entry.name, self.driver, entry.subnet, entry.gateway,
-                                                    entry.options(), entry.internal)
+                                                    entry.options(), entry.internal, entry.subnet6, entry.gateway6)
         except EngineRefused as e:
             self.apply([refused(self.host, entry, f"the engine refused to create it: {e}")])
             self._count("refused")
             return False
-        log.info("catalog: created network %s (%s, VNI %d) in the engine", entry.name, entry.subnet, entry.vni)
+        log.info("catalog: created network %s (%s, VNI %d) in the engine", entry.name, entry.subnets(), entry.vni)
         self._count("created")
         self._write(EngineNetwork(entry.name, self.host, network_id, entry.subnet, catalogued=True))
         return True

@@ -77,10 +77,6 @@ def plan_network(host: str, driver: str, info: EngineNetworkInfo, entry: Optiona
             return remove(host, info)
         if info.ipam_driver != driver:
             return []  # the driver refuses such networks; nothing to share
-        if info.ipv6:
-            # Not in the catalog yet (an entry holds one IPv4 subnet): such a
-            # network is made on each host by hand, with the same subnets.
-            return []
         if not vni:
             return [Later(info.name, "the driver's record is not in the store (yet)")]
         return [Publish(info, vni)]
@@ -91,9 +87,13 @@ def plan_network(host: str, driver: str, info: EngineNetworkInfo, entry: Optiona
     # An operator must act; retrying changes nothing.
     return [Record(EngineNetwork(
         info.name, host, info.id, info.subnet, dict(info.containers),
-        error=f"this host's network {info.name} on {info.subnet} differs from the catalog's on "
-              f"{entry.subnet}; remove it here (docker network rm {info.name}) to get the catalog's",
+        error=f"this host's network {info.name} on {_subnets(info)} differs from the catalog's on "
+              f"{entry.subnets()}; remove it here (docker network rm {info.name}) to get the catalog's",
     ))]
+
+
+def _subnets(info: EngineNetworkInfo) -> str:
+    return " ".join(filter(None, (info.subnet, info.subnet6)))
 
 
 def remove(host: str, info: EngineNetworkInfo) -> list[Action]:

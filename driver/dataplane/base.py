@@ -8,9 +8,11 @@ import errno
 import ipaddress
 import os
 import re
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import ndmsg
 
@@ -112,3 +114,24 @@ def check_endpoint_id(endpoint_id: str) -> str:
             "use letters, digits, '_', '.', '-'"
         )
     return endpoint_id[:ID_CHARS]
+
+
+def in_namespace(fd, fn) -> None:
+    """Run fn() in the network namespace of fd (None: ours), in a short thread
+    that entered it: /proc/sys/net is the namespace of the thread that opens
+    it, and the calling thread must stay where it is. fn's exception is raised here."""
+    failed: list[BaseException] = []
+
+    def inside() -> None:
+        try:
+            if fd is not None:
+                pr_netns.setns(fd, flags=0)
+            fn()
+        except BaseException as e:
+            failed.append(e)
+
+    thread = threading.Thread(target=inside, name="pyoverlay-netns")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]

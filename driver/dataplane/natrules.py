@@ -69,40 +69,48 @@ class PortMapping:
     port: int
 
 
+def _family(address: str) -> int:
+    return ipaddress.ip_interface(address).version
+
+
 def _check(uplinks: Iterable[Uplink], mappings: Iterable[PortMapping]) -> None:
     """Everything that goes into the script is checked first: the values come from the store."""
     for u in uplinks:
-        ipaddress.IPv4Network(u.subnet)
+        ipaddress.ip_network(u.subnet)
         if not isinstance(u.vni, int):
             raise ValueError(f"VNI {u.vni!r}")
     for m in mappings:
         if m.proto not in PROTOS.values() or not 0 < m.host_port < 65536 or not 0 < m.port < 65536:
             raise ValueError(f"port mapping {m}")
-        ipaddress.IPv4Address(m.ip)
-        if m.host_ip:
-            ipaddress.IPv4Address(m.host_ip)
+        ip = ipaddress.ip_address(m.ip)
+        if m.host_ip and ipaddress.ip_address(m.host_ip).version != ip.version:
+            raise ValueError(f"port mapping {m}: the host address and the container's are of two families")
 
 
-def script(uplinks: Iterable[Uplink], mappings: Iterable[PortMapping]) -> str:
-    """The whole table, as one nft transaction (pure: tests read it)."""
-    uplinks, mappings = sorted(set(uplinks)), sorted(set(mappings))
-    _check(uplinks, mappings)
+def _table(family: int, uplinks: list[Uplink], mappings: list[PortMapping]) -> list[str]:
+    """One family's table: `ip pyoverlay-gw` or `ip6 pyoverlay-gw`, the same chains."""
+    nft_family, match = ("ip", "ip") if family == 4 else ("ip6", "ip6")
     ports = []
     for m in mappings:
-        where = f"ip daddr {m.host_ip} " if m.host_ip else ""
-        ports.append(f"    {where}{m.proto} dport {m.host_port} dnat to {m.ip}:{m.port}")
+        where = f"{match} daddr {m.host_ip} " if m.host_ip else ""
+        to = f"{m.ip}:{m.port}" if family == 4 else f"[{m.ip}]:{m.port}"
+        ports.append(f"    {where}{m.proto} dport {m.host_port} dnat to {to}")
     post = []
     for u in uplinks:
         dev = uplink_name(u.vni)
-        post += [f'    oifname "{dev}" ip saddr 127.0.0.0/8 masquerade',
-                 f'    oifname "{dev}" ip saddr {u.subnet} masquerade',
-                 f'    oifname != "{dev}" ip saddr {u.subnet} masquerade']
+        if family == 4:
+            post.append(f'    oifname "{dev}" ip saddr 127.0.0.0/8 masquerade')
+        post += [f'    oifname "{dev}" {match} saddr {u.subnet} masquerade',
+                 f'    oifname != "{dev}" {match} saddr {u.subnet} masquerade']
+    # IPv6 has no route_localnet: a packet from ::1 never leaves lo, so ::1
+    # is not DNATed (a connection to [::1]:port is refused rather than lost).
+    local = "fib daddr type local" if family == 4 else "ip6 daddr != ::1 fib daddr type local"
     up = f'"{UPLINK_PREFIX}*"'
-    return "\n".join([
+    return [
         # "add" then "delete" makes the delete safe when the table is absent.
-        f"add table ip {TABLE}",
-        f"delete table ip {TABLE}",
-        f"table ip {TABLE} {{",
+        f"add table {nft_family} {TABLE}",
+        f"delete table {nft_family} {TABLE}",
+        f"table {nft_family} {TABLE} {{",
         "  chain ports {", *ports, "  }",
         "  chain prerouting {",
         "    type nat hook prerouting priority dstnat; policy accept;",
@@ -110,7 +118,7 @@ def script(uplinks: Iterable[Uplink], mappings: Iterable[PortMapping]) -> str:
         "  }",
         "  chain output {",
         "    type nat hook output priority -100; policy accept;",
-        "    fib daddr type local jump ports",
+        f"    {local} jump ports",
         "  }",
         "  chain postrouting {",
         "    type nat hook postrouting priority srcnat; policy accept;", *post,
@@ -122,49 +130,75 @@ def script(uplinks: Iterable[Uplink], mappings: Iterable[PortMapping]) -> str:
         f"    oifname {up} drop",
         "  }",
         "}",
-        "",
-    ])
+    ]
+
+
+def script(uplinks: Iterable[Uplink], mappings: Iterable[PortMapping]) -> str:
+    """Both tables, as one nft transaction (pure: tests read it). The IPv6
+    table exists only while some uplink carries IPv6: a host without IPv6
+    gateway-mode networks keeps exactly the IPv4 table it had."""
+    uplinks, mappings = sorted(set(uplinks)), sorted(set(mappings))
+    _check(uplinks, mappings)
+    lines = _table(4, [u for u in uplinks if _family(u.subnet) == 4], [m for m in mappings if _family(m.ip) == 4])
+    up6 = [u for u in uplinks if _family(u.subnet) == 6]
+    if up6:
+        lines += _table(6, up6, [m for m in mappings if _family(m.ip) == 6])
+    else:
+        lines += [f"add table ip6 {TABLE}", f"delete table ip6 {TABLE}"]
+    return "\n".join(lines + [""])
 
 
 class NatTable:
-    """Keeps the table equal to what apply() was last told (netns: tests)."""
+    """Keeps the tables equal to what apply() was last told (netns: tests)."""
 
-    def __init__(self, netns: Optional[str] = None, nft: str = "nft", iptables: str = "iptables"):
+    def __init__(self, netns: Optional[str] = None, nft: str = "nft", iptables: str = "iptables",
+                 ip6tables: str = "ip6tables"):
         self.netns = netns
         self.nft = nft
         self.iptables = iptables
+        self.ip6tables = ip6tables
         self._lock = threading.Lock()
-        self._forward_ok = False
+        self._forward_ok: set[str] = set()
 
     def apply(self, uplinks: Iterable[Uplink], mappings: Iterable[PortMapping]) -> None:
         """Raises FirewallError (nothing changed: nft applies all or nothing)."""
+        uplinks = list(uplinks)
         text = script(uplinks, mappings)
         with self._lock:
             run_nft(self.nft, script=text, netns=self.netns, what="gateway mode's NAT rules")
-            if uplinks and not self._forward_ok:
-                self._accept_forward()
+            if uplinks:
+                self._accept_forward(self.iptables)
+            if any(_family(u.subnet) == 6 for u in uplinks):
+                # The engine's ip6tables FORWARD policy is DROP too (engine 28, ip6tables on).
+                self._accept_forward(self.ip6tables)
 
     def remove(self) -> None:
         with self._lock:
-            run_nft(self.nft, script=f"add table ip {TABLE}\ndelete table ip {TABLE}\n", netns=self.netns)
+            run_nft(self.nft, script="".join(f"add table {f} {TABLE}\ndelete table {f} {TABLE}\n"
+                                             for f in ("ip", "ip6")), netns=self.netns)
 
     def listing(self) -> str:
-        """`nft list table` of ours ("" if there is none)."""
-        try:
-            return run_nft(self.nft, "list", "table", "ip", TABLE, netns=self.netns)
-        except FirewallError:
-            return ""
+        """`nft list table` of ours, both families ("" if there is none)."""
+        out = []
+        for family in ("ip", "ip6"):
+            try:
+                out.append(run_nft(self.nft, "list", "table", family, TABLE, netns=self.netns))
+            except FirewallError:
+                pass
+        return "".join(out)
 
-    def _accept_forward(self) -> None:
-        if shutil.which(self.iptables) is None:
+    def _accept_forward(self, binary: str) -> None:
+        if binary in self._forward_ok:
+            return
+        if shutil.which(binary) is None:
             return  # no iptables: no engine FORWARD policy to get past
         for match in IPTABLES_RULES:
             rule = ["FORWARD", *match, *COMMENT, "-j", "ACCEPT"]
-            cmd = ([] if not self.netns else ["nsenter", f"--net={self.netns}"]) + [self.iptables, "-w"]
+            cmd = ([] if not self.netns else ["nsenter", f"--net={self.netns}"]) + [binary, "-w"]
             if subprocess.run(cmd + ["-C", *rule], capture_output=True).returncode == 0:
                 continue
             done = subprocess.run(cmd + ["-A", *rule], capture_output=True, text=True)
             if done.returncode != 0:
-                raise FirewallError(f"iptables refused to accept forwarding through the uplinks: "
+                raise FirewallError(f"{binary} refused to accept forwarding through the uplinks: "
                                     f"{done.stderr.strip()}")
-        self._forward_ok = True
+        self._forward_ok.add(binary)

@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import secrets
-import threading
 from typing import Iterable
 
 from pyroute2 import netns as pr_netns
@@ -23,7 +22,7 @@ from pyroute2 import netns as pr_netns
 from driver.drift import VxlanSettings
 
 from . import dnsplane
-from .base import BRIDGE, NS_PREFIX, VXLAN, DataplaneError, check_mtu, check_vni, step
+from .base import BRIDGE, NS_PREFIX, VXLAN, DataplaneError, check_mtu, check_vni, in_namespace, step
 from .worker import Handle, Worker, is_netns
 
 log = logging.getLogger(__name__)
@@ -54,13 +53,8 @@ def bridge_netfilter_off(ns: Handle) -> None:
     if the module is not loaded: no switches, no hooks). Where /proc/sys is
     read-only (a managed plugin's container) they stay on: a few percent of
     throughput, nothing else, so that is logged once and never fails a call."""
-    failed: list[BaseException] = []
-
     def inside() -> None:
-        # /proc/sys/net is the namespace of the thread that opens it: this
-        # thread's, moved into the overlay namespace (it ends right after).
         try:
-            pr_netns.setns(ns.fd, flags=0)
             for name in BRIDGE_NF:
                 try:
                     with open(f"/proc/sys/net/bridge/{name}", "w") as f:
@@ -74,15 +68,9 @@ def bridge_netfilter_off(ns: Handle) -> None:
                     log.warning("bridge netfilter stays on in the overlay namespaces (%s): "
                                 "traffic is unaffected, throughput a little lower", e)
                 return
-            failed.append(e)
-        except BaseException as e:
-            failed.append(e)
+            raise
 
-    thread = threading.Thread(target=inside, name="pyoverlay-sysctl")
-    thread.start()
-    thread.join()
-    if failed:
-        raise failed[0]
+    in_namespace(ns.fd, inside)
 
 
 class NetworkStage(Worker):

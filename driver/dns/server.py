@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Answer:
     rcode: int                      # dns.rcode.NOERROR or dns.rcode.NXDOMAIN
-    records: tuple[str, ...] = ()   # A: dotted IPv4 strings; PTR: names without trailing dot
+    records: tuple[str, ...] = ()   # A: dotted IPv4 strings; AAAA: IPv6 ones; PTR: names without trailing dot
     ttl: int = 0
 
 

@@ -172,6 +172,29 @@ def test_reverse_lookup(cluster, hosts):
     assert "delta.web" in out, out
 
 
+def test_a_dual_stack_container_on_another_host_answers_aaaa(cluster, hosts):
+    """AAAA for a dual-stack container's IPv6 address, A as before, across
+    hosts (the network made on h1, on h2 through the catalog)."""
+    h1, h2, _ = hosts
+    h1.docker("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--ipv6",
+              "--subnet", "10.63.0.0/24", "--subnet", "fd00:63::/64", "ds")
+    try:
+        wait_for(lambda: h2.docker_proc("network", "inspect", "ds", check=False).returncode == 0, CONVERGE,
+                 "network ds on h2 from the catalog")
+        v4 = run(h1, "kappa", "--network", "ds")
+        v6 = h1.docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.GlobalIPv6Address}}{{end}}", "kappa")
+        run(h2, "lambda", "--network", "ds")
+        answered(h2, "lambda", "kappa", [v6], qtype="AAAA")
+        assert resolves(h2, "lambda", "kappa") == [v4]
+        assert resolves(h2, "lambda", "kappa.ds", "AAAA") == [v6]
+    finally:
+        h1.docker_proc("rm", "-f", "kappa", check=False)
+        h2.docker_proc("rm", "-f", "lambda", check=False)
+        h1.docker_proc("network", "rm", "ds", check=False)
+        wait_for(lambda: h2.docker_proc("network", "inspect", "ds", check=False).returncode != 0, CONVERGE,
+                 "network ds to go from h2")
+
+
 def test_a_name_on_a_network_the_querier_is_not_on_is_not_answered(cluster, hosts):
     h1, h2, h3 = hosts
     answered(h3, "gamma", "gamma", [cluster.ips["gamma"]])  # published: a cluster name now

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 
@@ -171,3 +172,97 @@ def test_bad_option_value_is_refused_and_changes_nothing(host):
     assert proc.returncode != 0
     assert "gateway=pyoverlay" in proc.stderr and "gateway=docker_gwbridge" in proc.stderr, proc.stderr
     assert "bad" not in host.docker("network", "ls", "--format", "{{.Name}}").split()
+
+
+# Answers every GET with the client's address: where the container's traffic came from.
+WHOAMI = """
+import http.server, socket, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.client_address[0].encode() + b"\\n"
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+class S(http.server.HTTPServer):
+    address_family = socket.AF_INET6
+S((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+"""
+UNDERLAY6, HOST6 = "fd99::254", "fd99::1"
+
+
+def test_ipv6_egress_and_published_ports(host, underlay, underlay_http):
+    """A dual-stack gateway-mode network: IPv6 out, masqueraded to the host's
+    IPv6 address; -p answers over IPv6 from another host; IPv4 unchanged.
+    The lab's underlay is IPv4: the test gives it and the host IPv6 addresses."""
+    underlay.ip("-6", "addr", "add", f"{UNDERLAY6}/64", "dev", "br0", "nodad")
+    host.run(["ip", "-6", "addr", "add", f"{HOST6}/64", "dev", "eth0", "nodad"])
+    server = underlay.spawn([sys.executable, "-c", WHOAMI, UNDERLAY6, "8006"], "whoami6.log")
+    host.docker("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--ipv6",
+                "--subnet", "10.20.6.0/24", "--subnet", "fd00:20:6::/64", "-o", "gateway=pyoverlay", "web6")
+    try:
+        host.docker("run", "-d", "--name", "www6", "--network", "web6", "-p", "8086:80", IMAGE, *HTTPD)
+        assert interfaces(host, "www6") == ["eth0", "lo"]
+        routes6 = host.docker("exec", "www6", "ip", "-6", "route")
+        assert re.search(r"^default via fd00:20:6::1 dev eth0", routes6, re.M), routes6
+        wait_for(lambda: fetch(underlay, f"http://[{UNDERLAY6}]:8006/") != "", 10, "the IPv6 server on the underlay")
+        # Egress over IPv6, its source the host's IPv6 address (NAT66), and over IPv4 as before.
+        assert host.docker("exec", "www6", "wget", "-qO-", f"http://[{UNDERLAY6}]:8006/") == HOST6
+        # -p 8086:80 over IPv6 and IPv4 from another host, and on the host's own IPv6 address.
+        for runner, where in ((underlay, f"[{HOST6}]"), (underlay, host.addr), (host, f"[{HOST6}]")):
+            wait_for(lambda: fetch(runner, f"http://{where}:8086/") == "published-ok\n", 10,
+                     f"-p 8086 on {where}")
+        # The default mode beside it: docker_gwbridge is IPv4, so no IPv6 way out
+        # (no IPv6 default route), and IPv4 out works as ever.
+        host.docker("network", "create", "-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--ipv6",
+                    "--subnet", "10.20.7.0/24", "--subnet", "fd00:20:7::/64", "plain6")
+        host.docker("run", "-d", "--name", "plain6", "--network", "plain6", IMAGE, "sleep", "600")
+        assert "default" not in host.docker("exec", "plain6", "ip", "-6", "route")
+        out = host.docker_proc("exec", "plain6", "wget", "-qO-", f"http://[{UNDERLAY6}]:8006/", check=False)
+        print(f"\nIPv6 out through docker_gwbridge: {out.returncode} {out.stderr.strip()!r}")
+        assert out.returncode != 0 and "unreachable" in out.stderr, out.stderr
+        url, token = underlay_http
+        assert host.docker("exec", "plain6", "wget", "-qO-", url) == token
+        six = host.run(["nft", "list", "table", "ip6", TABLE]).stdout
+        assert re.search(r"dport 8086 dnat to \[fd00:20:6:[0-9a-f:]+\]:80", six), six
+        host.docker("rm", "-f", "www6")
+        assert "dport 8086" not in host.run(["nft", "list", "table", "ip6", TABLE]).stdout
+    finally:
+        host.docker_proc("rm", "-f", "www6", "plain6", check=False)
+        host.docker_proc("network", "rm", "web6", "plain6", check=False)
+        server.kill()
+        host.run(["ip", "-6", "addr", "del", f"{HOST6}/64", "dev", "eth0"], check=False)
+        underlay.ip("-6", "addr", "del", f"{UNDERLAY6}/64", "dev", "br0")
+    # The last IPv6 gateway-mode network gone: no IPv6 table left.
+    assert "ip6 pyoverlay-gw" not in host.run(["nft", "list", "tables"]).stdout
+
+
+def test_ipv6_only_gateway_mode(host, underlay):
+    """--ipv4=false (Docker 28+): Join gives GatewayIPv6 alone, and the
+    container goes out and is published over IPv6 with no docker_gwbridge."""
+    import docker
+
+    api = docker.APIClient(base_url=f"unix://{host.dir}/docker.sock", version="auto")
+    version = api.version()
+    if tuple(map(int, version["ApiVersion"].split("."))) < (1, 48):
+        reason = f"engine {version['Version']} has no --ipv4=false (Docker 28.0, API 1.48)"
+        print(f"\nskipped: {reason}")
+        pytest.skip(reason)
+    underlay.ip("-6", "addr", "add", f"{UNDERLAY6}/64", "dev", "br0", "nodad")
+    host.run(["ip", "-6", "addr", "add", f"{HOST6}/64", "dev", "eth0", "nodad"])
+    server = underlay.spawn([sys.executable, "-c", WHOAMI, UNDERLAY6, "8007"], "whoami7.log")
+    # Through the API: the CLI under test may be 20.10's, without --ipv4.
+    api._post_json(api._url("/networks/create"), data={
+        "Name": "only6", "Driver": "pyoverlay", "EnableIPv6": True, "EnableIPv4": False,
+        "Options": {"gateway": "pyoverlay"},
+        "IPAM": {"Driver": "pyoverlay", "Config": [{"Subnet": "fd00:20:8::/64"}]}}).raise_for_status()
+    try:
+        host.docker("run", "-d", "--name", "only6", "--network", "only6", "-p", "8087:80", IMAGE, *HTTPD)
+        assert "default via fd00:20:8::1 dev eth0" in host.docker("exec", "only6", "ip", "-6", "route")
+        wait_for(lambda: fetch(underlay, f"http://[{UNDERLAY6}]:8007/") != "", 10, "the IPv6 server on the underlay")
+        assert host.docker("exec", "only6", "wget", "-qO-", f"http://[{UNDERLAY6}]:8007/") == HOST6
+        wait_for(lambda: fetch(underlay, f"http://[{HOST6}]:8087/") == "published-ok\n", 10, "-p 8087 over IPv6")
+    finally:
+        host.docker_proc("rm", "-f", "only6", check=False)
+        host.docker_proc("network", "rm", "only6", check=False)
+        server.kill()
+        host.run(["ip", "-6", "addr", "del", f"{HOST6}/64", "dev", "eth0"], check=False)
+        underlay.ip("-6", "addr", "del", f"{UNDERLAY6}/64", "dev", "br0")

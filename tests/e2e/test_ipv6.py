@@ -11,8 +11,9 @@ at the other network's MAC. A plugin killed and started again keeps the
 containers talking; and removing everything leaves no key in etcd and no
 namespace in any host's kernel.
 
-IPv6 networks are not in the catalog (README, *IPv6*): the same
-`docker network create` is run on each host.
+IPv6 networks are in the catalog, as IPv4 ones: each is created on one
+host and appears on the others with the same subnets (an IPv6-only one
+through the API, --ipv4=false, on engines that have it).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 import docker
 import pytest
 
-from tests.e2e.conftest import FACTORY, etcd_and_hosts
+from tests.e2e.conftest import FACTORY, clear_hosts, etcd_and_hosts
 from tests.hosts import IMAGE, PLUGIN_EXE, NamespaceHost, wait_for
 
 PREFIX = "/pyoverlay/"  # the plugin's default key prefix in etcd
@@ -72,12 +73,7 @@ def hosts(request, cluster):
         if not h.plugin_running:  # a test that failed with its plugin killed
             cluster.start_plugin(h)
     yield cluster.hosts
-    for h in cluster.hosts:
-        containers = h.docker("ps", "-aq").split()
-        if containers:
-            h.docker("rm", "-f", *containers)
-        for name in networks(h):
-            h.docker("network", "rm", name)
+    clear_hosts(cluster.hosts)  # the catalog removes a network from every host once one host does
 
 
 # -- helpers ------------------------------------------------------------------
@@ -87,8 +83,20 @@ def networks(host: NamespaceHost) -> list[str]:
 
 
 def create_on_each(hosts: list[NamespaceHost], name: str, v4: str, v6: str) -> None:
-    for h in hosts:
-        h.docker("network", "create", *DRIVER, "--ipv6", "--subnet", v4, "--subnet", v6, name)
+    """Created on the first host; the catalog makes it on the others, with both subnets."""
+    hosts[0].docker("network", "create", *DRIVER, "--ipv6", "--subnet", v4, "--subnet", v6, name)
+    for h in hosts[1:]:
+        wait_for(lambda: subnets_on(h, name) == {v4, v6}, CONVERGE,
+                 lambda: f"{h.name}: network {name} from the catalog with {v4} {v6} (has: {subnets_on(h, name)})")
+
+
+def subnets_on(host: NamespaceHost, name: str) -> set[str]:
+    proc = host.docker_proc("network", "inspect", "-f", "{{.EnableIPv6}}{{range .IPAM.Config}} {{.Subnet}}{{end}}",
+                            name, check=False)
+    if proc.returncode:
+        return set()
+    enabled, *subnets = proc.stdout.split()
+    return set(subnets) if enabled == "true" else {"ipv6 off"}
 
 
 def start(host: NamespaceHost, name: str, network: str, *opts: str) -> tuple[str, str, str]:
@@ -184,12 +192,13 @@ def test_ipv6_only_network(cluster, hosts):
                   "with Docker 28.0 (API 1.48)")
         print(f"\nskipped: {reason}")  # in the output even without -rs
         pytest.skip(reason)
-    for h in (h1, h2):
-        # Through the API: the CLI under test (Debian's 20.10) has no --ipv4 flag.
-        client = docker.APIClient(base_url=f"unix://{h.dir}/docker.sock", version="auto")
-        client._post_json(client._url("/networks/create"), data={
-                "Name": "six", "Driver": "pyoverlay", "EnableIPv6": True, "EnableIPv4": False,
-                "IPAM": {"Driver": "pyoverlay", "Config": [{"Subnet": "fd00:62::/64"}]}}).raise_for_status()
+    # Through the API: the CLI under test (Debian's 20.10) has no --ipv4 flag. On
+    # h1 only: the catalog makes it on h2, IPv6 only there too.
+    api._post_json(api._url("/networks/create"), data={
+            "Name": "six", "Driver": "pyoverlay", "EnableIPv6": True, "EnableIPv4": False,
+            "IPAM": {"Driver": "pyoverlay", "Config": [{"Subnet": "fd00:62::/64"}]}}).raise_for_status()
+    wait_for(lambda: subnets_on(h2, "six") == {"fd00:62::/64"}, CONVERGE, "network six on h2 from the catalog")
+    assert h2.docker("network", "inspect", "-f", "{{.EnableIPv4}}", "six") == "false"
     v4a, v6a, mac_a = start(h1, "six1", "six")
     v4b, v6b, mac_b = start(h2, "six2", "six")
     assert v4a == v4b == "" and v6a != v6b and v6a.startswith("fd00:62::") and v6b.startswith("fd00:62::")
@@ -226,7 +235,8 @@ def test_removal_leaves_nothing_in_the_store_or_the_kernel(cluster, hosts):
     assert any(k.startswith("addresses/fd00:64::_64/") for k in cluster.keys())
     for h in hosts:
         h.docker("rm", "-f", *h.docker("ps", "-aq").split())
-        h.docker("network", "rm", "gone")
+    hosts[0].docker("network", "rm", "gone")  # the catalog takes it from the others
+    wait_for(lambda: not any(networks(h) for h in hosts), CONVERGE, "network gone to go from every host")
     network_keys = ("overlays", "subnets", "networks", "endpoints", "peers", "pools", "addresses", "blocks")
     wait_for(lambda: not [k for k in cluster.keys() if k.split("/")[0] in network_keys], CONVERGE,
              lambda: f"the store to hold no network: {cluster.keys()}")

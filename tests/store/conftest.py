@@ -4,10 +4,11 @@ may touch only the tests' prefixes; ZooKeeper, one member and a three-member
 ensemble).
 
 The etcd backend runs against a real etcd started once per session on free
-loopback ports; each test gets its own key prefix in it, so tests never see
-each other's keys (revisions, being store-wide, are never assumed contiguous).
-ZooKeeper likewise: one server and one ensemble per session, a root znode per
-test.
+loopback ports (etcd_server, in tests/conftest.py: the IPAM tests share it);
+each test gets its own key prefix in it, so tests never see each other's
+keys (revisions, being store-wide, are never assumed contiguous). ZooKeeper
+likewise: one server (zk_server, there too) and one ensemble per session, a
+root znode per test.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from driver.store.follow import follow
 from driver.store.memory import MemoryStore
 from driver.store.sqlite import SqliteStore
 from tests.etcdserver import EtcdServer
-from tests.zkserver import ZkEnsemble, ZkServer
+from tests.zkserver import ZkEnsemble
 
 BACKENDS = ["memory", "sqlite", "etcd", "etcd-auth", "zk", "zk3"]
 
@@ -168,14 +169,6 @@ def followers():
         f.close()
 
 
-@pytest.fixture(scope="session")
-def etcd_server():
-    server = EtcdServer()
-    server.start()
-    yield server
-    server.close()
-
-
 def etcd_store(server: EtcdServer, **kw) -> EtcdStore:
     kw.setdefault("prefix", f"/test-{uuid.uuid4().hex[:8]}/")
     return EtcdStore([server.endpoint], **kw)
@@ -226,14 +219,6 @@ def etcd_auth_store(server: EtcdServer, **kw) -> EtcdStore:
     kw.setdefault("user", AUTH_USER)
     kw.setdefault("password", AUTH_PASSWORD)
     return EtcdStore([server.endpoint], **kw)
-
-
-@pytest.fixture(scope="session")
-def zk_server():
-    server = ZkServer()
-    server.start()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="session")
