@@ -191,6 +191,33 @@ def test_never_leaves_off_subnet_peers_unreachable_and_says_so(lab):
     assert lab.dp["h1"].peers(B) == set()  # no VXLAN at all
 
 
+def test_doctor_reports_routes_and_unreachable_hosts(lab):
+    from driver.model import Network, Overlay
+    from driver.state import State
+    from ops.doctor import FAIL, OK, WARN, Doctor
+
+    state = State(lab.store)
+    for vni, encap, subnet in ((A, "cross-subnet", "10.95.1.0/24"), (B, "never", "10.95.2.0/24")):
+        state.create_overlay(Overlay(vni=vni, subnet=subnet, mtu=1450, networks={"10.96.0.1": f"n{vni}"},
+                                     encap=encap), claim_subnet=False)
+        state.create_network(Network(network_id=f"n{vni}", vni=vni, host="10.96.0.1", mtu=1450, subnet=subnet))
+    try:
+        doctor = Doctor(lab.store, "10.96.0.1", lab.dp["h1"])
+        check = doctor.check_direct()
+        assert check.status == WARN, check
+        assert any("VNI 4302 (encap=never): hosts 10.96.1.3 are off" in d for d in check.details), check
+        assert doctor.check_peers().status == OK  # vxlan0 holds exactly the cross-subnet peer
+        sh(lab.dp["h1"].netns_name(A), "ip", "route", "del", "10.95.1.12/32")
+        check = doctor.check_direct()
+        assert check.status == FAIL and "VNI 4301: missing route to 10.95.1.12 via direct0" in check.details[0]
+    finally:
+        lab.sync["h1"]._on_snapshot(*lab.store.list("peers/"))  # puts the route back (as a restart would)
+        for vni in (A, B):
+            lab.store.delete(f"networks/n{vni}")
+            lab.store.delete(f"overlays/{vni}")
+    assert "10.95.1.12" in lab.dp["h1"].direct_routes(A)
+
+
 def test_networks_are_isolated(lab):
     """B's containers reach B's, never A's (and the reverse), on the same and other hosts."""
     wait_for(lambda: pings(lab.b1, "10.95.1.112"), 5, "b1 to ping b2")
