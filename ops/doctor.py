@@ -289,7 +289,8 @@ class Doctor:
                 have = self.dataplane.direct_routes(vni)
                 problems += [f"VNI {vni}: missing route to {ip} via {dev} ({mac})"
                              for ip, (dev, mac) in sorted(want.items()) if have.get(ip) != (dev, mac)]
-                problems += [f"VNI {vni}: stale route to {ip} via {have[ip][0]}" for ip in sorted(have.keys() - want.keys())]
+                problems += [f"VNI {vni}: stale route to {ip} via {have[ip][0]}"
+                             for ip in sorted(have.keys() - want.keys())]
                 if off:
                     notes.append(f"VNI {vni} (encap=never): hosts {', '.join(sorted(off))} are off this host's "
                                  f"underlay subnet {self.dataplane.underlay_subnet()}: their containers on it are "
