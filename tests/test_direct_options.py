@@ -86,3 +86,50 @@ def test_restore_makes_the_macvlan_again(world):
     driver.restore()
     assert ("create_direct", VNI) in kernel.calls
     assert ("added", VNI, False, "cross-subnet") in peers.calls
+
+
+class DirectRecorder:
+    """Peer sync's view of a direct-mode dataplane: the underlay is 10.99.0.0/24."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def same_subnet(self, vtep):
+        return vtep.startswith("10.99.0.")
+
+    def underlay_subnet(self):
+        return "10.99.0.0/24"
+
+    def set_peers(self, vni, peers, flood=()):
+        self.calls.append(("vxlan", vni, frozenset(p.ip for p in peers)))
+        return 0, 0
+
+    def set_direct(self, vni, remote, local):
+        self.calls.append(("direct", vni, frozenset(p.ip for p in remote), frozenset(p.ip for p in local)))
+        return 0, 0
+
+
+@pytest.mark.parametrize("encap, vxlan", [("cross-subnet", {"10.20.0.3"}), ("never", set())])
+def test_peer_sync_splits_peers_by_underlay_subnet(encap, vxlan):
+    from driver.model import Peer
+    from driver.peersync import PeerSync
+    from driver.state import peer_key
+    from tests.hosts import wait_for
+
+    store = open_store("memory://")
+    dataplane = DirectRecorder()
+    sync = PeerSync(store, dataplane, vtep="10.99.0.1")
+    sync.start()
+    try:
+        assert sync.synced.wait(5)
+        sync.network_added(5000, encap=encap)
+        for i, vtep in ((1, "10.99.0.1"), (2, "10.99.0.2"), (3, "10.98.0.3")):
+            store.put(peer_key(5000, f"e{i}" * 32), Peer(ip=f"10.20.0.{i}", mac=f"02:50:0a:14:00:0{i}",
+                                                         vtep=vtep).to_json())
+        want = ("direct", 5000, frozenset({"10.20.0.2"}), frozenset({"10.20.0.1"}))
+        wait_for(lambda: dataplane.calls[-1:] == [want], 5, "the three peers split")
+        assert dataplane.calls[-2] == ("vxlan", 5000, frozenset(vxlan))
+        assert sync.unreachable(5000) == ({"10.98.0.3"} if encap == "never" else set())
+    finally:
+        sync.stop()
+        store.close()
