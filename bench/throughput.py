@@ -106,9 +106,9 @@ def ensure_network(host, name: str, args: list[str]) -> None:
                  f"{host.name}: network {name} (create said: {made.stderr.strip()})")
 
 
-def make_pair(ctx, net: str, subnet: str, vni: int, mtu_opt: Optional[int] = None) -> Pair:
+def make_pair(ctx, net: str, subnet: str, vni: int, mtu_opt: Optional[int] = None, opts: tuple = ()) -> Pair:
     a, b = ctx._tp_hosts
-    args = ["-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet", subnet, "-o", f"vni={vni}"]
+    args = ["-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet", subnet, "-o", f"vni={vni}", *opts]
     if mtu_opt:
         args += ["-o", f"com.docker.network.driver.mtu={mtu_opt}"]
     for h in (a, b):
@@ -394,6 +394,10 @@ def run(ctx) -> dict:
     mtu = int(json.loads(_overlay_ns(a, VNI, "ip", "-j", "link", "show", "vxlan0").stdout)[0]["mtu"])
     ctx.log(f"throughput: {n_default} rounds of {seconds} s, one stream, overlay MTU {mtu}")
     default = measure(f"pyoverlay as it is (underlay MTU 1500, overlay {mtu})", pair, n_default)
+    # Direct mode (-o encap=never): the same hosts and MTU, routed instead of VXLAN (issue 14).
+    direct_pair = make_pair(ctx, "tpd", "10.62.0.0/24", VNI + 2, opts=("-o", "encap=never"))
+    measure(f"direct mode, -o encap=never (no VXLAN between the hosts; overlay {mtu})", direct_pair, n_default)
+    drop_pair(direct_pair)
     extra = {}
     if not ctx.quick:
         # Settings the plugin may apply, each against how the plugin sets things now, in the
@@ -477,7 +481,7 @@ def run(ctx) -> dict:
                  f"{fmt(r0, 3)} ({fmt(median(default['over']), 1)} / {fmt(median(default['under']), 1)} Gbit/s)",
                  f">= {GOAL}", r0 is not None and r0 >= GOAL)]
     for label, r in results[1:]:
-        if label.startswith("jumbo"):
+        if label.startswith(("jumbo", "direct mode")):
             headline.append((label, f"{fmt(r['ratio'], 3)} ({fmt(median(r['over']), 1)} / "
                                     f"{fmt(median(r['under']), 1)} Gbit/s)", "", None))
     return {"name": NAME, "title": TITLE, "markdown": md, "headline": headline,

@@ -67,9 +67,10 @@ class Overlay(Record):
     multicast: bool = False  # -o multicast=true: broadcast and multicast flood to every host with a peer
     encrypted: bool = False  # -o encrypted=true: its VXLAN between hosts goes through the tunnel
     subnet6: str = ""  # a dual-stack overlay's IPv6 subnet (subnet is its IPv4 one; an IPv6-only overlay's is there)
+    encap: str = ""  # -o encap=cross-subnet|never: routed between hosts on one underlay subnet; "": always VXLAN
 
     def to_json(self) -> str:
-        return _without_empty(self, ("block_size", "multicast", "encrypted", "subnet6"))
+        return _without_empty(self, ("block_size", "multicast", "encrypted", "subnet6", "encap"))
 
 
 @dataclass

@@ -38,13 +38,13 @@ OPT_IPV6 = "com.docker.network.enable_ipv6"
 OPT_IPV4 = "com.docker.network.enable_ipv4"
 OPT_INTERNAL = "com.docker.network.internal"
 OPT_BLOCK_SIZE = "block_size"  # prefix length of the per-host address blocks (driver/blocks.py)
-ACCEPTED_OPTIONS = (OPT_VNI, OPT_MTU, OPT_BLOCK_SIZE, OPT_MULTICAST, OPT_GATEWAY, OPT_ENCRYPTED)
+ACCEPTED_OPTIONS = (OPT_VNI, OPT_MTU, OPT_BLOCK_SIZE, OPT_MULTICAST, OPT_GATEWAY, OPT_ENCRYPTED, rules.OPT_ENCAP)
 
 
 class PeerTable(Protocol):
     """What the driver tells the peer sync: which overlays this host carries."""
 
-    def network_added(self, vni: int, multicast: bool = False) -> None: ...
+    def network_added(self, vni: int, multicast: bool = False, encap: str = "") -> None: ...
 
     def restored(self) -> None:
         """Every overlay this host carries has been named (after a start)."""
@@ -142,7 +142,8 @@ class NetworkDriver:
                 f"unknown option {', '.join('-o ' + u for u in unknown)}; pyoverlay accepts "
                 f"-o {OPT_VNI}=<{VNI_MIN}-{VNI_MAX}>, -o {OPT_MTU}=<bytes>, "
                 f"-o {OPT_BLOCK_SIZE}=<prefix length>, -o {OPT_MULTICAST}=true|false, "
-                f"-o {OPT_GATEWAY}=pyoverlay|docker_gwbridge and -o {OPT_ENCRYPTED}=true|false"
+                f"-o {OPT_GATEWAY}=pyoverlay|docker_gwbridge, -o {OPT_ENCRYPTED}=true|false and "
+                f"-o {rules.OPT_ENCAP}=always|cross-subnet|never"
             )
         subnet4 = None if no_v4 else self._subnet(ipv4_data)
         subnet6 = self._subnet(ipv6_data, v6=True) if v6 else None
@@ -163,6 +164,8 @@ class NetworkDriver:
         gateway = self._gateway_address(ipv6_data if no_v4 else ipv4_data, gateway_mode)
         gateway6 = self._gateway_address(ipv6_data, gateway_mode) if dual6 else ""
         encrypted = encrypted_option(generic)
+        encap = rules.encap_option(generic)
+        rules.check_encap_fits(encap, multicast, encrypted, bool(subnet6))
 
         if self.state.network(network_id):
             return  # the engine repeated itself
@@ -172,7 +175,8 @@ class NetworkDriver:
         if checked:
             max_mtu -= TUNNEL_OVERHEAD
         mtu = rules.mtu_option(generic, max_mtu)
-        vni = self._join_overlay(network_id, subnet, vni, mtu, max_mtu, block_size, multicast, encrypted, dual6)
+        vni = self._join_overlay(network_id, subnet, vni, mtu, max_mtu, block_size, multicast, encrypted, dual6,
+                                 encap)
         with self._locks[vni]:
             overlay = self.state.overlay(vni)
             if overlay.encrypted and not checked:  # made encrypted by another host meanwhile
@@ -193,6 +197,12 @@ class NetworkDriver:
                     self.dataplane.create_network(vni, network.mtu, encrypted=True)
                 else:
                     self.dataplane.create_network(vni, network.mtu)
+                if overlay.encap:
+                    try:
+                        self.dataplane.create_direct(vni)
+                    except Exception:
+                        self.dataplane.delete_network(vni)
+                        raise
                 if self.dns is not None and subnet4:  # the resolver answers on IPv4 only
                     try:
                         self.dns.network_added(vni, subnet)
@@ -216,9 +226,16 @@ class NetworkDriver:
                 self._leave_overlay(vni, network_id)
                 self.state.delete_network(network_id)
                 raise
-            self.peers.network_added(vni, overlay.multicast)
+            self._peers_added(vni, overlay.multicast, overlay.encap)
         log.info("network %s: overlay vni %d subnet %s mtu %d", network_id[:12], vni,
                  " ".join(network.subnets()), network.mtu)
+
+    def _peers_added(self, vni: int, multicast: bool, encap: str) -> None:
+        # encap only when set: peer tables that predate direct mode take (vni, multicast).
+        if encap:
+            self.peers.network_added(vni, multicast, encap)
+        else:
+            self.peers.network_added(vni, multicast)
 
     def _overlay_encrypted(self, subnet: str, vni: Optional[int]) -> bool:
         """Is the overlay this network would join (by VNI, else by subnet) encrypted?"""
@@ -267,7 +284,7 @@ class NetworkDriver:
 
     def _join_overlay(self, network_id: str, subnet: str, vni: Optional[int], mtu: Optional[int], max_mtu: int,
                       block_size: Optional[int] = None, multicast: Optional[bool] = None,
-                      encrypted: Optional[bool] = None, subnet6: str = "") -> int:
+                      encrypted: Optional[bool] = None, subnet6: str = "", encap: Optional[str] = None) -> int:
         """Find or make the overlay for this subnet/VNI and record this host on it."""
         for _ in range(20):
             claim = self.state.subnet_claim(subnet)
@@ -277,7 +294,7 @@ class NetworkDriver:
             if overlay is None:
                 overlay = Overlay(vni=target, subnet=subnet, mtu=mtu or max_mtu, networks={self.host: network_id},
                                   block_size=block_size or 0, multicast=bool(multicast), encrypted=bool(encrypted),
-                                  subnet6=subnet6)
+                                  subnet6=subnet6, encap="" if encap in (None, rules.ENCAP_ALWAYS) else encap)
                 if self.state.create_overlay(overlay, claim_subnet=claim is None):
                     return target
                 continue  # another host made it first: join theirs
@@ -290,6 +307,7 @@ class NetworkDriver:
                 rules.check_overlay_multicast(target, multicast, current.multicast)
                 check_overlay_encrypted(target, encrypted, current.encrypted)
                 rules.check_overlay_subnet6(target, subnet6, current.subnet6)
+                rules.check_overlay_encap(target, encap, current.encap)
                 used = current.block_size or default_block_size(ipaddress.ip_network(subnet))
                 if block_size is not None and block_size != used:
                     raise DriverError(
@@ -531,6 +549,7 @@ class NetworkDriver:
         overlays = self.state.overlays()
         multicast = {o.vni for o in overlays if o.multicast}
         encrypted = {o.vni for o in overlays if o.encrypted}
+        encap = {o.vni: o.encap for o in overlays if o.encap}
         for vni, network in wanted.items():
             with self._locks[vni]:
                 # Missing namespaces are made; present ones converge (MTU) and
@@ -540,11 +559,13 @@ class NetworkDriver:
                         continue
                 else:
                     self.dataplane.create_network(vni, network.mtu)
+                if vni in encap:
+                    self.dataplane.create_direct(vni)  # the macvlan again, if the namespace was made anew
                 if self.dns is not None and ":" not in network.subnet:
                     self.dns.network_added(vni, network.subnet)
                 for stale in found.stale_veths.get(vni, ()):
                     self.dataplane.delete_endpoint(vni, stale)
-                self.peers.network_added(vni, vni in multicast)
+                self._peers_added(vni, vni in multicast, encap.get(vni, ""))
         self.peers.restored()
         if self.gateway is not None:
             # Uplinks of gateway-mode networks, and the NAT table rewritten from

@@ -10,6 +10,13 @@ An overlay made with -o multicast=true also gets a flood list: the distinct
 remote VTEPs with at least one peer on it (a host with no container there has
 no receiver). It follows the same watch: a VTEP joins the list with its first
 peer on the overlay and leaves it with its last.
+
+An overlay made with -o encap=cross-subnet|never (direct mode) is programmed
+from the same table in two parts: remote peers whose host is on this host's
+underlay subnet, and the local ones, become routes (dataplane/direct.py); the
+rest go to vxlan0 as usual (cross-subnet) or are unreachable (never: logged,
+and listed by unreachable() for status and doctor). Such an overlay is
+reprogrammed whole (one dump, then the differences) after each batch of events.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ class PeerSync:
         # the flood list is its keys, kept incrementally as _vteps is.
         self._flood: dict[int, Counter[str]] = {}
         self._told: Optional[frozenset[str]] = None
+        self._direct: dict[int, str] = {}  # VNI -> encap, for the direct-mode overlays this host carries
+        self._unreachable: dict[int, frozenset[str]] = {}  # encap=never: VTEPs off the underlay subnet
         self._lock = threading.Lock()
         self.synced = threading.Event()  # set after the first snapshot is applied
         self._watch = store_watch("peers", "peer-sync", store, PEERS, self._on_snapshot, self._on_events, metrics)
@@ -108,14 +117,45 @@ class PeerSync:
             self.on_vteps(set(vteps))
             self._told = vteps
 
+    def unreachable(self, vni: int) -> set[str]:
+        """Hosts (VTEPs) with a peer on an encap=never overlay that this host cannot reach."""
+        with self._lock:
+            return set(self._unreachable.get(vni, ()))
+
+    def _program(self, vni: int) -> tuple[int, int]:
+        """The kernel made to match the table for one overlay this host carries."""
+        encap = self._direct.get(vni)
+        if encap is None:
+            return self.dataplane.set_peers(vni, self._remote(vni), self._flood_list(vni))
+        remote = self._remote(vni)
+        direct = [p for p in remote if self.dataplane.same_subnet(p.vtep)]
+        off = [p for p in remote if p not in direct]
+        local = [p for p in self._table.get(vni, {}).values() if p.vtep == self.vtep]
+        unreachable = frozenset(p.vtep for p in off) if encap == "never" else frozenset()
+        if unreachable != self._unreachable.get(vni, frozenset()):
+            if unreachable:
+                log.warning("vni %d (encap=never): hosts %s are off this host's underlay subnet %s; their "
+                            "containers on it are unreachable from here", vni, ", ".join(sorted(unreachable)),
+                            self.dataplane.underlay_subnet())
+            self._unreachable[vni] = unreachable
+        added, removed = self.dataplane.set_peers(vni, off if encap != "never" else [], ())
+        d_added, d_removed = self.dataplane.set_direct(vni, direct, local)
+        return added + d_added, removed + d_removed
+
     def _remote(self, vni: int) -> list[Peer]:
         return [p for p in self._table.get(vni, {}).values() if p.vtep != self.vtep]
 
     # Driver side: which overlays this host carries.
 
-    def network_added(self, vni: int, multicast: bool = False) -> None:
-        """multicast: the overlay floods broadcast and multicast to every host with a peer on it."""
+    def network_added(self, vni: int, multicast: bool = False, encap: str = "") -> None:
+        """multicast: the overlay floods broadcast and multicast to every host with a peer on it.
+        encap: cross-subnet or never for a direct-mode overlay ("": VXLAN only)."""
         with self._lock:
+            if encap:
+                self._direct[vni] = encap
+            else:
+                self._direct.pop(vni, None)
+                self._unreachable.pop(vni, None)
             if vni not in self._local:
                 self._local.add(vni)
                 self._count(vni, +1)
@@ -127,7 +167,7 @@ class PeerSync:
             # Before the first snapshot the table is empty: reconciling to it
             # would wipe the entries a restarted plugin finds in the kernel.
             if self.synced.is_set():
-                self._reconciled(*self.dataplane.set_peers(vni, self._remote(vni), self._flood_list(vni)))
+                self._reconciled(*self._program(vni))
                 self._vteps_changed()
 
     def network_removed(self, vni: int) -> None:
@@ -136,6 +176,8 @@ class PeerSync:
                 self._count(vni, -1)
                 self._local.discard(vni)
             self._flood.pop(vni, None)
+            self._direct.pop(vni, None)
+            self._unreachable.pop(vni, None)
             self._vteps_changed()
 
     def restored(self) -> None:
@@ -159,7 +201,7 @@ class PeerSync:
                 self._count(vni, +1)
                 self._count_flood(vni)
             for vni in self._local:
-                added, removed = self.dataplane.set_peers(vni, self._remote(vni), self._flood_list(vni))
+                added, removed = self._program(vni)
                 self._reconciled(added, removed)
                 if added or removed:
                     log.info("vni %d: reconciled peers (+%d -%d)", vni, added, removed)
@@ -168,6 +210,7 @@ class PeerSync:
 
     def _on_events(self, events: list[Event]) -> None:
         with self._lock:
+            dirty: set[int] = set()  # direct-mode overlays to reprogram after the batch
             for event in events:
                 entry = decode_peer(event.key, event.value if event.kind == "put" else None)
                 if entry is None:
@@ -183,7 +226,9 @@ class PeerSync:
                         # The new VTEP first: a peer written again never leaves the list for a moment.
                         self._reflood(vni, peer, +1)
                         self._reflood(vni, old, -1)
-                    if vni in self._local and peer.vtep != self.vtep and peer != old:
+                    if vni in self._direct and vni in self._local:
+                        dirty.add(vni)
+                    elif vni in self._local and peer.vtep != self.vtep and peer != old:
                         self.dataplane.add_peer(vni, peer)
                         if self.metrics is not None:
                             self.metrics.peer_update("add")
@@ -192,7 +237,9 @@ class PeerSync:
                     if vni in self._local:
                         self._recount(peer, -1)
                         self._reflood(vni, peer, -1)
-                    if vni in self._local and peer is not None and peer.vtep != self.vtep:
+                    if vni in self._direct and vni in self._local:
+                        dirty.add(vni)
+                    elif vni in self._local and peer is not None and peer.vtep != self.vtep:
                         self.dataplane.remove_peer(vni, peer)
                         if self.metrics is not None:
                             self.metrics.peer_update("remove")
@@ -201,4 +248,6 @@ class PeerSync:
                         for twin in peers.values():
                             if twin.vtep != self.vtep and (set(twin.ips()) & set(peer.ips()) or twin.mac == peer.mac):
                                 self.dataplane.add_peer(vni, twin)
+            for vni in sorted(dirty):
+                self._reconciled(*self._program(vni))
             self._vteps_changed()

@@ -225,3 +225,51 @@ def free_vni(used: Iterable[int]) -> int:
             return vni
     raise DriverError(f"every VNI from {VNI_AUTO_START} to {VNI_MAX} is in use; pass -o {OPT_VNI}=<a free one below "
                       f"{VNI_AUTO_START}> or remove unused networks")
+
+
+# -- direct mode (-o encap=...) ------------------------------------------------------
+
+OPT_ENCAP = "encap"
+ENCAP_ALWAYS = "always"  # VXLAN to every host: the default
+ENCAP_CROSS_SUBNET = "cross-subnet"  # routed to hosts on this host's underlay subnet, VXLAN to the others
+ENCAP_NEVER = "never"  # routed only; a host off the underlay subnet is unreachable
+ENCAP_MODES = (ENCAP_ALWAYS, ENCAP_CROSS_SUBNET, ENCAP_NEVER)
+
+
+def encap_option(options: dict) -> Optional[str]:
+    """-o encap=always|cross-subnet|never; None when not given (the overlay's own, else always)."""
+    if OPT_ENCAP not in options:
+        return None
+    value = str(options[OPT_ENCAP]).strip().lower()
+    if value not in ENCAP_MODES:
+        raise DriverError(f"-o {OPT_ENCAP}={options[OPT_ENCAP]} is not valid: use -o {OPT_ENCAP}=always (VXLAN to "
+                          f"every host, the default), -o {OPT_ENCAP}=cross-subnet (no VXLAN to hosts on this "
+                          f"host's underlay subnet) or -o {OPT_ENCAP}=never (no VXLAN at all)")
+    return value
+
+
+def check_encap_fits(encap: Optional[str], multicast: Optional[bool], encrypted: Optional[bool],
+                     ipv6: bool) -> None:
+    """Direct mode routes IPv4 unicast in clear text: refuse what it cannot carry."""
+    if encap in (None, ENCAP_ALWAYS):
+        return
+    if multicast:
+        raise DriverError(f"-o {OPT_ENCAP}={encap} routes unicast only and cannot flood broadcast and multicast: "
+                          f"leave out -o {OPT_MULTICAST}=true, or leave out -o {OPT_ENCAP} (VXLAN)")
+    if encrypted:
+        raise DriverError(f"-o {OPT_ENCAP}={encap} sends container traffic between hosts unencapsulated, so it "
+                          f"cannot be encrypted: leave out -o encrypted=true, or leave out -o {OPT_ENCAP} (VXLAN)")
+    if ipv6:
+        raise DriverError(f"-o {OPT_ENCAP}={encap} routes IPv4 only: leave out --ipv6 (and its IPv6 subnet), "
+                          f"or leave out -o {OPT_ENCAP} (VXLAN)")
+
+
+def check_overlay_encap(vni: int, encap: Optional[str], overlay_encap: str) -> None:
+    """Every host of an overlay encapsulates as it was made (it cannot change later)."""
+    have = overlay_encap or ENCAP_ALWAYS
+    if encap is not None and encap != have:
+        raise DriverError(
+            f"the pyoverlay network with VNI {vni} was made with -o {OPT_ENCAP}={have} on other hosts; use "
+            f"-o {OPT_ENCAP}={have} or leave the option out. It is fixed when the network is made: to change it, "
+            "remove the network on every host and create it again"
+        )

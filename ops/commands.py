@@ -301,6 +301,11 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
                 notes.append(f"{host}: being removed, in use by {', '.join(sorted(rec.containers.values()))}")
         multicast = overlay.multicast if overlay else entry.multicast
         encrypted = overlay.encrypted if overlay else entry.encrypted
+        encap = (overlay.encap if overlay else "") or "always"
+        if encap == "never":
+            # Which hosts cannot reach which depends on each host's underlay prefix: doctor knows it there.
+            notes.append("encap=never: hosts on different underlay subnets cannot reach each other's containers "
+                         "on it; `pyoverlay doctor` on a host names the hosts it cannot reach")
         networks.append({
             "name": name,
             "vni": vni,
@@ -318,6 +323,8 @@ def collect_status(store: Store, now: Optional[float] = None) -> dict:
             "hosts": sorted(overlay.networks if overlay else [], key=_host_order),
             "endpoints": count.get(vni, 0),
             "notes": notes,
+            # cross-subnet or never (direct mode); left out for VXLAN, as records leave out unset options.
+            **({"encap": encap} if encap != "always" else {}),
             # A dual-stack network's IPv6 subnet (left out for others: the rows read as before).
             **({"subnet6": overlay.subnet6} if overlay and overlay.subnet6 else {}),
         })

@@ -24,6 +24,7 @@ from dataclasses import asdict
 from typing import Optional
 
 from driver.dataplane import Dataplane, DataplaneError, default_route_address
+from driver.dataplane.direct import direct_mac
 from driver.defaults import DRIVER_NAME
 from driver.drift import KernelView, StoreView, drift
 from driver.engine import Engine, EngineRefused, EngineUnavailable
@@ -73,7 +74,11 @@ class Doctor:
         checks.append(self.check_underlay(store_ok))
         checks.append(self.check_vxlan_port(store_ok))
         if store_ok:
-            checks += [self.check_overlays(), self.check_peers(), self.check_engine()]
+            checks += [self.check_overlays(), self.check_peers()]
+            direct = self.check_direct()
+            if direct is not None:  # only where a direct-mode network is
+                checks.append(direct)
+            checks.append(self.check_engine())
             crypto = check_encryption(self.state, self.dataplane, self.host, self.key_dir) if self.key_dir else None
             if crypto is not None:  # only on a host with encrypted networks (or a tunnel left over)
                 checks.append(crypto)
@@ -225,7 +230,11 @@ class Doctor:
                 expected.setdefault(vni, set()).add(record)
             wanted = {n.vni for n in self._local_networks()}
             have = self.dataplane.networks()
-            multicast = {o.vni for o in self.state.overlays() if o.multicast}
+            overlays = self.state.overlays()
+            multicast = {o.vni for o in overlays if o.multicast}
+            for o in overlays:
+                if o.encap and o.vni in expected:  # direct mode: vxlan0 holds only what goes through it
+                    expected[o.vni] = {p for p in expected[o.vni] if self._through_vxlan(o.encap, p.vtep)}
             kernel = KernelView(namespaces=have, peers={vni: self.dataplane.peers(vni) for vni in wanted & have},
                                 flood={vni: self.dataplane.flood(vni) for vni in wanted & have})
             found = drift(StoreView(networks=wanted, peers=expected, vtep=self.host, multicast=multicast), kernel)
@@ -247,6 +256,55 @@ class Doctor:
         flooding = sum(map(len, kernel.flood.values()))
         return Check("peers", OK, f"the kernel holds exactly the store's {total} remote peer(s)"
                                   + (f" and {flooding} flood entr{'y' if flooding == 1 else 'ies'}" if flooding else ""))
+
+    def _through_vxlan(self, encap: str, vtep: str) -> bool:
+        return encap == "cross-subnet" and vtep != self.host and not self.dataplane.same_subnet(vtep)
+
+    def check_direct(self) -> Optional[Check]:
+        """Direct-mode overlays (-o encap=...): direct0 there, each route and
+        neighbour as the store's peers want, and the hosts encap=never cannot reach."""
+        try:
+            direct = {o.vni: o.encap for o in self.state.overlays() if o.encap}
+            local = {n.vni for n in self._local_networks()} & set(direct) & self.dataplane.networks()
+            if not local:
+                return None
+            peers: dict[int, list[Peer]] = {}
+            for vni, _, record in self.state.peers():
+                if vni in local:
+                    peers.setdefault(vni, []).append(record)
+            problems, notes = [], []
+            for vni in sorted(local):
+                if not self.dataplane.has_direct(vni):
+                    problems.append(f"VNI {vni}: no direct0 in {self.dataplane.netns_name(vni)}: containers on "
+                                    "other hosts are cut off; restart the plugin (its start re-creates it)")
+                    continue
+                want, off = {}, set()
+                for p in peers.get(vni, ()):
+                    if p.vtep == self.host:
+                        want[p.ip] = ("br0", p.mac)
+                    elif self.dataplane.same_subnet(p.vtep):
+                        want[p.ip] = ("direct0", direct_mac(p.vtep, vni))
+                    elif direct[vni] == "never":
+                        off.add(p.vtep)
+                have = self.dataplane.direct_routes(vni)
+                problems += [f"VNI {vni}: missing route to {ip} via {dev} ({mac})"
+                             for ip, (dev, mac) in sorted(want.items()) if have.get(ip) != (dev, mac)]
+                problems += [f"VNI {vni}: stale route to {ip} via {have[ip][0]}"
+                             for ip in sorted(have.keys() - want.keys())]
+                if off:
+                    notes.append(f"VNI {vni} (encap=never): hosts {', '.join(sorted(off))} are off this host's "
+                                 f"underlay subnet {self.dataplane.underlay_subnet()}: their containers on it are "
+                                 "unreachable from here; recreate the network with -o encap=cross-subnet to reach "
+                                 "them over VXLAN")
+        except (StoreError, DataplaneError, OSError) as e:
+            return Check("direct", FAIL, f"cannot compare: {e}")
+        if problems:
+            return Check("direct", FAIL, f"{len(problems)} direct-mode route(s) wrong: traffic to those containers "
+                                         "is lost; restart the plugin (its start reconciles the kernel with the "
+                                         "store)", problems + notes)
+        if notes:
+            return Check("direct", WARN, f"{len(local)} direct-mode network(s); some hosts are unreachable", notes)
+        return Check("direct", OK, f"{len(local)} direct-mode network(s): routes as the store says")
 
     def check_engine(self) -> Check:
         if self.engine is None:

@@ -10,6 +10,7 @@ imports pyroute2 or runs nft). One file per stage, behind one front class:
     egress.py     gateway mode: a network's uplink to the host (-o gateway=pyoverlay)
     natrules.py   gateway mode: egress masquerade and published ports (nft)
     crypto.py     encrypted overlays: the WireGuard tunnel between hosts
+    direct.py     direct mode (-o encap=...): direct0 and routes to peers on the underlay subnet
     dnsplane.py   the cluster resolver's addresses, routes and sockets
     protocol.py   what the network driver asks of all this (for stand-ins)
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 from .base import DataplaneError
 from .egress import EgressStage
 from .crypto import CryptoStage
+from .direct import DirectStage
 from .endpoints import EndpointStage
 from .host import HostStage, default_route_address
 from .networks import NetworkStage, VxlanSettings
@@ -40,7 +42,7 @@ from .protocol import KernelLayer
 __all__ = ["Dataplane", "DataplaneError", "KernelLayer", "VxlanSettings", "default_route_address"]
 
 
-class Dataplane(HostStage, NetworkStage, EndpointStage, PeerStage, EgressStage, CryptoStage):
+class Dataplane(HostStage, NetworkStage, EndpointStage, PeerStage, EgressStage, CryptoStage, DirectStage):
     """One host's overlays: namespaces, bridges, vxlans, veths and peers.
 
     Dataplane(vtep, vxlan_port=4789, netns_dir="/run/netns", host_netns=None)

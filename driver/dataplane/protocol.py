@@ -20,6 +20,9 @@ class KernelLayer(Protocol):
         """Namespace, br0 and vxlan0 for the overlay; idempotent, converges the MTU.
         encrypted: vxlan0 on the encrypted port, whose traffic goes through the tunnel."""
 
+    def create_direct(self, vni: int) -> None:
+        """Direct mode's macvlan and routing in the overlay namespace (after create_network); idempotent."""
+
     def delete_network(self, vni: int) -> None:
         """The namespace and everything in it; idempotent."""
 
