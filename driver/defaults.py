@@ -26,6 +26,8 @@ OPT_MTU = "com.docker.network.driver.mtu"
 OPT_MULTICAST = "multicast"
 #: true: the overlay's VXLAN between hosts is encrypted and authenticated (driver/encryption.py).
 OPT_ENCRYPTED = "encrypted"
+#: -o encap=always|cross-subnet|never (direct mode, driver/dataplane/direct.py)
+OPT_ENCAP = "encap"
 #: The VXLAN network identifier is 24 bits; 0 means none.
 VNI_MAX = 2**24 - 1
 #: Where a /24 comes from for a network created without --subnet.

@@ -14,7 +14,7 @@ import json
 import secrets
 from dataclasses import asdict, dataclass, field
 
-from .defaults import KEY_ROTATION, OPT_ENCRYPTED, OPT_MTU, OPT_MULTICAST, OPT_VNI
+from .defaults import KEY_ROTATION, OPT_ENCAP, OPT_ENCRYPTED, OPT_MTU, OPT_MULTICAST, OPT_VNI
 
 
 def _without_empty(record, names: tuple[str, ...]) -> str:
@@ -232,10 +232,11 @@ class NamedNetwork(Record):
     # A dual-stack network's IPv6 subnet and gateway (an IPv6-only network's are subnet and gateway).
     subnet6: str = ""
     gateway6: str = ""
+    encap: str = ""  # -o encap=cross-subnet|never (rules.ENCAP_MODES); "": always VXLAN
 
     def to_json(self) -> str:
         data = asdict(self)
-        for name in ("multicast", "gateway_mode", "encrypted", "subnet6", "gateway6"):
+        for name in ("multicast", "gateway_mode", "encrypted", "subnet6", "gateway6", "encap"):
             if not data[name]:
                 del data[name]  # entries without them read as before, byte for byte
         return json.dumps(data, sort_keys=True)
@@ -250,6 +251,8 @@ class NamedNetwork(Record):
             options["gateway"] = self.gateway_mode
         if self.encrypted:
             options[OPT_ENCRYPTED] = "true"
+        if self.encap:
+            options[OPT_ENCAP] = self.encap
         return options
 
     def subnets(self) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Iterable, Optional
 
-from .defaults import OPT_MTU, OPT_MULTICAST, OPT_VNI, VNI_MAX  # noqa: F401 (the rules' names)
+from .defaults import OPT_ENCAP, OPT_MTU, OPT_MULTICAST, OPT_VNI, VNI_MAX  # noqa: F401 (the rules' names)
 from .errors import DriverError
 
 # Options of `docker network create -o` (also `pyoverlay network create -o`).
@@ -229,7 +229,6 @@ def free_vni(used: Iterable[int]) -> int:
 
 # -- direct mode (-o encap=...) ------------------------------------------------------
 
-OPT_ENCAP = "encap"
 ENCAP_ALWAYS = "always"  # VXLAN to every host: the default
 ENCAP_CROSS_SUBNET = "cross-subnet"  # routed to hosts on this host's underlay subnet, VXLAN to the others
 ENCAP_NEVER = "never"  # routed only; a host off the underlay subnet is unreachable

@@ -78,6 +78,8 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
         multicast = rules.multicast_option(options)
         gateway_mode = gateway_option(options)
         encrypted = encrypted_option(options)
+        encap = rules.encap_option(options)
+        rules.check_encap_fits(encap, multicast, encrypted, net6 is not None or net.version == 6)
         catalog = state.catalog_entries()
         for other in catalog.values():
             for mine in filter(None, (net, net6)):
@@ -107,6 +109,8 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
             multicast = overlay.multicast
             check_overlay_encrypted(overlay.vni, encrypted, overlay.encrypted)
             encrypted = overlay.encrypted
+            rules.check_overlay_encap(overlay.vni, encap, overlay.encap)
+            encap = overlay.encap
             rules.check_overlay_subnet6(overlay.vni, subnet6, overlay.subnet6)
 
         wanted = rules.usable_address(net, gateway) if gateway else None
@@ -126,7 +130,8 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
         raise CommandError(str(e)) from None
 
     entry = NamedNetwork(name, subnet, gateway, vni, mtu or 0, internal, origin="cli", multicast=bool(multicast),
-                         gateway_mode=gateway_mode, encrypted=bool(encrypted), subnet6=subnet6, gateway6=gateway6)
+                         gateway_mode=gateway_mode, encrypted=bool(encrypted), subnet6=subnet6, gateway6=gateway6,
+                         encap="" if encap in (None, rules.ENCAP_ALWAYS) else encap)
     if not State(store).add_catalog_entry(entry):
         raise CommandError(f"a network named {name} was added to the catalog meanwhile; "
                            "look at it with pyoverlay status")
@@ -134,7 +139,7 @@ def network_create(store: Store, name: str, subnet: str, gateway: str = "", vni:
 
 
 #: The -o options `pyoverlay network create` takes (block_size is per overlay, not in the catalog).
-CREATE_OPTIONS = (rules.OPT_VNI, rules.OPT_MTU, rules.OPT_MULTICAST, OPT_GATEWAY, OPT_ENCRYPTED)
+CREATE_OPTIONS = (rules.OPT_VNI, rules.OPT_MTU, rules.OPT_MULTICAST, OPT_GATEWAY, OPT_ENCRYPTED, rules.OPT_ENCAP)
 
 
 def _options(options: Optional[dict[str, str]], vni: Optional[int], mtu: Optional[int]) -> dict[str, str]:
@@ -145,7 +150,8 @@ def _options(options: Optional[dict[str, str]], vni: Optional[int], mtu: Optiona
         raise CommandError(f"unknown option {', '.join('-o ' + u for u in unknown)}; pyoverlay network create "
                            f"accepts -o {rules.OPT_VNI}=<{rules.VNI_MIN}-{rules.VNI_MAX}>, "
                            f"-o {rules.OPT_MTU}=<bytes> (or --vni, --mtu), -o {rules.OPT_MULTICAST}=true|false, "
-                           f"-o {OPT_GATEWAY}=pyoverlay|docker_gwbridge and -o {OPT_ENCRYPTED}=true|false")
+                           f"-o {OPT_GATEWAY}=pyoverlay|docker_gwbridge, -o {OPT_ENCRYPTED}=true|false "
+                           f"and -o {rules.OPT_ENCAP}={'|'.join(rules.ENCAP_MODES)}")
     for key, flag, value in ((rules.OPT_VNI, "--vni", vni), (rules.OPT_MTU, "--mtu", mtu)):
         if value is None:
             continue

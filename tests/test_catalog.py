@@ -256,6 +256,22 @@ def test_gateway_mode_travels_with_the_name(state, engine):
     assert "gateway_mode" not in WEB_ENTRY.to_json() and "gateway" not in WEB_ENTRY.options()
 
 
+def test_direct_mode_travels_with_the_name(state, engine):
+    """-o encap=cross-subnet made on one host: the entry carries the overlay's
+    own mode, and another host's engine is asked for the network with it."""
+    state.store.put(overlay_key(4096), Overlay(4096, "10.40.0.0/24", 1450, {H1: NET}, encap="cross-subnet").to_json())
+    assert Applier(state, engine, H1, "pyoverlay", DesiredTable(state, on_change=lambda: None)).run_pass()
+    entry, _ = state.catalog_entry("web")
+    assert entry.encap == "cross-subnet" and NamedNetwork.from_json(entry.to_json()) == entry
+    other = StandinEngine()
+    there = Applier(state, other, "10.99.0.2", "pyoverlay", DesiredTable(state, on_change=lambda: None))
+    there.table.load({"web": state.catalog_entry("web")})
+    assert there.run_pass()
+    (made,) = other.nets.values()
+    assert made.options == {"vni": "4096", "encap": "cross-subnet"}
+    assert "encap" not in WEB_ENTRY.to_json() and "encap" not in WEB_ENTRY.options()
+
+
 def test_an_entry_without_multicast_reads_as_before():
     """Left out of the JSON when off: entries written before the option stay byte for byte."""
     entry = NamedNetwork("web", "10.40.0.0/24", vni=4096, origin=H1)

@@ -143,6 +143,22 @@ def test_create_with_multicast_and_what_an_existing_overlay_says(store):
     assert network_create(store, "api", "10.42.0.0/24").multicast
 
 
+def test_create_with_direct_mode_and_what_it_refuses(store):
+    entry = network_create(store, "web", "10.40.0.0/24", options={"encap": "never"})
+    assert entry.encap == "never" and entry.options()["encap"] == "never"
+    assert network_create(store, "db", "10.41.0.0/24", options={"encap": "always"}).encap == ""
+    with pytest.raises(CommandError, match="-o encap=never routes unicast only"):
+        network_create(store, "mc", "10.43.0.0/24", options={"encap": "never", "multicast": "true"})
+    with pytest.raises(CommandError, match="-o encap=cross-subnet routes IPv4 only"):
+        network_create(store, "v6", "10.44.0.0/24", subnet6="fd00:44::/64", options={"encap": "cross-subnet"})
+    put(store, subnet_index_key("10.45.0.0/24"), SubnetClaim(vni=5003))
+    put(store, overlay_key(5003), Overlay(5003, "10.45.0.0/24", 1450, {H1: "x"}, encap="cross-subnet"))
+    with pytest.raises(CommandError, match="made with -o encap=cross-subnet on other hosts"):
+        network_create(store, "api", "10.45.0.0/24", options={"encap": "never"})
+    assert network_create(store, "api", "10.45.0.0/24").encap == "cross-subnet"
+    assert set(State(store).catalog_entries()) == {"web", "db", "api"}  # the refused ones wrote nothing
+
+
 def test_create_with_gateway_mode(store):
     entry = network_create(store, "web", "10.40.0.0/24", options={"gateway": "pyoverlay"})
     assert entry.gateway_mode == "pyoverlay" and entry.options()["gateway"] == "pyoverlay"
@@ -339,7 +355,8 @@ def test_cli_create_status_rm_json(sqlite_url, capsys):
     created = json.loads(capsys.readouterr().out)
     assert created == {"network": {"name": "web", "subnet": "10.40.0.0/24", "gateway": "10.40.0.1", "vni": 4242,
                                    "mtu": 1400, "internal": False, "origin": "cli", "multicast": False,
-                                   "gateway_mode": "", "encrypted": False, "subnet6": "", "gateway6": ""},
+                                   "gateway_mode": "", "encrypted": False, "subnet6": "", "gateway6": "",
+                                   "encap": ""},
                        "hosts": []}
 
     assert main(["status", "--store", sqlite_url, "--json"]) == 0

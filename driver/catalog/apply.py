@@ -16,7 +16,7 @@ from typing import Optional
 from ..engine import Engine, EngineNetworkInfo, EngineRefused, endpoint_in
 from ..events import EngineEvent
 from ..leftovers import Leftovers
-from ..defaults import OPT_ENCRYPTED, OPT_MTU, OPT_MULTICAST, OPT_VNI
+from ..defaults import OPT_ENCAP, OPT_ENCRYPTED, OPT_MTU, OPT_MULTICAST, OPT_VNI
 from ..model import EngineNetwork, NamedNetwork
 from ..state import State
 from .plan import Action, Create, DropRecord, Later, Publish, Record, Remove, plan, plan_network, refused
@@ -108,9 +108,12 @@ class Applier:
         # the name, so every host's containers leave the same way.
         gateway_mode = "pyoverlay" if info.options.get("gateway") == "pyoverlay" else ""
         encrypted = overlay.encrypted if overlay else info.options.get(OPT_ENCRYPTED) == "true"
+        # Direct mode travels with the name too; "always" is the default and stays out.
+        encap = overlay.encap if overlay else info.options.get(OPT_ENCAP, "")
+        encap = "" if encap == "always" else encap
         entry = NamedNetwork(info.name, info.subnet, info.gateway, vni, mtu, info.internal, origin=self.host,
                              multicast=multicast, gateway_mode=gateway_mode, encrypted=encrypted,
-                             subnet6=info.subnet6, gateway6=info.gateway6 if info.subnet6 else "")
+                             subnet6=info.subnet6, gateway6=info.gateway6 if info.subnet6 else "", encap=encap)
         if self.state.add_catalog_entry(entry):
             log.info("catalog: published network %s (%s, VNI %d) for every host", info.name, entry.subnets(), vni)
             self._count("published")
