@@ -169,11 +169,15 @@ class NetworkDriver:
 
         if self.state.network(network_id):
             return  # the engine repeated itself
+        joined = self._overlay_to_join(subnet, vni)
         # Encrypted: asked for, or the overlay being joined is. Refused here,
         # before any write, when this host cannot encrypt.
-        checked = self._encryptable(encrypted if encrypted is not None else self._overlay_encrypted(subnet, vni))
+        checked = self._encryptable(encrypted if encrypted is not None else bool(joined and joined.encrypted))
         if checked:
             max_mtu -= TUNNEL_OVERHEAD
+        # Routed only: nothing is encapsulated, so the underlay's whole MTU.
+        if (encap if encap is not None else (joined.encap if joined else "")) == rules.ENCAP_NEVER:
+            max_mtu += VXLAN_OVERHEAD
         mtu = rules.mtu_option(generic, max_mtu)
         vni = self._join_overlay(network_id, subnet, vni, mtu, max_mtu, block_size, multicast, encrypted, dual6,
                                  encap)
@@ -237,13 +241,13 @@ class NetworkDriver:
         else:
             self.peers.network_added(vni, multicast)
 
-    def _overlay_encrypted(self, subnet: str, vni: Optional[int]) -> bool:
-        """Is the overlay this network would join (by VNI, else by subnet) encrypted?"""
+    def _overlay_to_join(self, subnet: str, vni: Optional[int]) -> Optional[Overlay]:
+        """The overlay this network would join (by VNI, else by subnet), if one exists: its
+        settings decide what options left out mean."""
         if vni is None:
             claim = self.state.subnet_claim(subnet)
             vni = claim.vni if claim else None
-        overlay = self.state.overlay(vni) if vni is not None else None
-        return bool(overlay and overlay.encrypted)
+        return self.state.overlay(vni) if vni is not None else None
 
     def _encryptable(self, encrypted: bool) -> bool:
         """encrypted, once it is known that this host can encrypt (else DriverError)."""

@@ -34,11 +34,13 @@ def opts(**o):
     return {"com.docker.network.generic": o}
 
 
-@pytest.mark.parametrize("encap", ["never", "cross-subnet"])
-def test_direct_network_gets_its_macvlan_and_tells_peer_sync(world, encap):
+@pytest.mark.parametrize("encap, mtu", [("never", 1500), ("cross-subnet", 1450)])
+def test_direct_network_gets_its_macvlan_and_tells_peer_sync(world, encap, mtu):
+    """The MTU: with never nothing is encapsulated, so the underlay's own;
+    cross-subnet still sends some hosts VXLAN, so 50 bytes less."""
     store, kernel, peers, driver, _ = world
     driver.create_network(NET, opts(encap=encap), POOL, [])
-    assert kernel.calls == [("underlay_mtu",), ("create_network", VNI, 1450), ("create_direct", VNI)]
+    assert kernel.calls == [("underlay_mtu",), ("create_network", VNI, mtu), ("create_direct", VNI)]
     assert peers.calls == [("added", VNI, False, encap)]
     assert driver.state.overlay(VNI).encap == encap
 
@@ -73,8 +75,9 @@ def test_fixed_when_made_another_host_must_agree(world):
                                           "leave the option out"):
         other.create_network(NET2, opts(encap="always"), POOL, [])
     assert _keys(store) == before
-    other.create_network(NET2, {}, POOL, [])  # leaving it out joins the overlay as made
+    other.create_network(NET2, {}, POOL, [])  # leaving it out joins the overlay as made, MTU included
     assert other.peers.calls == [("added", VNI, False, "never")]
+    assert ("create_network", VNI, 1500) in other.dataplane.calls
     assert other.dataplane.calls[-1] == ("create_direct", VNI)
 
 
