@@ -277,26 +277,34 @@ class GatewayMode:
 
     def _apply(self) -> None:
         from .dataplane.firewall import FirewallError  # the kernel layer, loaded only when used
-        from .dataplane.natrules import PortMapping, Uplink
 
-        networks = {n.network_id: n for n in self.state.networks(host=self.host) if self.wants_egress(n)}
-        uplinks = [Uplink(n.vni, n.subnet) for n in networks.values()]
-        for n in networks.values():
-            if n.subnet6 and n.gateway6:
-                uplinks.append(Uplink(n.vni, n.subnet6))
-        mappings = []
-        for e in self.state.endpoints(host=self.host):
-            if e.network_id not in networks:
-                continue
-            by_family = {ipaddress.ip_address(ip).version: ip for _, ip in e.addresses()}
-            for b in e.ports:
-                ip = by_family.get(_family(b["HostIP"]))
-                if ip is None:
-                    continue  # stored before the endpoint's family changed: nothing to map to
-                host_ip = "" if ipaddress.ip_address(b["HostIP"] or "0.0.0.0").is_unspecified else b["HostIP"]
-                mappings.append(PortMapping(PROTOS[b["Proto"]], host_ip, b["HostPort"], ip, b["Port"]))
+        uplinks, mappings = wanted_nat(self.state, self.host)
         try:
             self.nat.apply(uplinks, mappings)
         except FirewallError as exc:
             raise DriverError(f"gateway mode: {exc}; check that Debian's nftables package is installed and "
                               "that the plugin runs with CAP_NET_ADMIN") from None
+
+
+def wanted_nat(state: State, host: str) -> tuple[list, list]:
+    """(uplinks, port mappings) the host's NAT table should hold, from the store
+    alone: what sync() applies and `pyoverlay doctor` compares against."""
+    from .dataplane.natrules import PortMapping, Uplink  # the kernel layer's types, loaded only when used
+
+    networks = {n.network_id: n for n in state.networks(host=host) if GatewayMode.wants_egress(n)}
+    uplinks = [Uplink(n.vni, n.subnet) for n in networks.values()]
+    for n in networks.values():
+        if n.subnet6 and n.gateway6:
+            uplinks.append(Uplink(n.vni, n.subnet6))
+    mappings = []
+    for e in state.endpoints(host=host):
+        if e.network_id not in networks:
+            continue
+        by_family = {ipaddress.ip_address(ip).version: ip for _, ip in e.addresses()}
+        for b in e.ports:
+            ip = by_family.get(_family(b["HostIP"]))
+            if ip is None:
+                continue  # stored before the endpoint's family changed: nothing to map to
+            host_ip = "" if ipaddress.ip_address(b["HostIP"] or "0.0.0.0").is_unspecified else b["HostIP"]
+            mappings.append(PortMapping(PROTOS[b["Proto"]], host_ip, b["HostPort"], ip, b["Port"]))
+    return uplinks, mappings

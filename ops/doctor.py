@@ -4,8 +4,9 @@ Checks, each ok / warn / fail with what to do: the plugin socket answers,
 the store answers and lists this host, the underlay interface and its MTU,
 the VXLAN devices' UDP port, the overlay namespaces and veths, the kernel's
 FDB/neighbour entries against the store's peers (missing and stale ones),
-and the engine's networks and endpoints against the store. Exit status 1
-when any check fails.
+direct-mode routes, encrypted tunnels, gateway mode's uplinks and published
+ports, and the engine's networks and endpoints against the store. Exit
+status 1 when any check fails.
 
 Read-only throughout: it never repairs (restarting the plugin does, as its
 start reconciles the kernel with the store). Kernel state comes from the
@@ -25,6 +26,7 @@ from typing import Optional
 
 from driver.dataplane import Dataplane, DataplaneError, default_route_address
 from driver.dataplane.direct import direct_mac
+from driver.dataplane.natrules import NatTable
 from driver.defaults import DRIVER_NAME
 from driver.drift import KernelView, StoreView, drift
 from driver.engine import Engine, EngineRefused, EngineUnavailable
@@ -39,6 +41,7 @@ from plugin.settings import (DEFAULT_DAEMON_JSON, DEFAULT_DNS_ADDR, DEFAULT_ENCR
 
 from .checks import FAIL, OK, SKIP, WARN, Check  # noqa: F401 (importers take them from here too)
 from .doctor_crypto import check_encryption
+from .doctor_gateway import check_gateway
 from .doctor_dns import check_daemon_config, check_resolver
 from .storeargs import open_store_from
 
@@ -54,8 +57,9 @@ class Doctor:
                  engine: Optional[Engine] = None, driver: str = DRIVER_NAME,
                  ip_forward_path: Optional[str] = None,
                  dns_addr: Optional[str] = None, daemon_json: Optional[str] = None,
-                 key_dir: Optional[str] = None):
+                 key_dir: Optional[str] = None, nat=None):
         self.key_dir = key_dir  # None: encrypted overlays are not checked
+        self.nat = nat  # the gateway-mode NAT table (dataplane/natrules.NatTable); None: not checked
         self.ip_forward_path = ip_forward_path  # None: not checked
         self.dns_addr = dns_addr  # None: the cluster resolver is not checked
         self.daemon_json = daemon_json
@@ -82,6 +86,9 @@ class Doctor:
             crypto = check_encryption(self.state, self.dataplane, self.host, self.key_dir) if self.key_dir else None
             if crypto is not None:  # only on a host with encrypted networks (or a tunnel left over)
                 checks.append(crypto)
+            gateway = check_gateway(self.state, self.dataplane, self.host, self.nat) if self.nat else None
+            if gateway is not None:  # only on a host with gateway-mode networks (or a table left over)
+                checks.append(gateway)
         else:
             for name in ("overlays", "peers", "engine"):
                 checks.append(Check(name, SKIP, "not checked: the store does not answer"))
@@ -438,7 +445,7 @@ def _run(args) -> int:
         checks = Doctor(store, vtep, dataplane, socket_path=args.socket, engine=engine, driver=driver,
                         ip_forward_path=IP_FORWARD,
                         dns_addr=None if args.no_dns else args.dns_addr, daemon_json=args.daemon_json,
-                        key_dir=args.key_dir).run()
+                        key_dir=args.key_dir, nat=NatTable()).run()
     finally:
         dataplane.close()
         store.close()

@@ -219,6 +219,49 @@ def test_two_gateway_mode_networks_stay_apart(lab):
         lab.nat.apply([Uplink(VNI, SUBNET)], [])
 
 
+def test_doctor_compares_uplinks_ports_and_forward_rules_with_the_store(lab):
+    """`pyoverlay doctor`'s gateway check on the real kernel: OK as applied,
+    then FAIL naming a published port deleted by hand, a stale one and a lost
+    uplink; nothing to say on a host without gateway-mode networks."""
+    from driver.gateway import GatewayMode
+    from driver.model import Endpoint, Network
+    from driver.state import State, endpoint_key, network_key
+    from driver.store import open_store
+    from ops.doctor_gateway import check_gateway
+
+    store = open_store("memory://")
+    state = State(store)
+    assert check_gateway(state, lab.dp, HOST_ADDR, lab.nat) is None  # nothing here yet
+    net = Network("n" * 64, VNI, HOST_ADDR, 1450, SUBNET, gateway_mode="pyoverlay", gateway=GATEWAY)
+    port = {"Proto": 6, "HostIP": "", "HostPort": 8085, "Port": 80}
+    ep = Endpoint("e" * 64, net.network_id, VNI, HOST_ADDR, f"{CONTAINER}/24", "02:97:00:00:00:02", HOST_ADDR,
+                  ports=[port])
+    store.put(network_key(net.network_id), net.to_json())
+    store.put(endpoint_key(ep.endpoint_id), ep.to_json())
+    GatewayMode(state, lab.dp, lab.nat, HOST_ADDR).sync()
+    try:
+        ok = check_gateway(state, lab.dp, HOST_ADDR, lab.nat)
+        assert ok.status == "ok" and "1 published port" in ok.summary, ok
+        table = sh(lab.h, "nft", "-a", "list", "chain", "ip", "pyoverlay-gw", "ports")
+        handle = next(line.rsplit("# handle ", 1)[1] for line in table.splitlines() if "dport 8085" in line)
+        sh(lab.h, "nft", "delete", "rule", "ip", "pyoverlay-gw", "ports", "handle", handle)
+        sh(lab.h, "nft", "add", "rule", "ip", "pyoverlay-gw", "ports", "udp", "dport", "9998", "dnat", "to",
+           f"{CONTAINER}:53")
+        bad = check_gateway(state, lab.dp, HOST_ADDR, lab.nat)
+        assert bad.status == "fail", bad
+        assert any("8085/tcp" in d and "missing" in d for d in bad.details), bad.details
+        assert any("9998/udp" in d and "stale" in d for d in bad.details), bad.details
+        # Another host's view: a VNI whose uplink is not there.
+        other = Network("o" * 64, VNI + 9, HOST_ADDR, 1450, "10.97.109.0/24", gateway_mode="pyoverlay",
+                        gateway="10.97.109.1")
+        store.put(network_key(other.network_id), other.to_json())
+        lost = check_gateway(state, lab.dp, HOST_ADDR, lab.nat)
+        assert any(uplink_name(VNI + 9) in d for d in lost.details), lost.details
+    finally:
+        lab.nat.apply([Uplink(VNI, SUBNET)], [])
+        store.close()
+
+
 def test_deleting_the_network_takes_the_uplink_and_its_route(lab):
     """Last: the module's network goes."""
     assert uplink_name(VNI) in sh(lab.h, "ip", "-o", "link", "show")

@@ -36,6 +36,7 @@ above is what keeps everything but published ports out.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import shutil
 import subprocess
@@ -85,6 +86,21 @@ def _check(uplinks: Iterable[Uplink], mappings: Iterable[PortMapping]) -> None:
         ip = ipaddress.ip_address(m.ip)
         if m.host_ip and ipaddress.ip_address(m.host_ip).version != ip.version:
             raise ValueError(f"port mapping {m}: the host address and the container's are of two families")
+
+
+def _mapping(expr: list) -> PortMapping:
+    """A `ports` rule from `nft -j`, back into the PortMapping it was written from."""
+    proto, host_ip, host_port, ip, port = "?", "", 0, "?", 0
+    for e in expr:
+        if "match" in e:
+            payload = e["match"].get("left", {}).get("payload", {})
+            if payload.get("field") == "dport":
+                proto, host_port = payload.get("protocol", "?"), int(e["match"].get("right", 0))
+            elif payload.get("field") == "daddr":
+                host_ip = str(e["match"].get("right", ""))
+        elif "dnat" in e:
+            ip, port = str(e["dnat"].get("addr", "?")), int(e["dnat"].get("port", 0))
+    return PortMapping(proto, host_ip, host_port, ip, port)
 
 
 def _table(family: int, uplinks: list[Uplink], mappings: list[PortMapping]) -> list[str]:
@@ -186,6 +202,32 @@ class NatTable:
             except FirewallError:
                 pass
         return "".join(out)
+
+    def published(self) -> Optional[set[PortMapping]]:
+        """The DNAT rules the tables hold, read back (None: no IPv4 table at all)."""
+        found: set[PortMapping] = set()
+        for family in ("ip", "ip6"):
+            try:
+                listing = json.loads(run_nft(self.nft, "-j", "list", "chain", family, TABLE, "ports",
+                                             netns=self.netns))
+            except FirewallError:
+                if family == "ip":
+                    return None
+                continue  # the IPv6 table exists only with IPv6 uplinks
+            for item in listing.get("nftables", []):
+                rule = item.get("rule")
+                if rule is not None:
+                    found.add(_mapping(rule.get("expr", [])))
+        return found
+
+    def forward_accepted(self, ipv6: bool = False) -> bool:
+        """Are both iptables FORWARD accepts for the uplinks in place (see the module's doc)?"""
+        binary = self.ip6tables if ipv6 else self.iptables
+        if shutil.which(binary) is None:
+            return True  # no iptables: no engine FORWARD policy to get past
+        cmd = ([] if not self.netns else ["nsenter", f"--net={self.netns}"]) + [binary, "-w"]
+        return all(subprocess.run(cmd + ["-C", "FORWARD", *match, *COMMENT, "-j", "ACCEPT"],
+                                  capture_output=True).returncode == 0 for match in IPTABLES_RULES)
 
     def _accept_forward(self, binary: str) -> None:
         if binary in self._forward_ok:
