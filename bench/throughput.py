@@ -351,6 +351,42 @@ def bare_vxlan(ctx, mtu: int) -> Pair:
     return pair
 
 
+class _NsPair(Pair):
+    """iperf3 between two namespaces of the bench's own, one in each host."""
+
+    def overlay(self, seconds: int) -> dict:
+        out = self.b.run(["ip", "netns", "exec", "pyobench-mv", "iperf3", "-c", self.server_ip, "-p", str(PORT),
+                          "-t", str(seconds), "-O", "1", "-J"], timeout=seconds + 30).stdout
+        return _result(out)
+
+
+def bare_macvlan(ctx) -> Pair:
+    """A macvlan of each host's eth0 in a namespace of its own, addressed on
+    a subnet of its own: what direct mode would carry with no veth, no
+    bridge and no routing step in between (a container on a macvlan of the
+    underlay, as Docker's macvlan driver makes it). The ceiling of any
+    routed design that keeps the container behind a veth."""
+    a, b = ctx._tp_hosts
+    for h, n in ((a, 1), (b, 2)):
+        h.run(["ip", "netns", "add", "pyobench-mv"])
+        h.run(["ip", "link", "add", "pyobmv0", "link", "eth0", "type", "macvlan", "mode", "bridge"])
+        h.run(["ip", "link", "set", "pyobmv0", "netns", "pyobench-mv"])
+        for cmd in (["addr", "add", f"10.63.9.{n}/24", "dev", "pyobmv0"], ["link", "set", "pyobmv0", "up"],
+                    ["link", "set", "lo", "up"]):
+            h.run(["ip", "-n", "pyobench-mv", *cmd])
+    a.run(["ip", "netns", "exec", "pyobench-mv", "iperf3", "-s", "-D", "-p", str(PORT)])
+    pair = _NsPair(a, b, "macvlan", server_ip="10.63.9.1")
+    wait_for(lambda: b.run(["ip", "netns", "exec", "pyobench-mv", "ping", "-c", "1", "-W", "1", "10.63.9.1"],
+                           check=False).returncode == 0, 10, "ping between the bare macvlans")
+    return pair
+
+
+def drop_bare_macvlan(ctx) -> None:
+    for h in ctx._tp_hosts:
+        h.run(["sh", "-c", "ip netns pids pyobench-mv | xargs -r kill"], check=False)
+        h.run(["ip", "netns", "del", "pyobench-mv"], check=False)
+
+
 def underlay_mtu(ctx, mtu: int) -> None:
     """The hosts' eth0, their ports on the underlay bridge, and the bridge."""
     a, b = ctx._tp_hosts
@@ -433,6 +469,11 @@ def run(ctx) -> dict:
         bare = bare_vxlan(ctx, mtu)
         measure(f"bare VXLAN between the host namespaces (no bridge, no veth, no container; MTU {mtu})",
                 bare, n_variant)
+        try:
+            measure("bare macvlan of eth0 on each host, in a namespace of its own (no VXLAN, veth, bridge or "
+                    "routing step: direct mode's ceiling; MTU 1500)", bare_macvlan(ctx), n_variant)
+        finally:
+            drop_bare_macvlan(ctx)
         if shutil.which("ethtool"):
             devices = Devices(pair, VNI)
             veths = [d for d in devices.places() if d[2] != "vxlan0"]
