@@ -14,7 +14,7 @@
 FROM debian:bookworm-slim
 
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv nftables iproute2 \
+    && apt-get install -y --no-install-recommends python3 python3-venv nftables iproute2 wireguard-go \
     && rm -rf /var/lib/apt/lists/*
 
 # Only what the package needs, so an edit to the tests does not rebuild it.

@@ -20,30 +20,13 @@ import sys
 import time
 from typing import Optional
 
-from bench.env import run_cmd, wait_for
+from bench.env import run_cmd
 from bench.stats import fmt, median, ratio
-from bench.throughput import IPERF_IMAGE, PORT, Pair, build_iperf_tar, ensure_network
+from bench.throughput import IPERF_IMAGE, PORT, build_iperf_tar, make_pair
 
 NAME = "encrypted"
 TITLE = "Encrypted overlay: one TCP stream, encrypted vs unencrypted vs the underlay"
 GOAL = 0.6  # encrypted / unencrypted
-
-
-def _pair(ctx, net: str, subnet: str, vni: int, encrypted: bool) -> Pair:
-    a, b = ctx._enc_hosts
-    args = ["-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet", subnet, "-o", f"vni={vni}"]
-    if encrypted:
-        args += ["-o", "encrypted=true"]
-    for h in (a, b):
-        ensure_network(h, net, args)
-    pair = Pair(a, b, net)
-    a.docker("run", "-d", "--name", f"srv-{net}", "--network", net, IPERF_IMAGE, "iperf3", "-s", "-p", str(PORT))
-    b.docker("run", "-d", "--name", f"cli-{net}", "--network", net, IPERF_IMAGE, "sleep", "1d")
-    pair.server_ip = a.docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{net}").IPAddress}}}}',
-                              f"srv-{net}")
-    wait_for(lambda: b.docker_proc("exec", f"cli-{net}", "ping", "-c", "1", "-W", "1", pair.server_ip,
-                                   check=False).returncode == 0, 20, f"the path on {net}")
-    return pair
 
 
 def kernel_has_esp() -> Optional[str]:
@@ -64,7 +47,6 @@ def run(ctx, rounds: Optional[int] = None, seconds: Optional[int] = None) -> dic
     seconds = seconds or (3 if ctx.quick else 4)
     etcd = ctx.etcd()
     a, b = ctx.docker_host(1), ctx.docker_host(2)
-    ctx._enc_hosts = (a, b)
     tar = build_iperf_tar(ctx.workdir)
     for h in (a, b):
         h.start_plugin(etcd.url, extra_args=["--key-dir", f"{h.dir}/keys"])
@@ -73,8 +55,8 @@ def run(ctx, rounds: Optional[int] = None, seconds: Optional[int] = None) -> dic
                            check=False)
         h.docker("import", "-c", 'CMD ["sh"]', str(tar), IPERF_IMAGE)
         h.run(["iperf3", "-s", "-D", "-p", str(PORT)])
-    plain = _pair(ctx, "plain", "10.64.0.0/24", 7100, encrypted=False)
-    secret = _pair(ctx, "secret", "10.65.0.0/24", 7101, encrypted=True)
+    plain = make_pair(ctx, "plain", "10.64.0.0/24", 7100, hosts=(a, b))
+    secret = make_pair(ctx, "secret", "10.65.0.0/24", 7101, options=["encrypted=true"], hosts=(a, b))
     kinds = {"underlay": plain.underlay, "pyoverlay": plain.overlay, "pyoverlay encrypted": secret.overlay}
     found: dict[str, list[float]] = {k: [] for k in kinds}
     order = list(kinds)

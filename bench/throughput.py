@@ -26,7 +26,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from bench.env import BenchError, run_cmd, wait_for
 from bench.stats import fmt, median, ratio
@@ -106,11 +106,17 @@ def ensure_network(host, name: str, args: list[str]) -> None:
                  f"{host.name}: network {name} (create said: {made.stderr.strip()})")
 
 
-def make_pair(ctx, net: str, subnet: str, vni: int, mtu_opt: Optional[int] = None, opts: tuple = ()) -> Pair:
-    a, b = ctx._tp_hosts
-    args = ["-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet", subnet, "-o", f"vni={vni}", *opts]
+def make_pair(ctx, net: str, subnet: str, vni: int, mtu_opt: Optional[int] = None,
+              options: Sequence[str] = (), hosts: Optional[tuple] = None) -> Pair:
+    """The network on both hosts (options: extra -o KEY=VALUE), an iperf3
+    server container on A and a client container on B; hosts default to the
+    throughput bench's."""
+    a, b = hosts or ctx._tp_hosts
+    args = ["-d", "pyoverlay", "--ipam-driver", "pyoverlay", "--subnet", subnet, "-o", f"vni={vni}"]
     if mtu_opt:
         args += ["-o", f"com.docker.network.driver.mtu={mtu_opt}"]
+    for opt in options:
+        args += ["-o", opt]
     for h in (a, b):
         ensure_network(h, net, args)
     pair = Pair(a, b, net)
@@ -118,8 +124,10 @@ def make_pair(ctx, net: str, subnet: str, vni: int, mtu_opt: Optional[int] = Non
     b.docker("run", "-d", "--name", f"cli-{net}", "--network", net, IPERF_IMAGE, "sleep", "1d")
     pair.server_ip = a.docker("inspect", "-f", f'{{{{(index .NetworkSettings.Networks "{net}").IPAddress}}}}',
                               f"srv-{net}")
-    # The path must work before it is measured.
-    b.docker("exec", f"cli-{net}", "ping", "-c", "1", "-W", "2", pair.server_ip)
+    # The path must work before it is measured (an encrypted one once the
+    # hosts have each other's keys and the first handshake is done).
+    wait_for(lambda: b.docker_proc("exec", f"cli-{net}", "ping", "-c", "1", "-W", "1", pair.server_ip,
+                                   check=False).returncode == 0, 20, f"the path on {net}")
     return pair
 
 
@@ -431,8 +439,9 @@ def run(ctx) -> dict:
     ctx.log(f"throughput: {n_default} rounds of {seconds} s, one stream, overlay MTU {mtu}")
     default = measure(f"pyoverlay as it is (underlay MTU 1500, overlay {mtu})", pair, n_default)
     # Direct mode (-o encap=never): the same hosts and MTU, routed instead of VXLAN (issue 14).
-    direct_pair = make_pair(ctx, "tpd", "10.62.0.0/24", VNI + 2, opts=("-o", "encap=never"))
-    measure(f"direct mode, -o encap=never (no VXLAN between the hosts; overlay {mtu})", direct_pair, n_default)
+    direct_pair = make_pair(ctx, "tpd", "10.62.0.0/24", VNI + 2, options=("encap=never",))
+    dmtu = int(json.loads(_overlay_ns(a, VNI + 2, "ip", "-j", "link", "show", "br0").stdout)[0]["mtu"])
+    measure(f"direct mode, -o encap=never (no VXLAN between the hosts; MTU {dmtu})", direct_pair, n_default)
     drop_pair(direct_pair)
     extra = {}
     if not ctx.quick:

@@ -28,6 +28,7 @@ from .defaults import KEY_ROTATION, OPT_ENCRYPTED, TUNNEL_OVERHEAD, WIREGUARD_PO
 from .errors import DriverError
 from .keys import KeyFile, LocalKeys, pair_psk
 from .model import HostKey, TunnelPeer
+from .rules import bool_option
 from .state import CRYPTO, State, decode_host_key
 from .store.base import Event, KeyValue, Store
 
@@ -40,15 +41,7 @@ MIN_ROTATION = 1.0
 
 def encrypted_option(options: dict) -> Optional[bool]:
     """-o encrypted=true|false; None when not given (the overlay's own, else off)."""
-    if OPT_ENCRYPTED not in options:
-        return None
-    value = options[OPT_ENCRYPTED]
-    if value in (True, "true"):
-        return True
-    if value in (False, "false"):
-        return False
-    raise DriverError(f"-o {OPT_ENCRYPTED}={value} is not valid: use -o {OPT_ENCRYPTED}=true to encrypt the "
-                      f"network's traffic between hosts, or -o {OPT_ENCRYPTED}=false (the default)")
+    return bool_option(options, OPT_ENCRYPTED, "encrypt the network's traffic between hosts")
 
 
 def check_overlay_encrypted(vni: int, encrypted: Optional[bool], overlay_encrypted: bool) -> None:

@@ -57,17 +57,23 @@ def mtu_option(options: dict, max_mtu: Optional[int] = None) -> Optional[int]:
     return mtu
 
 
-def multicast_option(options: dict) -> Optional[bool]:
-    """-o multicast=true|false; None when not given (the overlay's own, else off)."""
-    if OPT_MULTICAST not in options:
+def bool_option(options: dict, key: str, meaning: str) -> Optional[bool]:
+    """-o KEY=true|false; None when not given (the overlay's own, else off).
+    meaning completes "use -o KEY=true to ..." in the error."""
+    if key not in options:
         return None
-    value = options[OPT_MULTICAST]
+    value = options[key]
     if value in (True, "true"):
         return True
     if value in (False, "false"):
         return False
-    raise DriverError(f"-o {OPT_MULTICAST}={value} is not valid: use -o {OPT_MULTICAST}=true to flood broadcast "
-                      f"and multicast to every host of the network, or -o {OPT_MULTICAST}=false (the default)")
+    raise DriverError(f"-o {key}={value} is not valid: use -o {key}=true to {meaning}, "
+                      f"or -o {key}=false (the default)")
+
+
+def multicast_option(options: dict) -> Optional[bool]:
+    """-o multicast=true|false; None when not given (the overlay's own, else off)."""
+    return bool_option(options, OPT_MULTICAST, "flood broadcast and multicast to every host of the network")
 
 
 def parse_subnet(text: str, what: str = "subnet", v6: bool = False):
