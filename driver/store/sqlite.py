@@ -91,7 +91,10 @@ class SqliteStore(Store):
         self._history = history
         self._clock = clock
         self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
+        # Every thread's connection, with the lock it is used under: close()
+        # takes each lock before closing, since closing a connection that
+        # another thread is in the middle of using crashes the interpreter.
+        self._conns: dict[sqlite3.Connection, threading.RLock] = {}
         self._conns_lock = threading.Lock()
         self._signal = _signal_for(self.path)
         # A damaged file or a full disk must not stop the plugin from starting
@@ -149,7 +152,7 @@ class SqliteStore(Store):
             raise self._error(e, "cannot open") from e
         self._local.db, self._local.pid = db, os.getpid()
         with self._conns_lock:
-            self._conns.append(db)
+            self._conns[db] = threading.RLock()
         if not self._ready:
             self._prepare_or_forget(db)
         return db
@@ -161,8 +164,7 @@ class SqliteStore(Store):
             # Open the path again next time: the operator may have moved a damaged file aside.
             self._local.db = None
             with self._conns_lock:
-                if db in self._conns:
-                    self._conns.remove(db)
+                self._conns.pop(db, None)
             db.close()
             raise
 
@@ -200,48 +202,63 @@ class SqliteStore(Store):
         return StoreError(f"{self.url}: {doing + ': ' if doing else ''}{text}; {advice}")
 
     @contextmanager
+    def _held(self):
+        """This thread's connection, held against a close() from another thread."""
+        db = self._conn()
+        with self._conns_lock:
+            lock = self._conns.get(db)
+        if lock is None:  # closed meanwhile: the next call opens a new one
+            self._local.db = None
+            raise StoreError(f"{self.url}: the store was closed")
+        with lock:
+            if db not in self._conns:
+                self._local.db = None
+                raise StoreError(f"{self.url}: the store was closed")
+            yield db
+
+    @contextmanager
     def _write(self):
         """A write transaction: yields (connection, current revision), sweeps
         expired leases first, and wakes this process's watchers after commit."""
-        db = self._conn()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as e:
-            raise self._error(e) from e
-        try:
-            self._sweep(db)
-            rev = db.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
-            yield db, rev[0] if rev else 1
-            db.execute("COMMIT")
-        except BaseException as e:
+        with self._held() as db:
             try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            if isinstance(e, sqlite3.Error):
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
                 raise self._error(e) from e
-            raise
+            try:
+                self._sweep(db)
+                rev = db.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
+                yield db, rev[0] if rev else 1
+                db.execute("COMMIT")
+            except BaseException as e:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if isinstance(e, sqlite3.Error):
+                    raise self._error(e) from e
+                raise
         self._signal.bump()
 
     @contextmanager
     def _read(self):
         """A read transaction: one consistent snapshot for several SELECTs."""
-        db = self._conn()
-        try:
-            expired = self._expired(db)
-        except sqlite3.Error as e:
-            raise self._error(e) from e
-        if expired:
-            with self._write():
-                pass  # the write transaction sweeps
-        try:
-            db.execute("BEGIN")
+        with self._held() as db:
             try:
-                yield db
-            finally:
-                db.execute("COMMIT")
-        except sqlite3.Error as e:
-            raise self._error(e) from e
+                expired = self._expired(db)
+            except sqlite3.Error as e:
+                raise self._error(e) from e
+            if expired:
+                with self._write():
+                    pass  # the write transaction sweeps
+            try:
+                db.execute("BEGIN")
+                try:
+                    yield db
+                finally:
+                    db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise self._error(e) from e
 
     def _expired(self, db) -> bool:
         row = db.execute("SELECT min(expires) FROM leases").fetchone()
@@ -368,7 +385,8 @@ class SqliteStore(Store):
             # data_version moves when another connection (thread or process)
             # commits; the signal covers commits by this thread's own connection.
             try:
-                version = self._conn().execute("PRAGMA data_version").fetchone()[0]
+                with self._held() as db:
+                    version = db.execute("PRAGMA data_version").fetchone()[0]
             except sqlite3.Error as e:
                 raise self._error(e) from e
             due = next_deadline is not None and next_deadline <= self._clock()
@@ -426,10 +444,11 @@ class SqliteStore(Store):
 
     def close(self) -> None:
         with self._conns_lock:
-            conns, self._conns = self._conns, []
-        for db in conns:
-            try:
-                db.close()
-            except sqlite3.Error:
-                pass
+            conns, self._conns = self._conns, {}
+        for db, lock in conns.items():
+            with lock:  # not while its thread is in the middle of using it
+                try:
+                    db.close()
+                except sqlite3.Error:
+                    pass
         self._local = threading.local()

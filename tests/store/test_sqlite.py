@@ -181,3 +181,44 @@ def test_busy_database_error_names_the_store(tmp_path, monkeypatch):
     assert str(info.value).startswith(f"sqlite store at {os.path.realpath(path)}: ")
     assert "locked" in str(info.value)
     s.put("k", "v")  # and it works again once the lock is gone
+
+
+CLOSE_UNDER_READERS = """
+import os, sys, threading, time
+from driver.store.base import StoreError
+from driver.store.sqlite import SqliteStore
+folder = sys.argv[1]
+for n in range(40):
+    store = SqliteStore(os.path.join(folder, f"s{n}.db"))
+    store.put("a", "1")
+    stop = threading.Event()
+    def reader():
+        while not stop.is_set():
+            try:
+                store.list("")
+                store.get("a")
+            except StoreError:
+                pass  # closed under it: said, not crashed
+    threads = [threading.Thread(target=reader) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)  # the readers in the middle of their queries
+    store.close()
+    time.sleep(0.02)
+    stop.set()
+    for t in threads:
+        t.join()
+print("survived")
+"""
+
+
+def test_close_while_other_threads_read_does_not_crash_the_process(tmp_path):
+    """close() from one thread while others are inside a query: closing a
+    sqlite connection another thread is using crashes CPython (a segfault
+    that killed the unit suite now and then, from a test's teardown while
+    its watch threads still polled). In a subprocess, so a crash fails this
+    test instead of the run."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", CLOSE_UNDER_READERS, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0 and "survived" in done.stdout, (done.returncode, done.stderr[-2000:])
