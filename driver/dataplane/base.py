@@ -135,3 +135,13 @@ def in_namespace(fd, fn) -> None:
     thread.join()
     if failed:
         raise failed[0]
+
+
+def sysctls_in(fd, settings: dict[str, str]) -> None:
+    """Write /proc/sys/<key> = value in the namespace of fd (None: ours)."""
+    def write() -> None:
+        for key, value in settings.items():
+            with open(f"/proc/sys/{key}", "w") as f:
+                f.write(value)
+
+    in_namespace(fd, write)

@@ -30,15 +30,13 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
-import threading
 from typing import Iterable
 
-from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from driver.model import Peer
 
-from .base import BRIDGE, NUD_PERMANENT, DataplaneError, check_vni, missing, norm_peer, step
+from .base import BRIDGE, NUD_PERMANENT, DataplaneError, check_vni, missing, norm_peer, step, sysctls_in
 from .worker import Handle, Worker
 
 DIRECT = "direct0"
@@ -54,27 +52,6 @@ def direct_mac(vtep: str, vni: int) -> str:
     underlay subnet up to a /16 (direct mode's whole reach)."""
     ip = ipaddress.IPv4Address(vtep).packed
     return ":".join(f"{b:02x}" for b in (0x0A, vni >> 16 & 0xFF, vni >> 8 & 0xFF, vni & 0xFF, ip[2], ip[3]))
-
-
-def _sysctls(ns: Handle, values: dict[str, str]) -> None:
-    """Write /proc/sys/<key> inside ns (from a thread moved there: /proc/sys/net
-    is the namespace of the thread that opens it)."""
-    failed: list[BaseException] = []
-
-    def inside() -> None:
-        try:
-            pr_netns.setns(ns.fd, flags=0)
-            for key, value in values.items():
-                with open(f"/proc/sys/{key}", "w") as f:
-                    f.write(value)
-        except BaseException as e:
-            failed.append(e)
-
-    thread = threading.Thread(target=inside, name="pyoverlay-sysctl")
-    thread.start()
-    thread.join()
-    if failed:
-        raise failed[0]
 
 
 class DirectStage(Worker):
@@ -161,7 +138,7 @@ class DirectStage(Worker):
                 host.ipr.link("add", ifname=DIRECT, kind="macvlan", link=index, macvlan_mode="private",
                               address=direct_mac(self.vtep, vni), mtu=mtu, net_ns_fd=ns.fd)
         with step(f"{what}: turning routing on in {self._path(vni)}"):
-            _sysctls(ns, {
+            sysctls_in(ns.fd, {
                 # No IPv6 on direct0: its link-local address, DAD and router solicitations would be
                 # underlay noise from every network on every host, for nothing (direct mode is IPv4).
                 f"net/ipv6/conf/{DIRECT}/disable_ipv6": "1",

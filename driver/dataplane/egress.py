@@ -35,7 +35,7 @@ import socket
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import dnsplane
-from .base import BRIDGE, DataplaneError, check_vni, in_namespace, step
+from .base import BRIDGE, DataplaneError, check_vni, step, sysctls_in
 from .worker import Handle, Worker
 
 UPLINK_PREFIX = "pyg"  # host end: pyg<vni> (at most 11 characters)
@@ -52,16 +52,6 @@ RTNH_F_ONLINK = 0x4  # the next hop needs no route of its own: it is on this dev
 
 def uplink_name(vni: int) -> str:
     return f"{UPLINK_PREFIX}{vni}"
-
-
-def _sysctl_in(fd: int | None, settings: dict[str, str]) -> None:
-    """Write /proc/sys/<key> in the namespace of fd (None: ours)."""
-    def write() -> None:
-        for key, value in settings.items():
-            with open(f"/proc/sys/{key}", "w") as f:
-                f.write(value)
-
-    in_namespace(fd, write)
 
 
 class EgressStage(Worker):
@@ -139,8 +129,8 @@ class EgressStage(Worker):
                 # As the engine's bridge does for an IPv6 network (the host then
                 # ignores router advertisements on interfaces with accept_ra=1).
                 inside["net/ipv6/conf/all/forwarding"] = outside["net/ipv6/conf/all/forwarding"] = "1"
-            _sysctl_in(ns.fd, inside)
-            _sysctl_in(host.fd, outside)
+            sysctls_in(ns.fd, inside)
+            sysctls_in(host.fd, outside)
 
     @staticmethod
     def _address(handle: Handle, index: int, address: str, prefixlen: int = 32) -> None:
