@@ -178,7 +178,8 @@ class ZooKeeperStore(Store):
         self._lock = threading.Lock()
         self._reaper: Optional[threading.Thread] = None
         self._closed = threading.Event()
-        self._compacting = threading.Lock()
+        self._compact_wanted = 0  # the highest revision a write asked the log trimmed to
+        self._compacting = False  # a trim thread is running (it takes up what is wanted meanwhile)
         self._started = False
 
     # Connection and calls.
@@ -551,15 +552,30 @@ class ZooKeeperStore(Store):
                     pass
 
     def _compact_later(self, revision: int) -> None:
+        # One trim thread at a time. A write that asks while one runs raises the
+        # target, and the running thread goes on to it before it ends: the last
+        # write's trim is never dropped.
+        with self._lock:
+            if revision <= self._compact_wanted:
+                return
+            self._compact_wanted = revision
+            if self._compacting:
+                return
+            self._compacting = True
+
         def run():
-            if not self._compacting.acquire(blocking=False):
-                return  # one trim at a time; the next one catches up
-            try:
-                self.compact(revision)
-            except (StoreError, ValueError) as e:
-                log.warning("%s: trimming the change log: %s", self.url, e)
-            finally:
-                self._compacting.release()
+            done = 0
+            while True:
+                with self._lock:
+                    target = self._compact_wanted
+                    if target <= done:
+                        self._compacting = False
+                        return
+                try:
+                    self.compact(target)
+                except (StoreError, ValueError) as e:
+                    log.warning("%s: trimming the change log: %s", self.url, e)
+                done = target
 
         threading.Thread(target=run, name="zk-compact", daemon=True).start()
 
