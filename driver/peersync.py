@@ -14,9 +14,10 @@ peer on the overlay and leaves it with its last.
 An overlay made with -o encap=cross-subnet|never (direct mode) is programmed
 from the same table in two parts: remote peers whose host is on this host's
 underlay subnet, and the local ones, become routes (dataplane/direct.py); the
-rest go to vxlan0 as usual (cross-subnet) or are unreachable (never: logged,
-and listed by unreachable() for status and doctor). Such an overlay is
-reprogrammed whole (one dump, then the differences) after each batch of events.
+rest go to vxlan0 as usual (cross-subnet) or are unreachable (never: logged
+once per change). split_direct() makes that split, here and in doctor. Such an
+overlay is reprogrammed whole (one dump, then the differences) after each batch
+of events.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter, defaultdict
-from typing import Callable, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 from .model import Peer
 from .state import PEERS, decode_peer
@@ -32,6 +33,28 @@ from .store.base import Event, KeyValue, Store
 from .background import store_watch
 
 log = logging.getLogger(__name__)
+
+
+class DirectSplit(NamedTuple):
+    local: list[Peer]  # on this host: routed via br0
+    routed: list[Peer]  # on this host's underlay subnet: routed via direct0
+    vxlan: list[Peer]  # off it, encap=cross-subnet: through vxlan0
+    unreachable: list[Peer]  # off it, encap=never
+
+
+def split_direct(peers: Iterable[Peer], encap: str, host: str, same_subnet: Callable[[str], bool]) -> DirectSplit:
+    """A direct-mode overlay's peers, by the path they take from this host (one pass)."""
+    split = DirectSplit([], [], [], [])
+    for p in peers:
+        if p.vtep == host:
+            split.local.append(p)
+        elif same_subnet(p.vtep):
+            split.routed.append(p)
+        elif encap == "never":
+            split.unreachable.append(p)
+        else:
+            split.vxlan.append(p)
+    return split
 
 
 class PeerSync:
@@ -118,7 +141,8 @@ class PeerSync:
             self._told = vteps
 
     def unreachable(self, vni: int) -> set[str]:
-        """Hosts (VTEPs) with a peer on an encap=never overlay that this host cannot reach."""
+        """Hosts (VTEPs) with a peer on an encap=never overlay that this host
+        cannot reach, as last logged (doctor finds them from the store)."""
         with self._lock:
             return set(self._unreachable.get(vni, ()))
 
@@ -127,19 +151,16 @@ class PeerSync:
         encap = self._direct.get(vni)
         if encap is None:
             return self.dataplane.set_peers(vni, self._remote(vni), self._flood_list(vni))
-        remote = self._remote(vni)
-        direct = [p for p in remote if self.dataplane.same_subnet(p.vtep)]
-        off = [p for p in remote if p not in direct]
-        local = [p for p in self._table.get(vni, {}).values() if p.vtep == self.vtep]
-        unreachable = frozenset(p.vtep for p in off) if encap == "never" else frozenset()
+        split = split_direct(self._table.get(vni, {}).values(), encap, self.vtep, self.dataplane.same_subnet)
+        unreachable = frozenset(p.vtep for p in split.unreachable)
         if unreachable != self._unreachable.get(vni, frozenset()):
             if unreachable:
                 log.warning("vni %d (encap=never): hosts %s are off this host's underlay subnet %s; their "
                             "containers on it are unreachable from here", vni, ", ".join(sorted(unreachable)),
                             self.dataplane.underlay_subnet())
             self._unreachable[vni] = unreachable
-        added, removed = self.dataplane.set_peers(vni, off if encap != "never" else [], ())
-        d_added, d_removed = self.dataplane.set_direct(vni, direct, local)
+        added, removed = self.dataplane.set_peers(vni, split.vxlan, ())
+        d_added, d_removed = self.dataplane.set_direct(vni, split.routed, split.local)
         return added + d_added, removed + d_removed
 
     def _remote(self, vni: int) -> list[Peer]:

@@ -31,6 +31,7 @@ from driver.defaults import DRIVER_NAME
 from driver.drift import KernelView, StoreView, drift
 from driver.engine import Engine, EngineRefused, EngineUnavailable
 from driver.model import Endpoint, Network, Peer
+from driver.peersync import split_direct
 from driver.rules import VXLAN_OVERHEAD
 from driver.state import State
 from driver.store.base import Store, StoreError
@@ -241,7 +242,8 @@ class Doctor:
             multicast = {o.vni for o in overlays if o.multicast}
             for o in overlays:
                 if o.encap and o.vni in expected:  # direct mode: vxlan0 holds only what goes through it
-                    expected[o.vni] = {p for p in expected[o.vni] if self._through_vxlan(o.encap, p.vtep)}
+                    expected[o.vni] = set(split_direct(expected[o.vni], o.encap, self.host,
+                                                       self.dataplane.same_subnet).vxlan)
             kernel = KernelView(namespaces=have, peers={vni: self.dataplane.peers(vni) for vni in wanted & have},
                                 flood={vni: self.dataplane.flood(vni) for vni in wanted & have})
             found = drift(StoreView(networks=wanted, peers=expected, vtep=self.host, multicast=multicast), kernel)
@@ -264,9 +266,6 @@ class Doctor:
         return Check("peers", OK, f"the kernel holds exactly the store's {total} remote peer(s)"
                                   + (f" and {flooding} flood entr{'y' if flooding == 1 else 'ies'}" if flooding else ""))
 
-    def _through_vxlan(self, encap: str, vtep: str) -> bool:
-        return encap == "cross-subnet" and vtep != self.host and not self.dataplane.same_subnet(vtep)
-
     def check_direct(self) -> Optional[Check]:
         """Direct-mode overlays (-o encap=...): direct0 there, each route and
         neighbour as the store's peers want, and the hosts encap=never cannot reach."""
@@ -285,14 +284,10 @@ class Doctor:
                     problems.append(f"VNI {vni}: no direct0 in {self.dataplane.netns_name(vni)}: containers on "
                                     "other hosts are cut off; restart the plugin (its start re-creates it)")
                     continue
-                want, off = {}, set()
-                for p in peers.get(vni, ()):
-                    if p.vtep == self.host:
-                        want[p.ip] = ("br0", p.mac)
-                    elif self.dataplane.same_subnet(p.vtep):
-                        want[p.ip] = ("direct0", direct_mac(p.vtep, vni))
-                    elif direct[vni] == "never":
-                        off.add(p.vtep)
+                split = split_direct(peers.get(vni, ()), direct[vni], self.host, self.dataplane.same_subnet)
+                want = {p.ip: ("br0", p.mac) for p in split.local}
+                want.update((p.ip, ("direct0", direct_mac(p.vtep, vni))) for p in split.routed)
+                off = {p.vtep for p in split.unreachable}
                 have = self.dataplane.direct_routes(vni)
                 problems += [f"VNI {vni}: missing route to {ip} via {dev} ({mac})"
                              for ip, (dev, mac) in sorted(want.items()) if have.get(ip) != (dev, mac)]
