@@ -51,8 +51,9 @@ log = logging.getLogger(__name__)
 
 TABLE = "pyoverlay-gw"
 PROTOS = {6: "tcp", 17: "udp", 132: "sctp"}
-IPTABLES_RULES = (["-i", UPLINK_PREFIX + "+"], ["-o", UPLINK_PREFIX + "+"])
-COMMENT = ["-m", "comment", "--comment", "pyoverlay gateway mode"]
+# The FORWARD accepts past the engine's iptables policy, in and out of the uplinks.
+FORWARD_ACCEPTS = tuple(["FORWARD", flag, UPLINK_PREFIX + "+", "-m", "comment", "--comment",
+                         "pyoverlay gateway mode", "-j", "ACCEPT"] for flag in ("-i", "-o"))
 
 
 @dataclass(frozen=True, order=True)
@@ -225,22 +226,23 @@ class NatTable:
         binary = self.ip6tables if ipv6 else self.iptables
         if shutil.which(binary) is None:
             return True  # no iptables: no engine FORWARD policy to get past
-        cmd = ([] if not self.netns else ["nsenter", f"--net={self.netns}"]) + [binary, "-w"]
-        return all(subprocess.run(cmd + ["-C", "FORWARD", *match, *COMMENT, "-j", "ACCEPT"],
-                                  capture_output=True).returncode == 0 for match in IPTABLES_RULES)
+        return all(self._iptables(binary, "-C", rule).returncode == 0 for rule in FORWARD_ACCEPTS)
 
     def _accept_forward(self, binary: str) -> None:
         if binary in self._forward_ok:
             return
         if shutil.which(binary) is None:
             return  # no iptables: no engine FORWARD policy to get past
-        for match in IPTABLES_RULES:
-            rule = ["FORWARD", *match, *COMMENT, "-j", "ACCEPT"]
-            cmd = ([] if not self.netns else ["nsenter", f"--net={self.netns}"]) + [binary, "-w"]
-            if subprocess.run(cmd + ["-C", *rule], capture_output=True).returncode == 0:
+        for rule in FORWARD_ACCEPTS:
+            if self._iptables(binary, "-C", rule).returncode == 0:
                 continue
-            done = subprocess.run(cmd + ["-A", *rule], capture_output=True, text=True)
+            done = self._iptables(binary, "-A", rule)
             if done.returncode != 0:
                 raise FirewallError(f"{binary} refused to accept forwarding through the uplinks: "
                                     f"{done.stderr.strip()}")
         self._forward_ok.add(binary)
+
+    def _iptables(self, binary: str, action: str, rule: list[str]) -> subprocess.CompletedProcess:
+        """One iptables call, in the namespace the table is for."""
+        cmd = ([] if not self.netns else ["nsenter", f"--net={self.netns}"]) + [binary, "-w", action, *rule]
+        return subprocess.run(cmd, capture_output=True, text=True)
