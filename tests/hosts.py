@@ -501,7 +501,7 @@ class NamespaceHost(Host):
         _sweep_netns([self.name])
         self.underlay.unplug(self.index)
         _sweep_cgroups(self.cgroup_parent)
-        _remove_tree(self.dir)
+        remove_tree(self.dir)
 
 
 # -- processes ----------------------------------------------------------------
@@ -652,8 +652,10 @@ def _sweep_cgroups(name: str) -> None:
     wait_for(removed, 10, lambda: f"removal of cgroups {[t for t in tops if os.path.exists(t)]}")
 
 
-def _remove_tree(path: Union[str, Path]) -> None:
-    """rm -rf, after lazily unmounting anything under path still visible here."""
+def remove_tree(path: Union[str, Path]) -> None:
+    """rm -rf, after lazily unmounting anything under path still visible here:
+    a namespace bind-mounted there (a Dataplane's netns_dir) would otherwise
+    stay alive, with its devices, after rmtree gave up on the mount point."""
     path = str(path)
     mounts = []
     with open("/proc/self/mountinfo") as f:
@@ -664,6 +666,8 @@ def _remove_tree(path: Union[str, Path]) -> None:
     for point in sorted(mounts, key=len, reverse=True):
         _run(["umount", "-l", point], check=False)
     shutil.rmtree(path, ignore_errors=True)
+    if os.path.exists(path):
+        raise RuntimeError(f"{path} could not be removed")
 
 
 def sweep_leftovers() -> list[str]:
@@ -685,7 +689,7 @@ def sweep_leftovers() -> list[str]:
             removed.append(f"link {link['ifname']}")
     for d in sorted(glob.glob(os.path.join(tempfile.gettempdir(), PREFIX + "*"))):
         if os.path.isdir(d):
-            _remove_tree(d)
+            remove_tree(d)
             removed.append(f"dir {d}")
     return removed
 

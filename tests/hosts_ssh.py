@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import tempfile
 import time
@@ -323,7 +324,5 @@ class SSHHost(Host):
         finally:
             subprocess.run([self.ssh, "-F", self.ssh_config, "-o", f"ControlPath={self._control_dir}/%C",
                             "-O", "exit", self.name], capture_output=True, timeout=15)
-            try:
-                os.rmdir(self._control_dir)
-            except OSError:
-                pass
+            # The master may not have removed its socket yet.
+            shutil.rmtree(self._control_dir, ignore_errors=True)

@@ -13,9 +13,7 @@ under test; setup uses pyroute2 directly.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import ctypes.util
 import itertools
 import json
 import os
@@ -35,12 +33,10 @@ from pyroute2 import netns as pr_netns
 from driver.dataplane import Dataplane, DataplaneError, default_route_address
 from driver.dataplane import worker as dp_worker
 from driver.model import Peer
-from tests.hosts import wait_for
+from tests.hosts import remove_tree, wait_for
 
 UNDERLAY = "10.98.0.{}"
 OVERLAY = "10.98.100.{}"  # container addresses; only ever inside test namespaces
-MNT_DETACH = 2
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _ids = itertools.count(1)
 
 
@@ -134,24 +130,6 @@ class Lab:
         return Dataplane(host.addr, host_netns=host.ns, netns_dir=host.netns_dir)
 
 
-def _umount_all(path: str) -> None:
-    # pyroute2 bind-mounts a netns dir onto itself (as iproute2 does); peel
-    # every layer so rmtree cannot reach into a live mount.
-    while _libc.umount2(path.encode(), MNT_DETACH) == 0:
-        pass
-
-
-def _destroy(root: str) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            _umount_all(path)
-            os.unlink(path)
-    for dirpath, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
-        _umount_all(dirpath)
-    shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def lab():
     lab = Lab(tempfile.mkdtemp(prefix="pyo-dataplane-"))
@@ -183,7 +161,7 @@ def lab():
     finally:
         for host in lab.hosts.values():
             host.dp.close()
-        _destroy(lab.root)
+        remove_tree(lab.root)
 
 
 @pytest.fixture

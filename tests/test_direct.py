@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import uuid
@@ -28,7 +27,7 @@ from driver.network import endpoint_mac
 from driver.peersync import PeerSync
 from driver.state import peer_key
 from driver.store import open_store
-from tests.hosts import wait_for
+from tests.hosts import remove_tree, wait_for
 
 A, B = 4301, 4302  # A: encap=cross-subnet; B: encap=never, for isolation
 HOSTS = {"h1": "10.96.0.1/24", "h2": "10.96.0.2/24", "h3": "10.96.1.3/24"}
@@ -83,7 +82,7 @@ class Lab:
                 pr_netns.remove(name)
             except OSError:
                 pass
-        shutil.rmtree(self.dir, ignore_errors=True)
+        remove_tree(self.dir)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from driver.keys import KeyFile, LocalKeys, new_private, pair_psk, public_of
 from driver.model import HostKey, Peer, TunnelPeer
 from driver.state import CRYPTO, State
 from driver.store import open_store
-from tests.hosts import wait_for
+from tests.hosts import remove_tree, wait_for
 from tests.seed import rng
 
 # -- keys ---------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def two_hosts():
             plane.close()
         for name in names:
             _sh("ip", "netns", "del", name, check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
 
 
 def _overlay(plane: Dataplane, n: int, vni: int, encrypted: bool) -> tuple[str, str]:

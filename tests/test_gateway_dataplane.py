@@ -23,7 +23,7 @@ from pyroute2 import netns as pr_netns
 from driver.dataplane import Dataplane
 from driver.dataplane.egress import LINK_HOST, uplink_name
 from driver.dataplane.natrules import NatTable, PortMapping, Uplink, script
-from tests.hosts import wait_for
+from tests.hosts import remove_tree, wait_for
 
 VNI = 4177
 SUBNET, GATEWAY, CONTAINER = "10.97.100.0/24", "10.97.100.1", "10.97.100.2"
@@ -89,7 +89,7 @@ class Lab:
                 pr_netns.remove(name)
             except OSError:
                 pass
-        subprocess.run(["rm", "-rf", self.dir])
+        remove_tree(self.dir)
 
 
 @pytest.fixture(scope="module")
