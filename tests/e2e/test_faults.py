@@ -175,6 +175,7 @@ KILL_WINDOW = {"RequestAddress": 0.012, "CreateEndpoint": 0.012, "Join": 0.010,
 STEPS = list(KILL_WINDOW)
 
 
+@pytest.mark.engine_neutral  # the plugin is called here, not by the engine (it only holds the kept containers)
 def test_sigkill_at_random_points_loses_and_leaks_nothing(hosts, cluster):
     h1, h2, _ = hosts
     subnet, vni = "10.61.0.0/24", 6100
