@@ -9,7 +9,7 @@ import sys
 import threading
 
 from driver.dataplane import dnsplane
-from tests.test_dataplane import _destroy, a, container, ip_json, lab, mac, network, run  # noqa: F401 (fixtures)
+from tests.test_dataplane import a, container, ip_json, lab, mac, network, run  # noqa: F401 (fixtures)
 
 DNS = "169.254.53.53"
 SUBNET = "10.98.100.0/24"

@@ -35,9 +35,8 @@ from driver.state import State
 from driver.store.memory import MemoryStore
 from plugin.app import create_app
 from tests.conftest import new_id
-from tests.hosts import wait_for
+from tests.hosts import remove_tree, wait_for
 from tests.reliability import record
-from tests.test_dataplane import _destroy
 
 UNDERLAY = "10.96.0.{}"
 OUTSIDER = UNDERLAY.format(66)
@@ -235,7 +234,7 @@ class Lab:
     def close(self) -> None:
         for driver in self.drivers:
             driver.stop()
-        _destroy(self.root)
+        remove_tree(self.root)
 
 
 @pytest.fixture
