@@ -40,8 +40,8 @@ from tests.hosts import (
     wait_for,
 )
 
-try:  # the engine-like socket client the project shares (plugin/client.py)
-    from plugin.client import UnixHTTPConnection as _UnixHTTPConnection
+try:  # the engine-like socket client the project shares (ops/client.py)
+    from ops.client import UnixHTTPConnection as _UnixHTTPConnection
 except ImportError:  # older checkouts: the harness's own
     from tests.hosts import _UnixHTTPConnection  # type: ignore[attr-defined,no-redef]
 

@@ -1,7 +1,7 @@
 """Values with one meaning across the tree, defined once (issue 12, item 6).
 
 Imports nothing: the driver, the HTTP face, the operator commands and the
-flag defaults (plugin/settings.py) all read them from here.
+flag defaults (driver/settings.py) all read them from here.
 """
 
 #: What the engine calls the driver when the socket is pyoverlay.sock (a managed

@@ -12,7 +12,7 @@ from typing import Callable
 
 from driver import rules
 from driver.store.base import StoreError
-from plugin.settings import DEFAULT_WAIT
+from driver.settings import DEFAULT_WAIT
 
 from . import doctor
 from .commands import (CommandError, HostResult, collect_status, network_create, network_rm, render_status, table,

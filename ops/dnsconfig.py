@@ -20,7 +20,7 @@ import sys
 import tempfile
 from typing import Iterable, Optional
 
-from plugin.settings import DEFAULT_DAEMON_JSON, DEFAULT_DNS_ADDR, env
+from driver.settings import DEFAULT_DAEMON_JSON, DEFAULT_DNS_ADDR, env
 
 RESOLV_CONFS = ("/etc/resolv.conf", "/run/systemd/resolve/resolv.conf")
 ENGINE_MAX_SERVERS = 3

@@ -36,8 +36,8 @@ from driver.rules import VXLAN_OVERHEAD
 from driver.state import State
 from driver.store.base import Store, StoreError
 
-from plugin.client import call
-from plugin.settings import (DEFAULT_DAEMON_JSON, DEFAULT_DNS_ADDR, DEFAULT_ENCRYPTED_VXLAN_PORT, DEFAULT_KEY_DIR,
+from ops.client import call
+from driver.settings import (DEFAULT_DAEMON_JSON, DEFAULT_DNS_ADDR, DEFAULT_ENCRYPTED_VXLAN_PORT, DEFAULT_KEY_DIR,
                              DEFAULT_SOCKET, DEFAULT_VXLAN_PORT, env, env_on)
 
 from .checks import FAIL, OK, SKIP, WARN, Check  # noqa: F401 (importers take them from here too)

@@ -15,11 +15,11 @@ from ops.dnsconfig import add_parser as add_dns_config_parser
 from .logs import use_json
 # Flag defaults and PYOVERLAY_* live in settings.py (ops/ reads them there too);
 # the names stay importable from here.
-from .settings import (DEFAULT_BLOCK_GRACE, DEFAULT_DEFAULT_POOL, DEFAULT_DNS_ADDR, DEFAULT_ETCD_PREFIX,  # noqa: F401
+from driver.settings import (DEFAULT_BLOCK_GRACE, DEFAULT_DEFAULT_POOL, DEFAULT_DNS_ADDR, DEFAULT_ETCD_PREFIX,  # noqa: F401
                        DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, DEFAULT_NAMES_TTL, DEFAULT_SOCKET, DEFAULT_STORE,
                        DEFAULT_VXLAN_PORT, env_on)
-from .settings import DEFAULT_ENCRYPTED_VXLAN_PORT, DEFAULT_KEY_DIR, DEFAULT_KEY_ROTATION, DEFAULT_WIREGUARD_PORT
-from .settings import env as _env
+from driver.settings import DEFAULT_ENCRYPTED_VXLAN_PORT, DEFAULT_KEY_DIR, DEFAULT_KEY_ROTATION, DEFAULT_WIREGUARD_PORT
+from driver.settings import env as _env
 
 
 def _add_store_flags(parser: argparse.ArgumentParser) -> None:

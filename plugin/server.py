@@ -43,7 +43,7 @@ from driver.sweep import EndpointSweep
 
 from .app import create_app
 from .metrics import Metrics
-from .settings import DEFAULT_DNS_ADDR, DEFAULT_ETCD_PREFIX, DEFAULT_KEY_DIR
+from driver.settings import DEFAULT_DNS_ADDR, DEFAULT_ETCD_PREFIX, DEFAULT_KEY_DIR
 
 log = logging.getLogger("pyoverlay")
 

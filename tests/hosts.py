@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
-from plugin.client import call
+from ops.client import call
 from tests.engines import engine_env
 
 PREFIX = "pyo-e2e-"

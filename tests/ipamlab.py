@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from plugin.client import call
+from ops.client import call
 from tests.etcdserver import EtcdServer
 from tests.hosts import _kill_group, wait_for
 

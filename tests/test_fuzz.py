@@ -42,7 +42,7 @@ from pyroute2 import IPRoute
 
 from plugin.app import _routes
 from tests.conftest import HostNamespace, PluginUnderTest, new_id
-from plugin.client import UnixHTTPConnection
+from ops.client import UnixHTTPConnection
 from tests.hosts import wait_for
 from tests.reliability import record
 from tests.seed import ENV as SEED_ENV, SEED, announce

@@ -1,6 +1,7 @@
 """The import layering of driver/, plugin/ and ops/, read from the source
 (issue 12): no import circle, also none through an import inside a function;
-the flag defaults' module at the bottom; nothing imports the command line."""
+the flag defaults' module at the bottom; nothing imports the command line;
+the packages in one order, plugin/ over ops/ over driver/."""
 
 from __future__ import annotations
 
@@ -87,8 +88,16 @@ def test_no_import_circle_among_driver_plugin_and_ops():
 
 def test_settings_are_at_the_bottom_and_nothing_imports_the_command_line():
     graph = import_graph()
-    assert not {d for d in graph["plugin.settings"] if d.startswith(("plugin", "ops"))}
+    assert not {d for d in graph["driver.settings"] if d.startswith(("plugin", "ops"))}
     assert [m for m, deps in graph.items() if "plugin.cli" in deps] == []
-    # The operator commands are apart from the HTTP face.
-    assert not {d for m, deps in graph.items() if m.startswith("ops") for d in deps
-                if d in ("plugin.app", "plugin.server", "plugin.schemas")}
+
+
+def test_the_packages_import_downwards_only():
+    """plugin/ (the HTTP face and the `pyoverlay` command line) may use ops/
+    (the operator commands) and driver/; ops/ uses driver/ only; driver/
+    neither: no import runs back up, even between packages."""
+    graph = import_graph()
+    up = {"driver": ("plugin", "ops"), "ops": ("plugin",), "plugin": ()}
+    back = sorted((m, d) for m, deps in graph.items() for d in deps
+                  if d.split(".")[0] in up[m.split(".")[0]])
+    assert back == []

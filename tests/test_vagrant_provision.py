@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.client import call
+from ops.client import call
 from tests.engines import REPO_DIR
 from tests.hosts import _sweep_netns, wait_for
 from tests.sshd_vms import vagrantfile_script
