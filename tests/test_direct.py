@@ -15,10 +15,8 @@ import os
 import re
 import subprocess
 import tempfile
-import uuid
 
 import pytest
-from pyroute2 import netns as pr_netns
 
 from driver.dataplane import Dataplane
 from driver.dataplane.direct import DIRECT, direct_mac
@@ -27,37 +25,19 @@ from driver.network import endpoint_mac
 from driver.peersync import PeerSync
 from driver.state import peer_key
 from driver.store import open_store
-from tests.hosts import remove_tree, wait_for
+from tests.hosts import wait_for
+from tests.nslab import NamespaceLab, pings, sh
 
 A, B = 4301, 4302  # A: encap=cross-subnet; B: encap=never, for isolation
 HOSTS = {"h1": "10.96.0.1/24", "h2": "10.96.0.2/24", "h3": "10.96.1.3/24"}
 
 
-def sh(ns: str, *cmd: str, check: bool = True) -> str:
-    return subprocess.run(["nsenter", f"--net={ns}", *cmd], capture_output=True, text=True, timeout=20,
-                          check=check).stdout
-
-
-def pings(ns: str, ip: str) -> bool:
-    return subprocess.run(["nsenter", f"--net={ns}", "ping", "-c1", "-W1", ip], capture_output=True).returncode == 0
-
-
-class Lab:
+class Lab(NamespaceLab):
     def __init__(self):
-        self.tag = uuid.uuid4().hex[:6]
-        self.dir = tempfile.mkdtemp(prefix="pyo-direct-")
-        self.names: list[str] = []
+        super().__init__("pyod")
         self.dp: dict[str, Dataplane] = {}
         self.sync: dict[str, PeerSync] = {}
         self.store = open_store("memory://")
-
-    def ns(self, role: str) -> str:
-        name = f"pyod-{self.tag}-{role}"
-        pr_netns.create(name)
-        self.names.append(name)
-        path = f"/run/netns/{name}"
-        sh(path, "ip", "link", "set", "lo", "up")
-        return path
 
     def container(self, host: str, vni: int, name: str, ip: str) -> str:
         """A container namespace on host, on overlay vni, with ip; its peer record in the store."""
@@ -77,12 +57,7 @@ class Lab:
         for dp in self.dp.values():
             dp.close()
         self.store.close()
-        for name in self.names:
-            try:
-                pr_netns.remove(name)
-            except OSError:
-                pass
-        remove_tree(self.dir)
+        super().close()
 
 
 @pytest.fixture(scope="module")

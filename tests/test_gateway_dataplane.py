@@ -14,20 +14,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
-import uuid
 
 import pytest
-from pyroute2 import netns as pr_netns
 
 from driver.dataplane import Dataplane
 from driver.dataplane.egress import LINK_HOST, uplink_name
 from driver.dataplane.natrules import NatTable, PortMapping, Uplink, script
-from tests.hosts import remove_tree, wait_for
+from tests.hosts import wait_for
+from tests.nslab import NamespaceLab, sh
 
 VNI = 4177
 SUBNET, GATEWAY, CONTAINER = "10.97.100.0/24", "10.97.100.1", "10.97.100.2"
 HOST_ADDR, OUTSIDE = "10.97.0.1", "10.97.0.2"
+HOST6, OUTSIDE6 = "fd97::1", "fd97::2"
 
 # Answers each connection with the peer's address, then closes it.
 ECHO_PEER = """
@@ -49,31 +48,16 @@ except OSError as e:
 """
 
 
-def sh(ns: str, *cmd: str, check: bool = True) -> str:
-    return subprocess.run(["nsenter", f"--net={ns}", *cmd], capture_output=True, text=True, timeout=20,
-                          check=check).stdout
-
-
 def peer_seen(ns: str, ip: str, port: int) -> str:
     """What a server at ip:port says our address was, as seen from ns ("failed: ..." if unreachable)."""
     return sh(ns, sys.executable, "-c", CONNECT, ip, str(port)).strip()
 
 
-class Lab:
+class Lab(NamespaceLab):
     def __init__(self):
-        self.tag = uuid.uuid4().hex[:6]
-        self.dir = tempfile.mkdtemp(prefix="pyo-gw-")
+        super().__init__("pyogw")
         self.netns_dir = os.path.join(self.dir, "netns")
-        self.names: list[str] = []
         self.servers: list[subprocess.Popen] = []
-
-    def ns(self, role: str) -> str:
-        name = f"pyogw-{self.tag}-{role}"
-        pr_netns.create(name)
-        self.names.append(name)
-        path = f"/run/netns/{name}"
-        sh(path, "ip", "link", "set", "lo", "up")
-        return path
 
     def serve(self, ns: str, ip: str, port: int) -> None:
         proc = subprocess.Popen(["nsenter", f"--net={ns}", sys.executable, "-c", ECHO_PEER, ip, str(port)])
@@ -84,44 +68,60 @@ class Lab:
         for proc in self.servers:
             proc.kill()
             proc.wait()
-        for name in self.names:
-            try:
-                pr_netns.remove(name)
-            except OSError:
-                pass
-        remove_tree(self.dir)
+        if hasattr(self, "dp"):
+            self.dp.close()
+        super().close()
+
+
+def make_lab(suffix: str, vni: int, subnet: str, gateway: str, container: str, endpoint: str, mac: str,
+             v6: tuple[str, str, str] = ()) -> Lab:
+    """H (the host, default routes out through O), O (the outside) and C (a
+    container on overlay vni in gateway mode, its veth end moved in and routed
+    via the gateway, as the engine does). v6: (subnet, gateway, container)."""
+    lab = Lab()
+    try:
+        lab.h, lab.o, lab.c = lab.ns("h" + suffix), lab.ns("o" + suffix), lab.ns("c" + suffix)
+        sh(lab.h, "ip", "link", "add", "out0", "type", "veth", "peer", "name", "in0", "netns", lab.o)
+        for ns, dev, ip4, ip6, via4, via6 in ((lab.h, "out0", HOST_ADDR, HOST6, OUTSIDE, OUTSIDE6),
+                                              (lab.o, "in0", OUTSIDE, OUTSIDE6, "", "")):
+            sh(ns, "ip", "addr", "add", f"{ip4}/24", "dev", dev)
+            if v6:
+                sh(ns, "ip", "addr", "add", f"{ip6}/64", "dev", dev, "nodad")
+            sh(ns, "ip", "link", "set", dev, "up")
+            if via4:
+                sh(ns, "ip", "route", "add", "default", "via", via4)
+                if v6:
+                    sh(ns, "ip", "-6", "route", "add", "default", "via", via6)
+        lab.dp = Dataplane(HOST_ADDR, host_netns=lab.h, netns_dir=lab.netns_dir)
+        lab.dp.create_network(vni, 1450)
+        lab.dp.add_egress(vni, subnet, gateway, *v6[:2])
+        lab.dp.add_egress(vni, subnet, gateway, *v6[:2])  # idempotent
+        ifname = lab.dp.create_endpoint(vni, endpoint * 64, mac, 1450)
+        sh(lab.h, "ip", "link", "set", ifname, "netns", lab.c)
+        sh(lab.c, "ip", "addr", "add", f"{container}/24", "dev", ifname)
+        if v6:
+            sh(lab.c, "ip", "addr", "add", f"{v6[2]}/64", "dev", ifname, "nodad")
+        sh(lab.c, "ip", "link", "set", ifname, "up")
+        sh(lab.c, "ip", "route", "add", "default", "via", gateway)
+        if v6:
+            sh(lab.c, "ip", "-6", "route", "add", "default", "via", v6[1])
+        lab.nat = NatTable(netns=lab.h)
+        lab.serve(lab.c, "0.0.0.0", 80)
+        lab.serve(lab.o, OUTSIDE, 7000)
+        if v6:
+            lab.serve(lab.c, "::", 80)
+            lab.serve(lab.o, OUTSIDE6, 7000)
+        return lab
+    except BaseException:
+        lab.close()
+        raise
 
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab()
-    try:
-        lab.h, lab.o, lab.c = lab.ns("h"), lab.ns("o"), lab.ns("c")
-        # H <-> O, and H's default route out through O.
-        sh(lab.h, "ip", "link", "add", "out0", "type", "veth", "peer", "name", "in0", "netns", lab.o)
-        sh(lab.h, "ip", "addr", "add", f"{HOST_ADDR}/24", "dev", "out0")
-        sh(lab.h, "ip", "link", "set", "out0", "up")
-        sh(lab.h, "ip", "route", "add", "default", "via", OUTSIDE)
-        sh(lab.o, "ip", "addr", "add", f"{OUTSIDE}/24", "dev", "in0")
-        sh(lab.o, "ip", "link", "set", "in0", "up")
-        lab.dp = Dataplane(HOST_ADDR, host_netns=lab.h, netns_dir=lab.netns_dir)
-        lab.dp.create_network(VNI, 1450)
-        lab.dp.add_egress(VNI, SUBNET, GATEWAY)
-        lab.dp.add_egress(VNI, SUBNET, GATEWAY)  # idempotent
-        # The container: its veth end moved in, addressed, routed via the gateway (as the engine does).
-        ifname = lab.dp.create_endpoint(VNI, "c" * 64, "02:97:00:00:00:02", 1450)
-        sh(lab.h, "ip", "link", "set", ifname, "netns", lab.c)
-        sh(lab.c, "ip", "addr", "add", f"{CONTAINER}/24", "dev", ifname)
-        sh(lab.c, "ip", "link", "set", ifname, "up")
-        sh(lab.c, "ip", "route", "add", "default", "via", GATEWAY)
-        lab.nat = NatTable(netns=lab.h)
-        lab.serve(lab.c, "0.0.0.0", 80)
-        lab.serve(lab.o, OUTSIDE, 7000)
-        yield lab
-    finally:
-        if hasattr(lab, "dp"):
-            lab.dp.close()
-        lab.close()
+    lab = make_lab("", VNI, SUBNET, GATEWAY, CONTAINER, "c", "02:97:00:00:00:02")
+    yield lab
+    lab.close()
 
 
 def test_egress_is_masqueraded_to_the_hosts_address(lab):
@@ -277,44 +277,14 @@ def test_deleting_the_network_takes_the_uplink_and_its_route(lab):
 VNI6 = 4178
 SUBNET4B, GATEWAY4B, CONTAINER4B = "10.97.102.0/24", "10.97.102.1", "10.97.102.2"
 SUBNET6, GATEWAY6, CONTAINER6 = "fd97:100::/64", "fd97:100::1", "fd97:100::2"
-HOST6, OUTSIDE6 = "fd97::1", "fd97::2"
 
 
 @pytest.fixture(scope="module")
 def lab6():
-    lab = Lab()
-    try:
-        lab.h, lab.o, lab.c = lab.ns("h6"), lab.ns("o6"), lab.ns("c6")
-        sh(lab.h, "ip", "link", "add", "out0", "type", "veth", "peer", "name", "in0", "netns", lab.o)
-        sh(lab.h, "ip", "addr", "add", f"{HOST_ADDR}/24", "dev", "out0")
-        sh(lab.h, "ip", "addr", "add", f"{HOST6}/64", "dev", "out0", "nodad")
-        sh(lab.h, "ip", "link", "set", "out0", "up")
-        sh(lab.h, "ip", "route", "add", "default", "via", OUTSIDE)
-        sh(lab.h, "ip", "-6", "route", "add", "default", "via", OUTSIDE6)
-        sh(lab.o, "ip", "addr", "add", f"{OUTSIDE}/24", "dev", "in0")
-        sh(lab.o, "ip", "addr", "add", f"{OUTSIDE6}/64", "dev", "in0", "nodad")
-        sh(lab.o, "ip", "link", "set", "in0", "up")
-        lab.dp = Dataplane(HOST_ADDR, host_netns=lab.h, netns_dir=lab.netns_dir)
-        lab.dp.create_network(VNI6, 1450)
-        lab.dp.add_egress(VNI6, SUBNET4B, GATEWAY4B, SUBNET6, GATEWAY6)
-        lab.dp.add_egress(VNI6, SUBNET4B, GATEWAY4B, SUBNET6, GATEWAY6)  # idempotent
-        ifname = lab.dp.create_endpoint(VNI6, "d" * 64, "02:97:00:00:01:02", 1450)
-        sh(lab.h, "ip", "link", "set", ifname, "netns", lab.c)
-        sh(lab.c, "ip", "addr", "add", f"{CONTAINER4B}/24", "dev", ifname)
-        sh(lab.c, "ip", "addr", "add", f"{CONTAINER6}/64", "dev", ifname, "nodad")
-        sh(lab.c, "ip", "link", "set", ifname, "up")
-        sh(lab.c, "ip", "route", "add", "default", "via", GATEWAY4B)
-        sh(lab.c, "ip", "-6", "route", "add", "default", "via", GATEWAY6)
-        lab.nat = NatTable(netns=lab.h)
-        lab.serve(lab.c, "0.0.0.0", 80)
-        lab.serve(lab.c, "::", 80)
-        lab.serve(lab.o, OUTSIDE6, 7000)
-        lab.serve(lab.o, OUTSIDE, 7000)
-        yield lab
-    finally:
-        if hasattr(lab, "dp"):
-            lab.dp.close()
-        lab.close()
+    lab = make_lab("6", VNI6, SUBNET4B, GATEWAY4B, CONTAINER4B, "d", "02:97:00:00:01:02",
+                   (SUBNET6, GATEWAY6, CONTAINER6))
+    yield lab
+    lab.close()
 
 
 UPLINKS6 = [Uplink(VNI6, SUBNET4B), Uplink(VNI6, SUBNET6)]

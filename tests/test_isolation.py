@@ -36,6 +36,7 @@ from driver.store.memory import MemoryStore
 from plugin.app import create_app
 from tests.conftest import new_id
 from tests.hosts import remove_tree, wait_for
+from tests.nslab import pings, run_in
 from tests.reliability import record
 
 UNDERLAY = "10.96.0.{}"
@@ -44,24 +45,15 @@ SUBNET = "10.50.0.0/24"
 _n = itertools.count(1)
 
 
-def sh(ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["nsenter", f"--net={ns}", *cmd], capture_output=True, text=True, timeout=30,
-                          check=check)
-
-
 def echo_requests_received(ns: str) -> int:
     """Icmp InEchos of the namespace: ICMP echo requests its IP stack took in."""
-    lines = [l.split() for l in sh(ns, "cat", "/proc/net/snmp").stdout.splitlines() if l.startswith("Icmp:")]
+    lines = [l.split() for l in run_in(ns, "cat", "/proc/net/snmp").stdout.splitlines() if l.startswith("Icmp:")]
     return int(lines[1][lines[0].index("InEchos")])
-
-
-def pings(ns: str, ip: str) -> bool:
-    return sh(ns, "ping", "-c1", "-W1", "-q", ip, check=False).returncode == 0
 
 
 def nft_drops(ns: str) -> int:
     """Packets the filter's drop rule counted, read with nft itself."""
-    out = json.loads(sh(ns, "nft", "-j", "list", "chain", "inet", TABLE, CHAIN).stdout)
+    out = json.loads(run_in(ns, "nft", "-j", "list", "chain", "inet", TABLE, CHAIN).stdout)
     return sum(e["counter"]["packets"] for item in out["nftables"] if "rule" in item
                for e in item["rule"]["expr"] if "counter" in e)
 
@@ -101,7 +93,7 @@ for _ in range(int(sys.argv[4])):
 
 def inject(from_ns: str, to_addr: str, frame: bytes, count: int, port: int = 4789) -> None:
     """Send the frame as UDP datagrams from inside from_ns (never from the test's own namespace)."""
-    sh(from_ns, sys.executable, "-c", SEND, to_addr, str(port), frame.hex(), str(count))
+    run_in(from_ns, sys.executable, "-c", SEND, to_addr, str(port), frame.hex(), str(count))
 
 
 # -- the lab ----------------------------------------------------------------------
@@ -370,7 +362,7 @@ def test_filter_rebuilds_a_table_removed_behind_its_back(lab):
     fw = Firewall(netns=a.ns)
     assert fw.install()
     fw.allow({"10.96.0.7"})
-    sh(a.ns, "nft", "delete", "table", "inet", TABLE)
+    run_in(a.ns, "nft", "delete", "table", "inet", TABLE)
     fw.allow({"10.96.0.7", "10.96.0.8"})
     assert fw.allowed() == {"10.96.0.7", "10.96.0.8"}
     fw.allow({"not-an-address; flush ruleset", "10.96.0.8"})  # values from the store never reach nft unchecked
