@@ -224,3 +224,24 @@ def test_delete_network_leaves_nothing(lab):
     dp.delete_network(B)
     assert B not in dp.networks()
     assert "macvlan" not in sh(h, "ip", "-d", "link", "show")
+
+
+def test_a_wider_underlay_is_narrowed_to_the_hosts_16():
+    """direct0 MACs carry an address's last 16 bits: on a /8 underlay, 10.1.0.5
+    and 10.2.0.5 would share one. Only this host's /16 is routed directly."""
+    lab = NamespaceLab("pyodw")
+    try:
+        h = lab.ns("h")
+        sh(h, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")  # no dummy module here
+        sh(h, "ip", "addr", "add", "10.1.0.5/8", "dev", "eth0")
+        sh(h, "ip", "link", "set", "eth0", "up")
+        dp = Dataplane("10.1.0.5", host_netns=h, netns_dir=os.path.join(lab.dir, "h"))
+        try:
+            assert str(dp.underlay_subnet()) == "10.1.0.0/16"
+            assert dp.same_subnet("10.1.200.7")
+            assert direct_mac("10.2.0.5", A) == direct_mac("10.1.0.5", A)  # why: the same last 16 bits
+            assert not dp.same_subnet("10.2.0.5")
+        finally:
+            dp.close()
+    finally:
+        lab.close()

@@ -62,7 +62,9 @@ class DirectStage(Worker):
         self._call(self._create_direct, vni)
 
     def underlay_subnet(self) -> ipaddress.IPv4Network:
-        """The prefix of this host's underlay address: peers inside it are reached directly."""
+        """The prefix of this host's underlay address, at most a /16: peers
+        inside it are reached directly (direct0 MACs carry an address's last
+        16 bits, unique within a /16 only)."""
         found = getattr(self, "_underlay_net", None)
         if found is None:
             found = self._underlay_net = self._call(self._read_underlay)[1]
@@ -120,7 +122,8 @@ class DirectStage(Worker):
         with step(f"finding the interface holding {self.vtep}"):
             for addr in host.ipr.addr("dump", family=socket.AF_INET):
                 if addr.get_attr("IFA_LOCAL") == self.vtep:
-                    return addr["index"], ipaddress.IPv4Network(f"{self.vtep}/{addr['prefixlen']}", strict=False)
+                    prefix = max(addr["prefixlen"], 16)
+                    return addr["index"], ipaddress.IPv4Network(f"{self.vtep}/{prefix}", strict=False)
         raise DataplaneError(f"no interface in the host namespace has address {self.vtep}: direct mode needs "
                              "the underlay address on a local interface (check --advertise-addr)")
 
