@@ -107,13 +107,10 @@ def engines() -> list[tuple[str, str]]:
     12's, and the current one where scripts/setup unpacked it."""
     found = [("debian", "engine 20.10 (Debian 12)")]
     try:
-        os.environ[ENGINE_ENV] = "current"
-        engine_root()
+        engine_root("current")
         found.append(("current", "current engine"))
     except RuntimeError:
         pass
-    finally:
-        os.environ.pop(ENGINE_ENV, None)
     return found
 
 

@@ -17,9 +17,10 @@ ENGINE_ROOT_ENV = "PYOVERLAY_ENGINE_ROOT"
 REPO_DIR = Path(__file__).resolve().parent.parent
 
 
-def engine_root() -> Optional[Path]:
-    """The unpacked engine's root folder, or None for the system's engine."""
-    kind = os.environ.get(ENGINE_ENV, "debian") or "debian"
+def engine_root(kind: Optional[str] = None) -> Optional[Path]:
+    """The unpacked engine's root folder, or None for the system's engine.
+    kind: debian or current; by default PYOVERLAY_ENGINE's."""
+    kind = kind or os.environ.get(ENGINE_ENV, "debian") or "debian"
     root = os.environ.get(ENGINE_ROOT_ENV)
     if root:
         path = Path(root)
