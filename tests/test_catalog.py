@@ -223,6 +223,16 @@ def test_a_pass_deletes_this_hosts_unreadable_records_and_no_one_elses(state, ap
     assert record(state).network_id == NET
 
 
+def made_elsewhere(state) -> EngineNetworkInfo:
+    """The network another host's engine is asked for from the catalog entry "web"."""
+    other = StandinEngine()
+    there = Applier(state, other, "10.99.0.2", "pyoverlay", DesiredTable(state, on_change=lambda: None))
+    there.table.load({"web": state.catalog_entry("web")})
+    assert there.run_pass()
+    (made,) = other.nets.values()
+    return made
+
+
 def test_multicast_travels_with_the_name(state, engine):
     """-o multicast=true given on one host: the entry carries it, and another
     host's engine is asked for the network with it (so it floods there too)."""
@@ -233,11 +243,7 @@ def test_multicast_travels_with_the_name(state, engine):
     assert entry.multicast and entry.options() == {"vni": "4096", "multicast": "true"}
     assert NamedNetwork.from_json(entry.to_json()) == entry
 
-    other = StandinEngine()
-    there = Applier(state, other, "10.99.0.2", "pyoverlay", DesiredTable(state, on_change=lambda: None))
-    there.table.load({"web": state.catalog_entry("web")})
-    assert there.run_pass()
-    (made,) = other.nets.values()
+    made = made_elsewhere(state)
     assert made.name == "web" and made.options == {"vni": "4096", "multicast": "true"}
 
 
@@ -247,11 +253,7 @@ def test_gateway_mode_travels_with_the_name(state, engine):
     assert Applier(state, engine, H1, "pyoverlay", DesiredTable(state, on_change=lambda: None)).run_pass()
     entry, _ = state.catalog_entry("web")
     assert entry.gateway_mode == "pyoverlay" and NamedNetwork.from_json(entry.to_json()) == entry
-    other = StandinEngine()
-    there = Applier(state, other, "10.99.0.2", "pyoverlay", DesiredTable(state, on_change=lambda: None))
-    there.table.load({"web": state.catalog_entry("web")})
-    assert there.run_pass()
-    (made,) = other.nets.values()
+    made = made_elsewhere(state)
     assert made.options.get("gateway") == "pyoverlay"
     assert "gateway_mode" not in WEB_ENTRY.to_json() and "gateway" not in WEB_ENTRY.options()
 
@@ -263,11 +265,7 @@ def test_direct_mode_travels_with_the_name(state, engine):
     assert Applier(state, engine, H1, "pyoverlay", DesiredTable(state, on_change=lambda: None)).run_pass()
     entry, _ = state.catalog_entry("web")
     assert entry.encap == "cross-subnet" and NamedNetwork.from_json(entry.to_json()) == entry
-    other = StandinEngine()
-    there = Applier(state, other, "10.99.0.2", "pyoverlay", DesiredTable(state, on_change=lambda: None))
-    there.table.load({"web": state.catalog_entry("web")})
-    assert there.run_pass()
-    (made,) = other.nets.values()
+    made = made_elsewhere(state)
     assert made.options == {"vni": "4096", "encap": "cross-subnet"}
     assert "encap" not in WEB_ENTRY.to_json() and "encap" not in WEB_ENTRY.options()
 
@@ -288,11 +286,7 @@ def test_a_dual_stack_network_travels_with_both_subnets(state, engine):
     assert (entry.subnet, entry.subnet6, entry.gateway6) == ("10.40.0.0/24", "fd00:40::/64", "fd00:40::1")
     assert NamedNetwork.from_json(entry.to_json()) == entry
     assert "subnet6" not in WEB_ENTRY.to_json()  # an IPv4 entry reads as before
-    other = StandinEngine()
-    there = Applier(state, other, "10.99.0.2", "pyoverlay", DesiredTable(state, on_change=lambda: None))
-    there.table.load({"web": state.catalog_entry("web")})
-    assert there.run_pass()
-    (made,) = other.nets.values()
+    made = made_elsewhere(state)
     assert (made.subnet, made.subnet6, made.gateway6, made.ipv6) == ("10.40.0.0/24", "fd00:40::/64",
                                                                      "fd00:40::1", True)
     assert state.engine_networks("10.99.0.2")["web"].catalogued
