@@ -113,8 +113,8 @@ class SSHHost(Host):
         self.plugin_exe = f"{install_dir}/.venv/bin/pyoverlay"
         self.python = f"{install_dir}/.venv/bin/python"
         self.dropin_dir = dropin_dir
-        # ControlPath must be short (a unix socket path): a directory of our own.
-        self._control_dir = control_dir or tempfile.mkdtemp(prefix="pyo-ssh-")
+        self._control_dir = control_dir  # made at first use when not given (see control_dir)
+        self._own_control_dir = control_dir is None
         self.state_dir = ""
         self.timings: dict[str, float] = {}
         self._was_active = False
@@ -122,13 +122,21 @@ class SSHHost(Host):
         self._closed = False
 
     # -- ssh ------------------------------------------------------------------
+    @property
+    def control_dir(self) -> str:
+        """ControlPath must be short (a unix socket path): a directory of our
+        own, made at the first ssh, so a host never used leaves none behind."""
+        if self._control_dir is None:
+            self._control_dir = tempfile.mkdtemp(prefix="pyo-ssh-")
+        return self._control_dir
+
     def ssh_argv(self, remote: str) -> list[str]:
         """The ssh command line that runs `remote` (a shell command) on the host."""
         return [self.ssh, "-F", self.ssh_config,
                 "-o", "BatchMode=yes",  # fail instead of asking for a password
                 "-o", "ConnectTimeout=10",
                 "-o", "ControlMaster=auto",
-                "-o", f"ControlPath={self._control_dir}/%C",
+                "-o", f"ControlPath={self.control_dir}/%C",
                 "-o", "ControlPersist=120",
                 "-o", "LogLevel=ERROR",  # no "Warning: Permanently added" in outputs
                 self.name, "--", remote]
@@ -322,7 +330,9 @@ class SSHHost(Host):
                 if self._was_active:
                     self.run(["systemctl", "start", UNIT], check=False)
         finally:
-            subprocess.run([self.ssh, "-F", self.ssh_config, "-o", f"ControlPath={self._control_dir}/%C",
-                            "-O", "exit", self.name], capture_output=True, timeout=15)
-            # The master may not have removed its socket yet.
-            shutil.rmtree(self._control_dir, ignore_errors=True)
+            if self._control_dir is not None:
+                subprocess.run([self.ssh, "-F", self.ssh_config, "-o", f"ControlPath={self._control_dir}/%C",
+                                "-O", "exit", self.name], capture_output=True, timeout=15)
+            if self._own_control_dir and self._control_dir is not None:
+                # The master may not have removed its socket yet.
+                shutil.rmtree(self._control_dir, ignore_errors=True)
