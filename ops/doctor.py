@@ -33,14 +33,13 @@ from driver.engine import Engine, EngineRefused, EngineUnavailable
 from driver.model import Endpoint, Network, Peer
 from driver.peersync import split_direct
 from driver.rules import VXLAN_OVERHEAD
+from driver.settings import (DEFAULT_DAEMON_JSON, DEFAULT_DNS_ADDR, DEFAULT_ENCRYPTED_VXLAN_PORT, DEFAULT_KEY_DIR,
+                             DEFAULT_SOCKET, DEFAULT_VXLAN_PORT, env, env_on)
 from driver.state import State
 from driver.store.base import Store, StoreError
 
-from ops.client import call
-from driver.settings import (DEFAULT_DAEMON_JSON, DEFAULT_DNS_ADDR, DEFAULT_ENCRYPTED_VXLAN_PORT, DEFAULT_KEY_DIR,
-                             DEFAULT_SOCKET, DEFAULT_VXLAN_PORT, env, env_on)
-
 from .checks import FAIL, OK, SKIP, WARN, Check  # noqa: F401 (importers take them from here too)
+from .client import call
 from .doctor_crypto import check_encryption
 from .doctor_gateway import check_gateway
 from .doctor_dns import check_daemon_config, check_resolver
